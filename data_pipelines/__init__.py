@@ -1,0 +1,1 @@
+"""Data side of jedi-train: build same-subject image sets (synth/), stream them for training (stream)."""
