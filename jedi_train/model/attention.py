@@ -1,0 +1,164 @@
+"""Coupled self-attention: every image of a set attends to the keys/values of ALL images of its set.
+
+Hidden states arrive per image, shaped (B*N, L, C) for B sets of N images (set-major order).
+Queries, keys and values are regrouped to (B, N*L, C): attention over the concatenated tokens of a
+set is exactly "each image's queries attend to all images' keys/values". With N = 1 and no mask
+this is the base model's AttnProcessor2_0, op for op.
+
+Who may attend to whom is given by a `SetLayout`, passed through the UNet's
+``cross_attention_kwargs={"set_layout": layout}``:
+  * ``valid``   (B, N): False marks padding images (sets of unequal size share one batch padded to N);
+                padded images are never keys.
+  * ``is_ref``  (B, N): which images are references (clean, known).
+  * ``coupled`` (B,):   False = "no references" mode for that set: targets may not attend to
+                references (image guidance's unconditional branch, reference dropout).
+Masks depend only on the *key* image within each query group (targets / references), so they are
+key-only masks (B, 1, 1, N*L): no (N*L)^2 matrix is built, and when nothing is masked the mask is
+None and SDPA may use its flash kernel. A decoupled batch costs two SDPA calls (one per group).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+@dataclass
+class SetLayout:
+    """How a flat batch of B*N images is grouped into sets, and which images may see which."""
+
+    n: int
+    is_ref: torch.Tensor  # (B, N) bool
+    valid: torch.Tensor  # (B, N) bool
+    coupled: torch.Tensor  # (B,) bool
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, is_ref: torch.Tensor, valid: torch.Tensor | None = None,
+              coupled: torch.Tensor | None = None) -> "SetLayout":
+        if is_ref.dim() != 2:
+            raise ValueError(f"is_ref must be (num_sets, set_size), got shape {tuple(is_ref.shape)}")
+        b, n = is_ref.shape
+        valid = torch.ones_like(is_ref, dtype=torch.bool) if valid is None else valid.bool()
+        coupled = torch.ones(b, dtype=torch.bool, device=is_ref.device) if coupled is None else coupled.bool()
+        if valid.shape != is_ref.shape:
+            raise ValueError(f"valid mask shape {tuple(valid.shape)} != is_ref shape {tuple(is_ref.shape)}")
+        if coupled.shape != (b,):
+            raise ValueError(f"coupled must have one entry per set ({b}), got shape {tuple(coupled.shape)}")
+        targets = valid & ~is_ref.bool()
+        if not bool(targets.any(dim=1).all()):
+            bad = (~targets.any(dim=1)).nonzero().flatten().tolist()
+            raise ValueError(f"sets {bad} have no target image; every set needs at least one non-reference image")
+        return cls(n=n, is_ref=is_ref.bool(), valid=valid, coupled=coupled)
+
+    @classmethod
+    def independent(cls, num_images: int, device=None) -> "SetLayout":
+        """Every image its own set of one: the base model's behaviour."""
+        z = torch.zeros(num_images, 1, dtype=torch.bool, device=device)
+        return cls.build(z)
+
+    @property
+    def num_sets(self) -> int:
+        return self.is_ref.shape[0]
+
+    def decoupled(self) -> "SetLayout":
+        """The same sets with targets cut off from references (image guidance's 'no references' branch)."""
+        return SetLayout.build(self.is_ref, self.valid, torch.zeros_like(self.coupled))
+
+    def key_masks(self, tokens_per_image: int, device: torch.device):
+        """[(query_is_ref or None, key_mask or None), ...] for the query groups, expanded to tokens.
+
+        Cached per sequence length: every attention layer at one resolution shares them.
+        """
+        key = (tokens_per_image, device)
+        if key not in self._cache:
+            self._cache[key] = self._key_masks(tokens_per_image, device)
+        return self._cache[key]
+
+    def _key_masks(self, L: int, device):
+        is_ref, valid = self.is_ref.to(device), self.valid.to(device)
+        coupled = self.coupled.to(device)[:, None]
+        tgt_keys = valid & (coupled | ~is_ref)
+        ref_keys = valid & (coupled | is_ref)
+        # a set without references has no reference queries; keep its row non-empty (no NaN in SDPA)
+        ref_keys = torch.where(ref_keys.any(1, keepdim=True), ref_keys, valid)
+
+        def tok(m):  # (B, N) -> (B, 1, 1, N*L)
+            return m.repeat_interleave(L, dim=1)[:, None, None, :]
+
+        has_refs = bool((is_ref & valid).any())
+        if not has_refs or bool((tgt_keys == ref_keys).all()):
+            return [(None, None if bool(tgt_keys.all()) else tok(tgt_keys))]
+        q_ref = (is_ref & valid).repeat_interleave(L, dim=1)[:, None, :, None]  # (B, 1, N*L, 1)
+        return [(None, tok(tgt_keys)), (q_ref, tok(ref_keys))]
+
+
+class JointAttnProcessor(AttnProcessor2_0):
+    """Set-coupled self-attention (attn1). Falls back to the base processor when no layout is given."""
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, set_layout: SetLayout | None = None):
+        if encoder_hidden_states is not None:
+            raise ValueError("JointAttnProcessor is for self-attention (attn1); cross-attention stays per image")
+        if set_layout is None or (set_layout.n == 1 and bool(set_layout.valid.all())):
+            return super().__call__(attn, hidden_states, None, attention_mask, temb)
+        if attention_mask is not None:
+            raise ValueError("a UNet attention_mask cannot be combined with set-coupled self-attention")
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            bn, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(bn, channel, height * width).transpose(1, 2)
+        bn, L, _ = hidden_states.shape
+        n = set_layout.n
+        if bn != set_layout.num_sets * n:
+            raise ValueError(f"batch of {bn} images does not match the set layout "
+                             f"({set_layout.num_sets} sets x {n} images)")
+        b = bn // n
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        def regroup(x):  # (B*N, L, H*d) -> (B, H, N*L, d): a set's tokens side by side
+            return x.reshape(b, n * L, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = regroup(query), regroup(key), regroup(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = None
+        for q_select, key_mask in set_layout.key_masks(L, query.device):
+            o = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=0.0)
+            out = o if out is None else torch.where(q_select, o, out)
+
+        hidden_states = out.transpose(1, 2).reshape(bn, L, inner_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(bn, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class PerImageAttnProcessor(AttnProcessor2_0):
+    """Cross-attention (attn2): per image, unchanged; accepts (and ignores) the set layout."""
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, set_layout: SetLayout | None = None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def joint_attn_processors(unet) -> dict:
+    """Processor map for `unet.set_attn_processor`: coupled attn1, per-image everything else."""
+    return {name: JointAttnProcessor() if name.endswith("attn1.processor") else PerImageAttnProcessor()
+            for name in unet.attn_processors}

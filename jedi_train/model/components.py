@@ -1,0 +1,160 @@
+"""The frozen parts around the joint UNet: tokenizer, text encoder, VAE (or pixel codec), scheduler.
+
+One loader, `load_components(model_dir)`, reads a diffusers Stable-Diffusion directory
+(unet/, text_encoder/, tokenizer/, scheduler/, vae/ optional). A real SD 1.x/2.x download and the
+tiny offline model that `create_tiny_model_dir` writes use the same path: tests exercise exactly
+what a user's real model directory goes through.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .joint_unet import JointUNet2DConditionModel, load_joint_unet
+
+REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+class LatentCodec:
+    """Images in [-1, 1] <-> the space the UNet denoises.
+
+    With a VAE: SD latents (scaled by the VAE's scaling_factor). Without: pixels, optionally
+    folded (pixel-unshuffle by `fold`: 2x2 blocks into channels), which gives a CPU model 4x more
+    compute per pixel at the same cost.
+    """
+
+    def __init__(self, vae: AutoencoderKL | None = None, pixel_fold: int = 1):
+        self.vae, self.fold = vae, pixel_fold
+
+    @property
+    def downsample(self) -> int:
+        if self.vae is not None:
+            return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.fold
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.vae is None:
+            return F.pixel_unshuffle(images, self.fold) if self.fold > 1 else images
+        images = images.to(self.vae.dtype)
+        dist = self.vae.encode(images).latent_dist
+        return dist.sample(generator) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return F.pixel_shuffle(latents, self.fold) if self.fold > 1 else latents
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+
+
+@dataclass
+class Components:
+    unet: JointUNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    vae: AutoencoderKL | None
+
+    @property
+    def codec(self) -> LatentCodec:
+        return LatentCodec(self.vae, self.unet.jedi["pixel_fold"])
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions -> (len, T) input ids, padded/truncated to the tokenizer's model_max_length."""
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def check_model_dir(model_dir: str) -> None:
+    """One clear error naming the missing path and component."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir} does not exist; set model.path to a diffusers "
+                                "Stable Diffusion directory (unet/ text_encoder/ tokenizer/ scheduler/ [vae/])")
+    for comp in REQUIRED:
+        if not os.path.isdir(os.path.join(model_dir, comp)):
+            raise FileNotFoundError(f"model directory {model_dir} lacks the '{comp}' component "
+                                    f"({os.path.join(model_dir, comp)} is missing)")
+
+
+def load_components(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
+                    prediction_type: str | None = None, dtype: torch.dtype | None = None) -> Components:
+    """Load every component of a diffusers SD-style directory; the UNet becomes (or stays) joint."""
+    check_model_dir(model_dir)
+    has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
+    unet = load_joint_unet(model_dir, "unet", conditioning, reference_timestep,
+                           pixel_fold=None if not has_vae else 1)
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    sched_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
+    noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **sched_kwargs)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae") if has_vae else None
+    for frozen in (text_encoder, vae):
+        if frozen is not None:
+            frozen.requires_grad_(False).eval()
+            if dtype is not None:
+                frozen.to(dtype)
+    return Components(unet, text_encoder, tokenizer, noise_scheduler, vae)
+
+
+# -- a tiny model that needs no download ------------------------------------------------------------
+def build_tiny_tokenizer(out_dir: str, model_max_length: int = 32) -> CLIPTokenizer:
+    """A real CLIP BPE tokenizer written from the vocabulary open_clip ships (no hub access)."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(os.path.join(out_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"),
+                        model_max_length=model_max_length, pad_token="<|endoftext|>")
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def tiny_unet_config(resolution: int = 32, pixel_fold: int = 2, latent_channels: int | None = None,
+                     block_out_channels=(32, 64, 128), cross_attention_dim: int = 64, heads: int = 2) -> dict:
+    """Pixel-space UNet for CPU: a few M parameters, attention at the two coarser levels."""
+    c = latent_channels or 3 * pixel_fold ** 2
+    n = len(block_out_channels)
+    return dict(sample_size=resolution // pixel_fold, in_channels=c, out_channels=c,
+                block_out_channels=tuple(block_out_channels), layers_per_block=1,
+                down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+                up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+                cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=8)
+
+
+def create_tiny_model_dir(out_dir: str, resolution: int = 32, pixel_fold: int = 2, with_vae: bool = False,
+                          prediction_type: str = "v_prediction", seed: int = 0,
+                          unet_kwargs: dict | None = None) -> str:
+    """Write a randomly initialised, SD-layout model directory (a BASE model, not yet joint)."""
+    torch.manual_seed(seed)
+    hidden = (unet_kwargs or {}).get("cross_attention_dim", 64)
+    tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
+    CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=tokenizer.model_max_length,
+                                 projection_dim=hidden)).save_pretrained(os.path.join(out_dir, "text_encoder"))
+    if with_vae:
+        AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                      sample_size=resolution).save_pretrained(os.path.join(out_dir, "vae"))
+        cfg = tiny_unet_config(resolution, pixel_fold=2, latent_channels=4, **(unet_kwargs or {}))
+    else:
+        cfg = tiny_unet_config(resolution, pixel_fold, **(unet_kwargs or {}))
+    UNet2DConditionModel(**cfg).save_pretrained(os.path.join(out_dir, "unet"))
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type=prediction_type, clip_sample=False).save_pretrained(os.path.join(out_dir, "scheduler"))
+    return out_dir
