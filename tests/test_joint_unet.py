@@ -1,0 +1,159 @@
+"""The joint UNet: exact reduction to the base model, set equivariance, isolation, masks, persistence."""
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from jedi_train.model.attention import SetLayout
+from jedi_train.model.joint_unet import JointUNet2DConditionModel, load_joint_unet
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+
+
+@pytest.fixture(scope="module")
+def joint(tiny_model_dir):
+    return load_joint_unet(tiny_model_dir).eval()
+
+
+def _inputs(bn, seed=0, c=12, s=16, tokens=8, dim=64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(bn, c, s, s, generator=g), torch.randint(0, 1000, (bn,), generator=g),
+            torch.randn(bn, tokens, dim, generator=g))
+
+
+def _run(unet, x, t, e, layout, ref_visible=None):
+    ref_visible = torch.zeros(x.shape[0], dtype=torch.bool) if ref_visible is None else ref_visible
+    with torch.no_grad():
+        return unet(unet.assemble_input(x, x, ref_visible), t, e, set_layout=layout).sample
+
+
+def test_single_image_sets_equal_base_model(base, joint):
+    x, t, e = _inputs(3)
+    with torch.no_grad():
+        want = base(x, t, e).sample
+    got = _run(joint, x, t, e, SetLayout.independent(3))
+    assert joint.config.in_channels == 2 * 12 + 1
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_coupling_changes_outputs_and_permutation_equivariance(joint):
+    x, t, e = _inputs(4)
+    t = torch.full((4,), 500)  # one timestep per set
+    layout = SetLayout.build(torch.zeros(1, 4, dtype=torch.bool))
+    out = _run(joint, x, t, e, layout)
+    alone = _run(joint, x, t, e, SetLayout.independent(4))
+    assert (out - alone).abs().max() > 1e-3  # images of a set do interact
+    perm = torch.tensor([2, 0, 3, 1])
+    out_p = _run(joint, x[perm], t[perm], e[perm], layout)
+    assert torch.allclose(out_p, out[perm], atol=1e-5)
+
+
+def test_sets_in_one_batch_do_not_interact(joint):
+    x, t, e = _inputs(6)
+    layout = SetLayout.build(torch.zeros(2, 3, dtype=torch.bool))
+    out = _run(joint, x, t, e, layout)
+    x2 = x.clone()
+    x2[3:] = torch.randn_like(x2[3:])  # change only the second set
+    out2 = _run(joint, x2, t, e, layout)
+    assert torch.equal(out[:3], out2[:3]) or (out[:3] - out2[:3]).abs().max() < 1e-6
+    assert (out[3:] - out2[3:]).abs().max() > 1e-3
+
+
+def test_mixed_set_sizes_padding_is_invisible(joint):
+    """A set of 2 padded to 3 gives the same outputs as the set of 2 on its own."""
+    x, t, e = _inputs(3)
+    t = torch.full((3,), 300)
+    is_ref = torch.tensor([[True, False, False]])
+    pad = SetLayout.build(is_ref, valid=torch.tensor([[True, True, False]]))
+    rv = torch.tensor([True, False, False])
+    padded = _run(joint, x, t, e, pad, rv)
+    x_other = x.clone()
+    x_other[2] = torch.randn_like(x[2])  # padding content must not matter
+    padded2 = _run(joint, x_other, t, e, pad, rv)
+    alone = _run(joint, x[:2], t[:2], e[:2], SetLayout.build(is_ref[:, :2]), rv[:2])
+    assert (padded[:2] - alone).abs().max() < 1e-5
+    assert (padded2[:2] - alone).abs().max() < 1e-5
+
+
+def test_decoupled_targets_ignore_reference_content(joint):
+    x, t, e = _inputs(3)
+    is_ref = torch.tensor([[True, False, False]])
+    coupled = SetLayout.build(is_ref)
+    decoupled = coupled.decoupled()
+    x_changed = x.clone()
+    x_changed[0] = torch.randn_like(x[0])  # a different reference image
+    rv = torch.tensor([True, False, False])
+    a = _run(joint, x, t, e, decoupled, torch.zeros(3, dtype=torch.bool))
+    b = _run(joint, x_changed, t, e, decoupled, torch.zeros(3, dtype=torch.bool))
+    assert (a[1:] - b[1:]).abs().max() < 1e-6
+    c = _run(joint, x, t, e, coupled, rv)
+    d = _run(joint, x_changed, t, e, coupled, rv)
+    assert (c[1:] - d[1:]).abs().max() > 1e-3
+
+
+def test_widened_conv_in_starts_equal_and_reference_channels_matter_after_training(joint):
+    # zero-initialised new input channels: the reference slot has no effect before training
+    x, t, e = _inputs(2)
+    layout = SetLayout.independent(2)
+    with torch.no_grad():
+        a = joint(joint.assemble_input(x, x, torch.zeros(2, dtype=torch.bool)), t, e, set_layout=layout).sample
+        b = joint(joint.assemble_input(x, torch.randn_like(x), torch.ones(2, dtype=torch.bool)), t, e,
+                  set_layout=layout).sample
+    assert torch.equal(a, b)
+    assert joint.conv_in.weight[:, 12:].abs().sum() == 0
+
+
+def test_save_load_round_trip(joint, tmp_path):
+    joint.save_pretrained(tmp_path / "unet")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    again = JointUNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    assert again.jedi == joint.jedi and again.config.in_channels == 25
+    assert all(type(p).__name__ in ("JointAttnProcessor", "PerImageAttnProcessor")
+               for p in again.attn_processors.values())
+    x, t, e = _inputs(4)
+    layout = SetLayout.build(torch.tensor([[True, False], [False, False]]))
+    rv = torch.tensor([True, False, False, False])
+    assert torch.equal(_run(joint, x, t, e, layout, rv), _run(again, x, t, e, layout, rv))
+
+
+def test_replacement_mode_keeps_input_channels(tiny_model_dir):
+    unet = load_joint_unet(tiny_model_dir, conditioning="replacement", reference_timestep="target")
+    assert unet.config.in_channels == 12 and unet.jedi["conditioning"] == "replacement"
+    x = torch.randn(2, 12, 16, 16)
+    assert torch.equal(unet.assemble_input(x, torch.randn_like(x), torch.ones(2, dtype=torch.bool)), x)
+
+
+def test_bad_layouts_and_paths_raise_clear_errors(joint, tmp_path):
+    with pytest.raises(ValueError, match="no target"):
+        SetLayout.build(torch.tensor([[True, True]]))
+    with pytest.raises(ValueError, match="valid mask shape"):
+        SetLayout.build(torch.zeros(2, 3, dtype=torch.bool), valid=torch.ones(2, 2, dtype=torch.bool))
+    x, t, e = _inputs(5)
+    with pytest.raises(ValueError, match="does not match the set layout"):
+        _run(joint, x, t, e, SetLayout.build(torch.zeros(2, 2, dtype=torch.bool)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_joint_unet(str(tmp_path / "nope"))
+
+
+def test_make_joint_validates_options(tiny_model_dir):
+    unet = JointUNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    assert unet.jedi is None  # a base checkpoint stays a base model until converted
+    with pytest.raises(ValueError, match="conditioning='pixels' is unknown"):
+        unet.make_joint(conditioning="pixels")
+    unet.make_joint()
+    with pytest.raises(ValueError, match="already a joint UNet"):
+        unet.make_joint()
+
+
+def test_missing_component_is_named(tiny_model_dir, tmp_path):
+    import shutil
+
+    from jedi_train.model.components import load_components
+
+    broken = tmp_path / "sd"
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(FileNotFoundError, match="lacks the 'text_encoder' component"):
+        load_components(str(broken))

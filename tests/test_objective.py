@@ -1,0 +1,123 @@
+"""The training objective: references get no loss, dropout rates and effects, SNR weights, frozen parts."""
+import pytest
+import torch
+
+from jedi_train.model.components import load_components, tokenize
+from jedi_train.model.objective import Dropout, JeDiObjective, ObjectiveConfig
+
+CAPTIONS = ["a photo of a mug on the beach", "a photo of a mug in the snow", "a photo of a mug on a table"]
+
+
+@pytest.fixture(scope="module")
+def components(tiny_model_dir):
+    return load_components(tiny_model_dir)
+
+
+def _batch(components, b=2, n=3, seed=0, res=32):
+    g = torch.Generator().manual_seed(seed)
+    ids = tokenize(components.tokenizer, CAPTIONS * b)[: b * n].view(b, n, -1)
+    is_ref = torch.zeros(b, n, dtype=torch.bool)
+    is_ref[:, 0] = True
+    return {"pixel_values": torch.rand(b, n, 3, res, res, generator=g) * 2 - 1, "input_ids": ids,
+            "is_ref": is_ref, "valid": torch.ones(b, n, dtype=torch.bool)}
+
+
+def _no_dropout(batch):
+    b, n = batch["is_ref"].shape
+    return Dropout(torch.zeros(b, n, dtype=torch.bool), torch.zeros(b, dtype=torch.bool))
+
+
+def test_loss_ignores_reference_noise(components):
+    obj = JeDiObjective(components)
+    batch = _batch(components)
+    noise = torch.randn(6, 12, 16, 16)
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        a = obj(batch, noise=noise, timesteps=t, dropout=_no_dropout(batch))["loss"]
+        noise2 = noise.clone()
+        noise2[[0, 3]] = torch.randn(2, 12, 16, 16)  # the references' noise
+        b = obj(batch, noise=noise2, timesteps=t, dropout=_no_dropout(batch))["loss"]
+        noise3 = noise.clone()
+        noise3[1] = torch.randn(12, 16, 16)  # a target's noise
+        c = obj(batch, noise=noise3, timesteps=t, dropout=_no_dropout(batch))["loss"]
+    assert torch.equal(a, b)
+    assert (a - c).abs() > 1e-4
+
+
+def test_references_get_no_gradient_from_their_prediction(tiny_model_dir):
+    comps = load_components(tiny_model_dir, reference_timestep="target")  # refs noised too: the hard case
+    obj = JeDiObjective(comps)
+    batch = _batch(comps)
+    seen = {}
+    handle = comps.unet.register_forward_hook(lambda m, i, o: seen.setdefault("pred", o.sample) .retain_grad())
+    out = obj(batch, dropout=_no_dropout(batch))
+    out["loss"].backward()
+    handle.remove()
+    grad = seen["pred"].grad.abs().sum(dim=(1, 2, 3))
+    assert (grad[[0, 3]] == 0).all() and (grad[[1, 2, 4, 5]] > 0).all()
+    assert out["num_targets"] == 4
+
+
+def test_dropout_rates_are_honoured(components):
+    obj = JeDiObjective(components, ObjectiveConfig(caption_dropout=0.3, reference_dropout=0.2))
+    b, n = 4000, 4
+    is_ref = torch.zeros(b, n, dtype=torch.bool)
+    is_ref[:, :2] = True
+    is_ref[: b // 2, :] = False  # half the sets have no references: nothing to drop there
+    is_ref[: b // 2, 0] = False
+    valid = torch.ones(b, n, dtype=torch.bool)
+    d = obj.sample_dropout(is_ref, valid, torch.Generator().manual_seed(0))
+    targets = valid & ~is_ref
+    assert abs(d.caption[targets].float().mean().item() - 0.3) < 0.02
+    assert not d.caption[is_ref].any()  # only target captions are dropped
+    with_refs = is_ref.any(1)
+    assert abs(d.reference[with_refs].float().mean().item() - 0.2) < 0.03
+    assert not d.reference[~with_refs].any()
+
+
+def test_dropped_conditions_have_no_effect(components):
+    obj = JeDiObjective(components)
+    batch = _batch(components)
+    other = dict(batch, pixel_values=batch["pixel_values"].clone(), input_ids=batch["input_ids"].clone())
+    other["pixel_values"][:, 0] = torch.rand_like(other["pixel_values"][:, 0])  # other references
+    other["input_ids"][:, 1:] = tokenize(components.tokenizer, ["a dog"])[0]  # other target captions
+    noise, t = torch.randn(6, 12, 16, 16), torch.tensor([400, 900])
+    drop_all = Dropout(~batch["is_ref"], torch.ones(2, dtype=torch.bool))
+    with torch.no_grad():
+        kw = dict(noise=noise, timesteps=t)
+        assert torch.equal(obj(batch, dropout=drop_all, **kw)["loss"], obj(other, dropout=drop_all, **kw)["loss"])
+        keep = _no_dropout(batch)
+        assert obj(batch, dropout=keep, **kw)["loss"] != obj(other, dropout=keep, **kw)["loss"]
+
+
+def test_min_snr_weighting(components):
+    from diffusers.training_utils import compute_snr
+
+    obj = JeDiObjective(components, ObjectiveConfig(snr_gamma=5.0))
+    t = torch.tensor([1, 500, 999])
+    snr = compute_snr(components.noise_scheduler, t)
+    want = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)  # v-prediction form
+    assert torch.allclose(obj.loss_weights(t), want)
+    assert JeDiObjective(components).loss_weights(t) is None
+
+
+def test_latent_model_trains_only_the_unet(tiny_vae_model_dir):
+    comps = load_components(tiny_vae_model_dir)
+    obj = JeDiObjective(comps)
+    out = obj(_batch(comps))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert comps.unet.conv_in.weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in comps.vae.parameters())
+    assert all(p.grad is None for p in comps.text_encoder.parameters())
+
+
+def test_bad_batches_raise(components):
+    obj = JeDiObjective(components)
+    batch = _batch(components)
+    with pytest.raises(ValueError, match="no target"):
+        obj(dict(batch, is_ref=torch.ones(2, 3, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="do not match"):
+        obj(dict(batch, is_ref=torch.zeros(2, 2, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="sets, set_size"):
+        obj(dict(batch, pixel_values=batch["pixel_values"].flatten(0, 1)))
