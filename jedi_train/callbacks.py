@@ -1,0 +1,91 @@
+"""Training callbacks: personalized sample grids every K steps (PNG in the run dir + W&B image)."""
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from .grid import make_grid, to_pil
+
+
+class SampleGridCallback(L.Callback):
+    """Every `every_n_steps`, personalize held-out sets with the EMA weights and save a grid.
+
+    Row per set: its reference images | generated targets (captions as labels) | the real targets.
+    Held-out sets come from the datamodule's `heldout_batch(num_sets)` when it has one, otherwise
+    from the first training batch this run saw.
+    """
+
+    def __init__(self, every_n_steps: int = 250, num_sets: int = 4, num_targets: int = 2,
+                 num_inference_steps: int = 25, guidance_scale: float = 3.0, image_guidance_scale: float = 2.0,
+                 out_dir: str = "samples", seed: int = 0):
+        self.every, self.num_sets, self.num_targets = every_n_steps, num_sets, num_targets
+        self.steps, self.cfg, self.img_cfg = num_inference_steps, guidance_scale, image_guidance_scale
+        self.out_dir, self.seed = out_dir, seed
+        self.sets: list[dict] | None = None
+        self.last_grid: str | None = None
+
+    def _collect(self, trainer, batch):
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "heldout_batch"):
+            held = dm.heldout_batch(self.num_sets)
+            if held is not None:
+                batch = held
+        sets = []
+        for b in range(min(self.num_sets, batch["is_ref"].shape[0])):
+            valid = batch["valid"][b] if "valid" in batch else torch.ones_like(batch["is_ref"][b])
+            idx = valid.nonzero().flatten().tolist()
+            refs = [i for i in idx if batch["is_ref"][b, i]] or idx[:1]
+            targets = [i for i in idx if i not in refs][: self.num_targets]
+            caps = batch["captions"][b]
+            sets.append({"refs": [to_pil(batch["pixel_values"][b, i]) for i in refs],
+                         "truth": [to_pil(batch["pixel_values"][b, i]) for i in targets],
+                         "prompts": [caps[i] for i in targets]})
+        return sets
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.sets is None and trainer.is_global_zero:
+            self.sets = self._collect(trainer, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step > 0 and step % self.every == 0:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.last_grid is None or not self.last_grid.endswith(f"{trainer.global_step:07d}.png"):
+            self.render(trainer, pl_module)
+
+    @rank_zero_only
+    def render(self, trainer, pl_module) -> str | None:
+        if not self.sets:
+            return None
+        from .export import build_pipeline
+
+        rows = []
+        with pl_module.ema_weights() as unet:
+            was_training = unet.training
+            unet.eval()
+            pipe = build_pipeline(pl_module.components, unet)
+            pipe.set_progress_bar_config(disable=True)
+            g = torch.Generator(device="cpu").manual_seed(self.seed)
+            for s in self.sets:
+                out = pipe(reference_images=s["refs"], prompt=s["prompts"], num_inference_steps=self.steps,
+                           guidance_scale=self.cfg, image_guidance_scale=self.img_cfg, generator=g,
+                           output_type="pil").images
+                rows.append((s["refs"], out, s["truth"], s["prompts"]))
+            unet.train(was_training)
+        grid = make_grid(rows)
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"samples_step{trainer.global_step:07d}.png")
+        tmp = path + ".tmp.png"
+        grid.save(tmp)
+        os.replace(tmp, path)
+        self.last_grid = path
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[grid], step=trainer.global_step,
+                                 caption=[f"step {trainer.global_step}: refs | generated | real"])
+        return path

@@ -1,0 +1,30 @@
+"""jedi-train: the Hydra app. Everything is in conf/ and jedi_train/train.py."""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from jedi_train.train import CONF_DIR
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    from jedi_train.train import train
+
+    try:
+        result = train(cfg)
+    except (FileNotFoundError, ValueError) as e:  # user errors: one line naming the problem and fix
+        print(f"jedi-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"run dir: {result['output_dir']} (step {result['global_step']})")
+    if "pipeline_dir" in result:
+        print(f"exported pipeline: {result['pipeline_dir']}")
+    return result["metrics"].get(cfg.get("optimized_metric"))  # what an Optuna sweep minimises
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

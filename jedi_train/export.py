@@ -1,0 +1,105 @@
+"""Checkpoint -> diffusers pipeline directory (JeDiPipeline), written to a temp dir and renamed.
+
+Accepts a Lightning checkpoint file or a DeepSpeed ZeRO checkpoint directory (consolidated with
+Lightning's converter). EMA weights are exported unless use_ema=False. The frozen components come
+from the model directory the run trained from (or --model-dir when it moved).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.training_utils import EMAModel
+
+from .model.components import Components, load_components
+
+
+def build_pipeline(components: Components, unet=None):
+    from .pipeline import JeDiPipeline
+
+    c = components
+    scheduler = DDIMScheduler.from_config(c.noise_scheduler.config)  # same betas/prediction type; fast sampler
+    return JeDiPipeline(unet=unet or c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                        scheduler=scheduler)
+
+
+def save_pipeline_atomically(pipe, out_dir: str) -> str:
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if os.path.exists(out_dir):  # replace a previous export only once the new one is complete
+            old = tmp + ".old"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def export_module(module, out_dir: str, use_ema: bool = True) -> str:
+    """From a live JeDiModule (end of training)."""
+    unet = copy.deepcopy(module.unet).to("cpu", torch.float32)
+    if use_ema and module.ema is not None:
+        ema = copy.deepcopy(module.ema)
+        ema.to("cpu")
+        ema.copy_to(unet.parameters())
+    components = copy.copy(module.components)
+    return save_pipeline_atomically(build_pipeline(components, unet), out_dir)
+
+
+def load_checkpoint(path: str) -> dict:
+    if os.path.isdir(path):  # DeepSpeed ZeRO checkpoint directory: consolidate shards to one fp32 state
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "consolidated.ckpt")
+            convert_zero_checkpoint_to_fp32_state_dict(path, out)
+            return torch.load(out, map_location="cpu", weights_only=False)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give a .ckpt file or a DeepSpeed checkpoint dir")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def unet_state_from_checkpoint(ckpt: dict) -> dict:
+    state = ckpt.get("state_dict") or ckpt.get("module") or {}
+    unet = {k.split("unet.", 1)[1]: v for k, v in state.items() if k.startswith(("unet.", "_forward_module.unet."))}
+    if not unet:
+        raise ValueError("checkpoint holds no UNet weights (no 'unet.*' keys); is it a jedi-train checkpoint?")
+    return unet
+
+
+def load_unet_weights(unet, state: dict, source: str) -> None:
+    own = unet.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    if bad or missing:
+        example = (bad or missing)[0]
+        raise ValueError(f"{source} is from another model ({len(bad)} unexpected/mismatched and {len(missing)} "
+                         f"missing weights, e.g. {example!r}); use the model config it was trained with")
+    unet.load_state_dict(state)
+
+
+def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_dir: str | None = None) -> str:
+    ckpt = load_checkpoint(ckpt_path)
+    hp = ckpt.get("hyper_parameters", {})
+    model_dir = model_dir or hp.get("model_dir")
+    if not model_dir:
+        raise ValueError(f"{ckpt_path} records no model_dir; pass --model-dir with the base model directory")
+    components = load_components(model_dir, hp.get("conditioning", "channels"),
+                                 hp.get("reference_timestep", "zero"), hp.get("prediction_type"))
+    load_unet_weights(components.unet, unet_state_from_checkpoint(ckpt), ckpt_path)
+    if use_ema and ckpt.get("ema"):
+        ema = EMAModel(components.unet.parameters())
+        ema.load_state_dict(ckpt["ema"])
+        ema.copy_to(components.unet.parameters())
+    return save_pipeline_atomically(build_pipeline(components), out_dir)

@@ -1,0 +1,163 @@
+"""LightningModule: the joint UNet + objective, AdamW + diffusers LR schedule, EMA, NaN guard.
+
+The model itself (jedi_train/model) knows nothing of Lightning; this file only wires it to a
+Trainer: which parameters train, how the optimizer steps, what goes into a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import lightning as L
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from lightning.pytorch.utilities import rank_zero_info
+
+from .model.components import Components, create_tiny_model_dir, load_components
+from .model.objective import JeDiObjective, ObjectiveConfig
+
+
+def prepare_model_dir(model_dir: str, create_tiny_if_missing: dict | None = None) -> str:
+    """The base model directory; the embedded tiny model is created (random weights) if asked and absent."""
+    if create_tiny_if_missing is not None and not os.path.isfile(os.path.join(model_dir, "unet", "config.json")):
+        tmp = f"{model_dir}.tmp-{os.getpid()}"
+        create_tiny_model_dir(tmp, **dict(create_tiny_if_missing))
+        os.makedirs(os.path.dirname(os.path.abspath(model_dir)), exist_ok=True)
+        try:
+            os.replace(tmp, model_dir)  # atomic: another rank may have won the race, which is fine
+        except OSError:
+            pass
+    return model_dir
+
+
+class JeDiModule(L.LightningModule):
+    def __init__(self, model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
+                 prediction_type: str | None = "v_prediction", create_tiny_if_missing: dict | None = None,
+                 objective: dict | None = None, optimizer: dict | None = None, lr_scheduler: dict | None = None,
+                 ema: dict | None = None, gradient_checkpointing: bool = False, trainable: list[str] | None = None,
+                 max_nonfinite_steps: int = 10, seed: int = 0, frozen_dtype: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        prepare_model_dir(model_dir, create_tiny_if_missing)
+        dtype = getattr(torch, frozen_dtype) if frozen_dtype else None
+        self.components: Components = load_components(model_dir, conditioning, reference_timestep,
+                                                      prediction_type, dtype=dtype)
+        self.unet = self.components.unet  # the only trained module: what state_dict / ZeRO see
+        # frozen parts live outside the module tree: not in the optimizer, checkpoints or ZeRO-3 partitions
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if trainable:  # only parameters whose names start with one of these prefixes train
+            for name, p in self.unet.named_parameters():
+                p.requires_grad_(any(name.startswith(pre) for pre in trainable))
+        self.objective = JeDiObjective(self.components, ObjectiveConfig(**(objective or {})))
+        ema = dict(ema or {})
+        self.ema = (EMAModel(self.unet.parameters(), decay=ema.get("decay", 0.9999),
+                             model_cls=type(self.unet), model_config=self.unet.config)
+                    if ema.get("enabled", True) else None)
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self._t_last = None
+
+    # -- devices: the frozen parts follow the module ---------------------------------------------
+    def on_fit_start(self):
+        self.components.text_encoder.to(self.device)
+        if self.components.vae is not None:
+            self.components.vae.to(self.device)
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    # -- one step --------------------------------------------------------------------------------
+    def step_generator(self) -> torch.Generator:
+        """Per-(seed, step, rank) randomness: a resumed run draws exactly the noise it would have drawn."""
+        key = f"{self.hparams.seed}-{self.global_step}-{self.global_rank}".encode()
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1))
+        return g
+
+    def training_step(self, batch, batch_idx):
+        out = self.objective(batch, generator=self.step_generator())
+        loss = out["loss"]
+        finite = torch.isfinite(loss).all()
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
+        if not finite:  # skip the step on every rank; stop after too many in a row
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            self.log("train/nonfinite_steps", float(self.nonfinite_total))
+            if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+                raise RuntimeError(f"loss was NaN/inf for {self.nonfinite_in_a_row} steps in a row; lower "
+                                   "model.optimizer.lr or check the data (jedi-data stats)")
+            return None
+        self.nonfinite_in_a_row = 0
+        b, n = batch["is_ref"].shape
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/targets_per_set", out["num_targets"] / b)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = now - self._t_last
+            world = self.trainer.world_size
+            images = int(batch.get("valid", batch["is_ref"]).sum())
+            self.log("perf/sets_per_s", b * world / dt)
+            self.log("perf/images_per_s", images * world / dt, prog_bar=True)
+        self._t_last = now
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "skip_counts"):
+            for reason, count in dm.skip_counts().items():
+                self.log(f"data/skipped_{reason}", float(count))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None and outputs is not None:
+            self.ema.step(self.unet.parameters())
+
+    # -- optimizer ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt_cfg = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8) | dict(self.hparams.optimizer or {})
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
+                                      weight_decay=opt_cfg["weight_decay"], eps=opt_cfg["eps"])
+        sch = dict(name="constant_with_warmup", warmup_steps=0) | dict(self.hparams.lr_scheduler or {})
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**6
+        scheduler = get_scheduler(sch["name"], optimizer, num_warmup_steps=sch["warmup_steps"],
+                                  num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: EMA travels with them ---------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["nonfinite_total"] = self.nonfinite_total
+
+    def on_load_checkpoint(self, checkpoint):
+        from .export import load_unet_weights  # the same shape check jedi-export uses
+
+        state = {k[len("unet."):]: v for k, v in (checkpoint.get("state_dict") or {}).items() if k.startswith("unet.")}
+        if state:
+            own = self.unet.state_dict()
+            bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+            if bad or len(state) != len(own):
+                load_unet_weights(self.unet, state, "the checkpoint being resumed")  # raises with the details
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
+        rank_zero_info(f"resumed at step {checkpoint.get('global_step')}")
+
+    # -- EMA weights for sampling / export ----------------------------------------------------------
+    def ema_weights(self):
+        """Context manager: the UNet carries EMA weights inside, its training weights after."""
+        module = self
+
+        class _Swap:
+            def __enter__(self):
+                if module.ema is not None:
+                    module.ema.store(module.unet.parameters())
+                    module.ema.copy_to(module.unet.parameters())
+                return module.unet
+
+            def __exit__(self, *exc):
+                if module.ema is not None:
+                    module.ema.restore(module.unet.parameters())
+
+        return _Swap()
