@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from .grid import make_grid, to_pil
+from .viz import sample_grid, to_pil
 
 
 class SampleGridCallback(L.Callback):
@@ -77,7 +77,7 @@ class SampleGridCallback(L.Callback):
                            output_type="pil").images
                 rows.append((s["refs"], out, s["truth"], s["prompts"]))
             unet.train(was_training)
-        grid = make_grid(rows)
+        grid = sample_grid(rows)
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"samples_step{trainer.global_step:07d}.png")
         tmp = path + ".tmp.png"
@@ -89,3 +89,50 @@ class SampleGridCallback(L.Callback):
                 logger.log_image(key="samples", images=[grid], step=trainer.global_step,
                                  caption=[f"step {trainer.global_step}: refs | generated | real"])
         return path
+
+
+class LossCurveCallback(L.Callback):
+    """Keeps (step, loss) for the whole run (resumes included) and writes loss_curve.csv + .png."""
+
+    def __init__(self, out_dir: str, every_n_steps: int = 100):
+        self.out_dir, self.every = out_dir, every_n_steps
+        self.history: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if outputs is None:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.history.append((trainer.global_step, float(loss)))
+        if self.every and trainer.global_step % self.every == 0:
+            self.write(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.write(trainer)
+
+    def state_dict(self):
+        return {"history": self.history}
+
+    def load_state_dict(self, state):
+        self.history = [tuple(x) for x in state.get("history", [])]
+
+    def summary(self, window: int = 50) -> dict | None:
+        """Mean loss over the first and last `window` steps."""
+        if len(self.history) < 2:
+            return None
+        w = max(1, min(window, len(self.history) // 2))
+        first = sum(v for _, v in self.history[:w]) / w
+        last = sum(v for _, v in self.history[-w:]) / w
+        return {"steps": self.history[-1][0], "window": w, "start": first, "end": last}
+
+    @rank_zero_only
+    def write(self, trainer):
+        if not self.history:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        csv = os.path.join(self.out_dir, "loss_curve.csv")
+        with open(csv + ".tmp", "w") as f:
+            f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in self.history))
+        os.replace(csv + ".tmp", csv)
+        from .viz import plot_loss_curve
+
+        plot_loss_curve(self.history, os.path.join(self.out_dir, "loss_curve.png"))

@@ -1,0 +1,88 @@
+"""Every combination of config groups composes, resolves, and names importable targets."""
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, get_method
+from omegaconf import OmegaConf, open_dict
+
+from jedi_train.train import CONF_DIR
+
+
+def _options(group):
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def compose_train(overrides, tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(tmp_path)
+        OmegaConf.resolve(cfg)
+        del cfg["hydra"]
+        return cfg
+
+
+def _targets(node):
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield node["_target_"]
+        for v in node.values():
+            yield from _targets(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _targets(v)
+
+
+def _importable(target):
+    if target.startswith("deepspeed_cpu."):
+        return
+    try:
+        get_class(target)
+    except Exception:
+        get_method(target)
+
+
+COMBOS = list(itertools.product(_options("model"), _options("trainer"), _options("strategy"), _options("logger")))
+
+
+@pytest.mark.parametrize("model,trainer,strategy,logger", COMBOS)
+def test_every_group_combination_composes(model, trainer, strategy, logger, tmp_path):
+    cfg = compose_train([f"model={model}", f"trainer={trainer}", f"strategy={strategy}", f"logger={logger}"],
+                        tmp_path)
+    assert cfg.model._target_ == "jedi_train.module.JeDiModule"
+    assert cfg.data.resolution == cfg.model.resolution
+    for t in set(_targets(OmegaConf.to_container(cfg))):
+        _importable(t)
+
+
+@pytest.mark.parametrize("experiment", [None] + _options("experiment"))
+@pytest.mark.parametrize("debug", [None] + _options("debug"))
+def test_experiments_and_debug_compose(experiment, debug, tmp_path):
+    overrides = [f"experiment={experiment}"] if experiment else []
+    overrides += [f"debug={debug}"] if debug else []
+    cfg = compose_train(overrides, tmp_path)
+    assert cfg.trainer.max_steps > 0
+    if debug == "fast":
+        assert cfg.trainer.max_steps <= 10 and not cfg.logger
+
+
+def test_optuna_search_composes(tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna", "experiment=demo"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert "model.optimizer.lr" in cfg.hydra.sweeper.params
+    get_class(cfg.hydra.sweeper._target_)
+
+
+def test_unknown_keys_and_groups_are_rejected(tmp_path):
+    with pytest.raises(Exception, match="model.learning_rat"):
+        compose_train(["model.learning_rat=1"], tmp_path)
+    with pytest.raises(Exception, match="strategy"):
+        compose_train(["strategy=zero9"], tmp_path)
