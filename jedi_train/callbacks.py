@@ -5,9 +5,20 @@ import os
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from .viz import sample_grid, to_pil
+
+
+class Checkpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes `last` when training stops between periodic saves
+    (max_steps, a SLURM pre-emption signal), so a resumed run loses nothing."""
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SampleGridCallback(L.Callback):
@@ -99,7 +110,7 @@ class LossCurveCallback(L.Callback):
         self.history: list[tuple[int, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if outputs is None:
+        if not outputs:  # a skipped (non-finite) step
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.history.append((trainer.global_step, float(loss)))

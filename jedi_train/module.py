@@ -109,7 +109,7 @@ class JeDiModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None and outputs is not None:
+        if self.ema is not None and outputs:  # {} or None: the step was skipped
             self.ema.step(self.unet.parameters())
 
     # -- optimizer ------------------------------------------------------------------------------
