@@ -32,7 +32,7 @@ def _module(model_dir, **kw):
     return JeDiModule(model_dir=model_dir, optimizer={"lr": 1e-3}, ema={"enabled": True, "decay": 0.9}, **kw)
 
 
-def _fit(module, steps, ckpt_dir=None, ckpt_path=None, nan_from=None):
+def _fit(module, steps, ckpt_dir=None, ckpt_path=None, nan_from=None, root=None):
     losses = []
 
     class Record(L.Callback):
@@ -42,6 +42,7 @@ def _fit(module, steps, ckpt_dir=None, ckpt_path=None, nan_from=None):
     callbacks = [Record()] + ([Checkpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=100)]
                               if ckpt_dir else [])
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, callbacks=callbacks,
+                        enable_checkpointing=ckpt_dir is not None, default_root_dir=ckpt_dir or root,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(SameSets(module.components.tokenizer, nan_from), batch_size=2),
                 ckpt_path=ckpt_path)
