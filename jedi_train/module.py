@@ -109,7 +109,14 @@ class JeDiModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None and outputs:  # {} or None: the step was skipped
+        if self.ema is None or not outputs:  # {} or None: the step was skipped
+            return
+        if getattr(self.trainer.strategy, "zero_stage_3", False):
+            import deepspeed  # ZeRO-3 shards parameters: gather them for the (full-size) EMA update
+
+            with deepspeed.zero.GatheredParameters(list(self.unet.parameters())):
+                self.ema.step(self.unet.parameters())
+        else:
             self.ema.step(self.unet.parameters())
 
     # -- optimizer ------------------------------------------------------------------------------

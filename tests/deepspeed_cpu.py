@@ -7,7 +7,7 @@ import os
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-from lightning.pytorch.utilities.seed import reset_seed
+from lightning.fabric.utilities.seed import reset_seed
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
