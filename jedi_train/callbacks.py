@@ -25,6 +25,7 @@ class SampleGridCallback(L.Callback):
     """Every `every_n_steps`, personalize held-out sets with the EMA weights and save a grid.
 
     Row per set: its reference images | generated targets (captions as labels) | the real targets.
+    Also logs eval/reference_gain (see model/objective.reference_gain) on the same sets.
     Held-out sets come from the datamodule's `heldout_batch(num_sets)` when it has one, otherwise
     from the first training batch this run saw.
     """
@@ -36,7 +37,9 @@ class SampleGridCallback(L.Callback):
         self.steps, self.cfg, self.img_cfg = num_inference_steps, guidance_scale, image_guidance_scale
         self.out_dir, self.seed = out_dir, seed
         self.sets: list[dict] | None = None
+        self.batch: dict | None = None
         self.last_grid: str | None = None
+        self.gains: list[tuple[int, float]] = []
 
     def _collect(self, trainer, batch):
         dm = getattr(trainer, "datamodule", None)
@@ -44,6 +47,8 @@ class SampleGridCallback(L.Callback):
             held = dm.heldout_batch(self.num_sets)
             if held is not None:
                 batch = held
+        k = min(self.num_sets, batch["is_ref"].shape[0])
+        self.batch = {key: v[:k].detach().clone() for key, v in batch.items() if torch.is_tensor(v)}
         sets = []
         for b in range(min(self.num_sets, batch["is_ref"].shape[0])):
             valid = batch["valid"][b] if "valid" in batch else torch.ones_like(batch["is_ref"][b])
@@ -55,6 +60,12 @@ class SampleGridCallback(L.Callback):
                          "truth": [to_pil(batch["pixel_values"][b, i]) for i in targets],
                          "prompts": [caps[i] for i in targets]})
         return sets
+
+    def state_dict(self):
+        return {"gains": self.gains}
+
+    def load_state_dict(self, state):
+        self.gains = [tuple(x) for x in state.get("gains", [])]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.sets is None and trainer.is_global_zero:
@@ -75,6 +86,8 @@ class SampleGridCallback(L.Callback):
             return None
         from .export import build_pipeline
 
+        from .model.objective import reference_gain
+
         rows = []
         with pl_module.ema_weights() as unet:
             was_training = unet.training
@@ -87,6 +100,16 @@ class SampleGridCallback(L.Callback):
                            guidance_scale=self.cfg, image_guidance_scale=self.img_cfg, generator=g,
                            output_type="pil").images
                 rows.append((s["refs"], out, s["truth"], s["prompts"]))
+            if self.batch is not None and bool(self.batch["is_ref"].any()):
+                batch = {k: v.to(pl_module.device) for k, v in self.batch.items()}
+                self.gains.append((trainer.global_step, reference_gain(pl_module.objective, batch)))
+                for logger in trainer.loggers:
+                    logger.log_metrics({"eval/reference_gain": self.gains[-1][1]}, step=trainer.global_step)
+                os.makedirs(self.out_dir, exist_ok=True)
+                gain_csv = os.path.join(self.out_dir, "reference_gain.csv")
+                with open(gain_csv + ".tmp", "w") as f:
+                    f.write("step,reference_gain\n" + "".join(f"{s},{g:.5f}\n" for s, g in self.gains))
+                os.replace(gain_csv + ".tmp", gain_csv)
             unet.train(was_training)
         grid = sample_grid(rows)
         os.makedirs(self.out_dir, exist_ok=True)
