@@ -1,0 +1,36 @@
+"""Fit JeDiModule on in-memory sets with a given strategy; run as a script (DDP re-launches it).
+
+usage: fit_tiny.py MODEL_DIR OUT_DIR STRATEGY DEVICES STEPS   (STRATEGY: ddp | zero2 | zero3)
+Writes OUT_DIR/checkpoints/last.ckpt (a file, or a ZeRO directory) and OUT_DIR/result_rank<r>.json.
+"""
+import json
+import os
+import sys
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from deepspeed_cpu import CPUDeepSpeedStrategy  # noqa: E402
+from test_module import SameSets, _module  # noqa: E402
+
+from jedi_train.callbacks import Checkpoint  # noqa: E402
+
+
+def main():
+    model_dir, out, strategy, devices, steps = sys.argv[1:6]
+    strat = {"ddp": lambda: "ddp", "zero2": lambda: CPUDeepSpeedStrategy(stage=2),
+             "zero3": lambda: CPUDeepSpeedStrategy(stage=3)}[strategy]()
+    module = _module(model_dir)
+    trainer = L.Trainer(max_steps=int(steps), accelerator="cpu", devices=int(devices), strategy=strat,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+                        callbacks=[Checkpoint(dirpath=os.path.join(out, "checkpoints"), save_last=True,
+                                              every_n_train_steps=1000)])
+    trainer.fit(module, DataLoader(SameSets(module.components.tokenizer), batch_size=2))
+    with open(os.path.join(out, f"result_rank{trainer.global_rank}.json"), "w") as f:
+        json.dump({"global_step": trainer.global_step, "world_size": trainer.world_size,
+                   "loss": float(trainer.callback_metrics["train/loss"])}, f)
+
+
+if __name__ == "__main__":
+    main()
