@@ -126,17 +126,22 @@ class SampleGridCallback(L.Callback):
 
 
 class LossCurveCallback(L.Callback):
-    """Keeps (step, loss) for the whole run (resumes included) and writes loss_curve.csv + .png."""
+    """Keeps (step, loss, set ids) for the whole run (resumes included); writes loss_curve.csv + .png.
+
+    The set ids make a resumed run checkable against an uninterrupted one: same losses, same data.
+    """
 
     def __init__(self, out_dir: str, every_n_steps: int = 100):
         self.out_dir, self.every = out_dir, every_n_steps
         self.history: list[tuple[int, float]] = []
+        self.set_ids: list[str] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs:  # a skipped (non-finite) step
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.history.append((trainer.global_step, float(loss)))
+        self.set_ids.append("|".join(map(str, batch.get("set_id", []))))
         if self.every and trainer.global_step % self.every == 0:
             self.write(trainer)
 
@@ -144,10 +149,11 @@ class LossCurveCallback(L.Callback):
         self.write(trainer)
 
     def state_dict(self):
-        return {"history": self.history}
+        return {"history": self.history, "set_ids": self.set_ids}
 
     def load_state_dict(self, state):
         self.history = [tuple(x) for x in state.get("history", [])]
+        self.set_ids = list(state.get("set_ids", []))
 
     def summary(self, window: int = 50) -> dict | None:
         """Mean loss over the first and last `window` steps."""
@@ -165,7 +171,8 @@ class LossCurveCallback(L.Callback):
         os.makedirs(self.out_dir, exist_ok=True)
         csv = os.path.join(self.out_dir, "loss_curve.csv")
         with open(csv + ".tmp", "w") as f:
-            f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in self.history))
+            f.write("step,loss,sets\n" + "".join(f"{s},{v:.8f},{ids}\n" for (s, v), ids in
+                                                 zip(self.history, self.set_ids)))
         os.replace(csv + ".tmp", csv)
         from .viz import plot_loss_curve
 
