@@ -1,0 +1,156 @@
+"""One raw set -> decoded, cropped, subsampled set with its references chosen. Pure functions.
+
+Odd images are repaired when that is safe (grayscale, palette, CMYK, 16-bit, alpha -> RGB) and
+dropped when not (undecodable, too small, too many pixels); a set survives as long as it keeps
+`min_set` decodable images. Everything is counted in `Counts` by reason.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .schema import image_key, parse_meta
+from .skips import Counts
+
+
+@dataclass
+class SetOptions:
+    resolution: int = 32
+    min_set: int = 2
+    max_set: int = 4
+    crop: str = "random"            # random | center (after resizing the shorter side to `resolution`)
+    flip_prob: float = 0.0          # per image; off by default: captions may say "left"/"right"
+    ref_count_probs: Sequence[float] = (0.1, 0.45, 0.35, 0.1)  # P(k references), k = 0, 1, 2, ...
+    min_image_size: int = 16        # shorter side below this: dropped (upscaling garbage)
+    max_image_pixels: int = 100_000_000  # above this: dropped before decoding (decompression bombs)
+
+
+def _to_rgb(img: Image.Image, counts: Counts) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit gray: rescale, convert() would clip
+        a = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if a.max(initial=0) > 255 else 255.0
+        counts.repair("image_16bit")
+        return Image.fromarray((a.clip(0, hi) * (255.0 / hi)).round().astype(np.uint8)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        counts.repair("image_alpha")  # transparent pixels become white, not whatever RGB they hide
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    counts.repair(f"image_mode_{mode}")
+    return img.convert("RGB")
+
+
+def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: Counts) -> np.ndarray | None:
+    """Encoded bytes -> uint8 (res, res, 3), or None (counted) when the image cannot be used."""
+    res = opt.resolution
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > opt.max_image_pixels:
+                counts.skip("image_too_large", f"{w}x{h}")
+                return None
+            if min(w, h) < opt.min_image_size:
+                counts.skip("image_too_small", f"{w}x{h}")
+                return None
+            if img.format == "JPEG":  # decode big JPEGs at a reduced scale (DCT scaling): far cheaper
+                s = min(w, h)
+                img.draft(None, (-(-w * res // s), -(-h * res // s)))
+            img.load()
+    except Image.DecompressionBombError as e:
+        counts.skip("image_too_large", repr(e))
+        return None
+    except Exception as e:  # noqa: BLE001 - any undecodable image is dropped, never fatal
+        counts.skip("image_undecodable", repr(e))
+        return None
+    img = _to_rgb(img, counts)
+    w, h = img.size
+    scale = res / min(w, h)
+    size = (max(res, round(w * scale)), max(res, round(h * scale)))
+    if size != img.size:
+        img = img.resize(size, Image.BICUBIC, reducing_gap=None if scale >= 1 else 3.0)
+    dx, dy = size[0] - res, size[1] - res
+    if opt.crop == "random":
+        x, y = int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1))
+    else:
+        x, y = dx // 2, dy // 2
+    if dx or dy:
+        img = img.crop((x, y, x + res, y + res))
+    if opt.flip_prob and rng.random() < opt.flip_prob:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img)
+
+
+def _captions(raw_json: Any, meta: dict, counts: Counts) -> list[str]:
+    if isinstance(raw_json, bytes):
+        try:
+            raw_json.decode("utf-8")
+        except UnicodeDecodeError:
+            counts.repair("caption_not_utf8")  # parse_meta decoded it with replacement characters
+    caps = []
+    for c in meta["captions"]:
+        if not isinstance(c, str):
+            counts.repair("caption_not_string")
+            c = "" if c is None else str(c)
+        caps.append(c)
+    return caps
+
+
+def choose_ref_count(n: int, probs: Sequence[float], rng: np.random.Generator) -> int:
+    """k references for a set of n: k ~ probs, capped at n - 1 so that every set keeps a target."""
+    p = np.asarray(probs, dtype=np.float64)
+    k = int(rng.choice(len(p), p=p / p.sum())) if p.sum() > 0 else 0
+    return min(k, n - 1)
+
+
+def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Counts) -> dict | None:
+    """A validated raw sample -> {set_id, images uint8 (n,res,res,3), captions, is_ref}, or None."""
+    meta = parse_meta(sample["json"])
+    n, ext = meta["num_images"], meta["image_ext"]
+    if n < opt.min_set:
+        counts.skip("too_few_images", f"{meta['set_id']}: {n} < min_set {opt.min_set}")
+        return None
+    captions = _captions(sample["json"], meta, counts)
+    size = int(rng.integers(opt.min_set, min(n, opt.max_set) + 1))
+    images, caps = [], []
+    for i in rng.permutation(n):  # decode only what the set needs; a bad image is replaced by the next
+        if len(images) == size:
+            break
+        arr = load_image(sample[image_key(int(i), ext)], opt, rng, counts)
+        if arr is not None:
+            images.append(arr)
+            caps.append(captions[i])
+    if len(images) < opt.min_set:
+        counts.skip("too_few_decodable_images", str(meta["set_id"]))
+        return None
+    is_ref = np.zeros(len(images), dtype=bool)
+    is_ref[rng.choice(len(images), choose_ref_count(len(images), opt.ref_count_probs, rng), replace=False)] = True
+    return {"set_id": str(meta["set_id"]), "images": np.stack(images), "captions": caps, "is_ref": is_ref}
+
+
+def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor] | None) -> dict:
+    """Sets of unequal size -> one padded batch; N is the largest set. Padding: zeros, "" captions."""
+    b, n = len(sets), max(len(s["captions"]) for s in sets)
+    res = sets[0]["images"].shape[1]
+    pixels = torch.zeros(b, n, 3, res, res)
+    is_ref = torch.zeros(b, n, dtype=torch.bool)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    for i, s in enumerate(sets):
+        k = len(s["captions"])
+        pixels[i, :k] = torch.from_numpy(s["images"]).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        is_ref[i, :k] = torch.from_numpy(s["is_ref"])
+        valid[i, :k] = True
+    batch = {"pixel_values": pixels, "is_ref": is_ref, "valid": valid,
+             "set_id": [s["set_id"] for s in sets], "captions": [list(s["captions"]) for s in sets]}
+    if tokenize is not None:
+        batch["input_ids"] = torch.stack([tokenize(s["captions"] + [""] * (n - len(s["captions"]))) for s in sets])
+    return batch
