@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
-from itertools import islice
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -143,7 +142,9 @@ class SetStream(IterableDataset):
         return [self.shards[i] for i in mine]
 
     def valid_samples(self, epoch: int, worker: int, start: Cursor, counts: Counts):
-        """(position, raw sample) of the samples that have every key their json announces."""
+        """(position, raw sample) of the samples that have every key their json announces.
+
+        Epoch mode also yields (start of the next pass, None) at the end of each pass."""
         pass_no, shard_no, skip = start.pass_no, start.shard_no, start.sample_no
         empty_in_a_row, give_up = 0, (4 * len(self.shards) + 8 if self.cfg.resampled else
                                       len(self._pass_shards(epoch, worker, 0)) + 1)
@@ -151,6 +152,7 @@ class SetStream(IterableDataset):
             url = self.shard_at(epoch, worker, pass_no, shard_no)
             if url is None:  # epoch mode: this worker's shards are done; another pass, reshuffled
                 pass_no, shard_no = pass_no + 1, 0
+                yield (pass_no, 0, 0), None  # a pass end: shuffle blocks do not mix passes
                 continue
             found = False
             for index, sample in read_tar(url, counts, skip):
@@ -173,7 +175,17 @@ class SetStream(IterableDataset):
         pos, block_no, taken = (start.pass_no, start.shard_no, start.sample_no), start.block_no, start.taken
         while True:
             counts.muted = taken > 0  # replaying a block that was read (and counted) before the checkpoint
-            block = list(islice(samples, size))
+            block, next_pos = [], None
+            for p, sample in samples:
+                if sample is None:  # pass end: close the block; an empty block starts at the next pass
+                    if block:
+                        next_pos = p
+                        break
+                    pos = p
+                    continue
+                block.append((p, sample))
+                if len(block) == size:
+                    break
             counts.muted = False
             if not block:
                 return
@@ -182,7 +194,7 @@ class SetStream(IterableDataset):
                 rng = _rng(_ITEM, self.cfg.seed, epoch, self.rank, worker, block_no, j)
                 yield Cursor(*pos, block_no=block_no, taken=j + 1), block[order[j]][1], rng
             last = block[-1][0]
-            pos, block_no, taken = (last[0], last[1], last[2] + 1), block_no + 1, 0
+            pos, block_no, taken = next_pos or (last[0], last[1], last[2] + 1), block_no + 1, 0
 
     def decoded(self, items, counts: Counts):
         for cursor, sample, rng in items:
