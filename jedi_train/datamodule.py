@@ -1,0 +1,185 @@
+"""JeDiDataModule: the set stream (data_pipelines/stream.py) as a LightningDataModule.
+
+Its `state_dict()` holds every rank's stream position, so a Lightning checkpoint resumes the data
+exactly where training stopped (see data_pipelines/resume.py). A batch counts as consumed when the
+model receives it (`on_before_batch_transfer`), not when the loader hands it out: Lightning fetches
+one batch ahead. `skip_counts()` / `repair_counts()` give the data problems met so far (this rank,
+all workers) for logging.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+
+from data_pipelines.resume import ResumableLoader, StreamState
+from data_pipelines.shards import expand_sources
+from data_pipelines.stream import SetStream, StreamConfig
+
+log = logging.getLogger(__name__)
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class JeDiDataModule(L.LightningDataModule):
+    def __init__(self, sources: Any, resolution: int = 32, min_set: int = 2, max_set: int = 4, batch_size: int = 4,
+                 num_workers: int = 2, resampled: bool = False, shuffle_buffer: int = 64, shardshuffle: bool = True,
+                 epoch_sets: int | None = None, ref_count_probs: Sequence[float] = (0.1, 0.45, 0.35, 0.1),
+                 crop: str = "random", flip_prob: float = 0.0, min_image_size: int = 16,
+                 max_image_pixels: int = 100_000_000, allow_pipe: bool = False, seed: int = 0,
+                 tokenizer: Any = None, model_dir: str | None = None, rank: int | None = None,
+                 world_size: int | None = None, prefetch_factor: int = 2, pin_memory: bool = False,
+                 log_every_s: float = 60.0, heldout_sources: Any = None,
+                 synthesize_if_missing: dict | None = None):
+        super().__init__()
+        self.cfg = StreamConfig(
+            sources=sources, resolution=resolution, min_set=min_set, max_set=max_set, batch_size=batch_size,
+            resampled=resampled, shuffle_buffer=shuffle_buffer, shardshuffle=shardshuffle, epoch_sets=epoch_sets,
+            ref_count_probs=tuple(ref_count_probs), crop=crop, flip_prob=flip_prob, min_image_size=min_image_size,
+            max_image_pixels=max_image_pixels, allow_pipe=allow_pipe, seed=seed, log_every_s=log_every_s)
+        self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self.tokenizer, self.model_dir = tokenizer, model_dir
+        self.rank, self.world_size = rank, world_size
+        self.heldout_sources, self.synthesize_if_missing = heldout_sources, synthesize_if_missing
+        self.loader: ResumableLoader | None = None
+        self._pending: dict | None = None
+        self._heldout: dict | None = None
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Synthesize the configured sets once when no shard matches the sources (the demo's default)."""
+        if not self.synthesize_if_missing:
+            return
+        try:
+            expand_sources(self.cfg.sources, self.cfg.allow_pipe)
+            return
+        except FileNotFoundError:
+            pass
+        exe = shutil.which("jedi-synth", path=os.path.dirname(sys.executable)) or shutil.which("jedi-synth")
+        cmd = [exe] if exe else [sys.executable, "-c",
+                                 "import sys; from data_pipelines.synth.cli import main; sys.exit(main())"]
+        cmd += [f"{k}={v}" for k, v in self.synthesize_if_missing.items()]
+        log.info("no shards match %s: synthesizing with %s", self.cfg.sources, " ".join(cmd))
+        subprocess.run(cmd, check=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.loader is not None:
+            return
+        rank, world = _dist_info()
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        self._rank = self.rank if self.rank is not None else rank
+        self._world = self.world_size if self.world_size is not None else world
+        stream = SetStream(self.cfg, tokenize=self._tokenize_fn(), rank=self._rank, world_size=self._world,
+                           num_workers=self.num_workers)
+        self.loader = ResumableLoader(stream, self.num_workers, prefetch_factor=self.prefetch_factor,
+                                      pin_memory=self.pin_memory, auto_consume=False)
+        if self._pending is not None:
+            self._apply(self._pending)
+
+    def train_dataloader(self) -> ResumableLoader:
+        if self.loader is None:
+            self.setup("fit")
+        return self.loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.loader is not None and isinstance(batch, dict):
+            self.loader.consume(batch)
+        return batch
+
+    # -- what the training loop logs ---------------------------------------------------------------
+    def skip_counts(self) -> dict[str, int]:
+        return self.loader.skip_counts() if self.loader else {}
+
+    def repair_counts(self) -> dict[str, int]:
+        return self.loader.repair_counts() if self.loader else {}
+
+    # -- checkpoint --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """{"version", "world_size", "num_workers", "batch_size", "ranks": {rank: StreamState dict}}.
+
+        Under torch.distributed every rank's position is gathered (Lightning builds checkpoints on
+        every rank and writes rank 0's), so this must be called on all ranks together, as
+        `trainer.save_checkpoint` is.
+        """
+        if self.loader is None:
+            return dict(self._pending or {})
+        own = self.loader.state.to_dict()
+        ranks = {self._rank: own}
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (self._rank, own))
+            ranks = dict(gathered)
+        return {"version": 1, "world_size": self._world, "num_workers": self.num_workers,
+                "batch_size": self.cfg.batch_size, "ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.loader is None:
+            self._pending = state
+        else:
+            self._apply(state)
+
+    def _apply(self, state: dict[str, Any]) -> None:
+        ranks = {int(k): v for k, v in state.get("ranks", {}).items()}
+        own = ranks.get(self._rank)
+        same = (state.get("world_size"), state.get("num_workers"), state.get("batch_size")) == \
+            (self._world, self.num_workers, self.cfg.batch_size)
+        if own is None:
+            log.warning("data state has no entry for rank %d: starting the data stream fresh", self._rank)
+            return
+        restored = StreamState.from_dict(own)
+        if not same:  # positions only replay under the same layout; keep the epoch and the counts
+            log.warning("data state was saved with world_size/num_workers/batch_size %s, now %s: resuming at the "
+                        "start of epoch %d instead of mid-epoch",
+                        (state.get("world_size"), state.get("num_workers"), state.get("batch_size")),
+                        (self._world, self.num_workers, self.cfg.batch_size), restored.epoch)
+            restored.fold_counts()
+            restored.batches, restored.next_worker, restored.cursors = 0, 0, {}
+        self.loader.state = restored
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _tokenize_fn(self):
+        from jedi_train.model.components import tokenize
+
+        if self.tokenizer is None:
+            if self.model_dir is None:
+                raise ValueError("JeDiDataModule needs a tokenizer object or model_dir (a diffusers SD directory "
+                                 "with a tokenizer/ subfolder)")
+            from transformers import CLIPTokenizer
+
+            self.tokenizer = CLIPTokenizer.from_pretrained(self.model_dir, subfolder="tokenizer")
+        return functools.partial(tokenize, self.tokenizer)
+
+    def heldout_batch(self, num_sets: int) -> dict | None:
+        """The first `num_sets` sets of `heldout_sources` (center crop, fixed refs), or None if not configured."""
+        if not self.heldout_sources:
+            return None
+        if self._heldout is None or len(self._heldout["set_id"]) != num_sets:
+            cfg = StreamConfig(**{**vars(self.cfg), "sources": self.heldout_sources, "resampled": False,
+                                  "shuffle_buffer": 1, "shardshuffle": False, "crop": "center", "flip_prob": 0.0,
+                                  "batch_size": num_sets, "epoch_sets": num_sets})
+            loader = ResumableLoader(SetStream(cfg, tokenize=self._tokenize_fn()), 0)
+            self._heldout = next(iter(loader), None)
+        return self._heldout
+
+
+def build_datamodule(cfg, tokenizer=None, **overrides) -> JeDiDataModule:
+    """The training app's entry: a `data` config (conf/data/*.yaml) + the model's tokenizer."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    kwargs = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    cls = get_class(kwargs.pop("_target_", "jedi_train.datamodule.JeDiDataModule"))
+    return cls(**{**kwargs, **overrides}, tokenizer=tokenizer)
