@@ -90,7 +90,7 @@ def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: C
     return np.asarray(img)
 
 
-def _captions(raw_json: Any, meta: dict, counts: Counts) -> list[str]:
+def read_captions(raw_json: Any, meta: dict, counts: Counts) -> list[str]:
     if isinstance(raw_json, bytes):
         try:
             raw_json.decode("utf-8")
@@ -119,7 +119,7 @@ def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Co
     if n < opt.min_set:
         counts.skip("too_few_images", f"{meta['set_id']}: {n} < min_set {opt.min_set}")
         return None
-    captions = _captions(sample["json"], meta, counts)
+    captions = read_captions(sample["json"], meta, counts)
     size = int(rng.integers(opt.min_set, min(n, opt.max_set) + 1))
     images, caps = [], []
     for i in rng.permutation(n):  # decode only what the set needs; a bad image is replaced by the next
