@@ -76,11 +76,10 @@ def open_url(url: str):
 
 
 def _tar_error_reason(exc: BaseException, files_read: int) -> str:
+    """A tar that breaks after some members is (nearly always) cut short; one that breaks before any is not a tar."""
     msg = str(exc).lower()
-    if isinstance(exc, EOFError) or "unexpected end" in msg or "truncated" in msg:
-        return "truncated_tar"
-    if isinstance(exc, tarfile.TarError):
-        return "not_tar" if files_read == 0 else "corrupt_tar"
+    if isinstance(exc, (tarfile.TarError, EOFError)):
+        return "truncated_tar" if files_read or "unexpected end" in msg else "not_tar"
     return "read_error"
 
 
