@@ -21,10 +21,12 @@ from .shards import expand_sources, read_tar
 from .skips import Counts
 
 
-def collect(patterns: list[str], min_set: int = 2, resolution: int = 32, allow_pipe: bool = False) -> dict:
+def collect(patterns: list[str], min_set: int = 2, resolution: int = 32, allow_pipe: bool = False,
+            max_image_pixels: int = SetOptions.max_image_pixels, min_image_size: int = SetOptions.min_image_size) -> dict:
     sources = expand_sources(patterns, allow_pipe)
     urls = [u for s in sources for u in s.urls]
-    opt = SetOptions(resolution=resolution, min_set=min_set, crop="center")
+    opt = SetOptions(resolution=resolution, min_set=min_set, crop="center", max_image_pixels=max_image_pixels,
+                     min_image_size=min_image_size)
     counts, rng = Counts(log_every_s=float("inf")), np.random.default_rng(0)
     sizes, usable, caption_words = Counter(), Counter(), []
     for url in urls:
@@ -68,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("shards", nargs="+", help="shard URL patterns: 'dir/*.tar', 'dir/shard-{0000..0099}.tar', s3://...")
     st.add_argument("--min-set", type=int, default=2, help="smallest usable set (as data.min_set)")
     st.add_argument("--resolution", type=int, default=32, help="decode check resolution")
+    st.add_argument("--max-image-pixels", type=int, default=SetOptions.max_image_pixels, help="as data.max_image_pixels")
+    st.add_argument("--min-image-size", type=int, default=SetOptions.min_image_size, help="as data.min_image_size")
     st.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     st.add_argument("--json", action="store_true", help="print the stats as JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     try:
-        s = collect(args.shards, args.min_set, args.resolution, args.allow_pipe)
+        s = collect(args.shards, args.min_set, args.resolution, args.allow_pipe, args.max_image_pixels,
+                    args.min_image_size)
     except (FileNotFoundError, ValueError) as e:
         print(f"jedi-data: {e}", file=sys.stderr)
         return 2
