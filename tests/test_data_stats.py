@@ -35,7 +35,7 @@ def test_stats_report_usable_sets_and_skips_by_reason(tmp_path, capsys):
     assert s["skipped"]["too_few_images"] == 1  # the set of one image
     assert s["repaired"]["image_16bit"] == 2
     assert s["caption_words"]["min"] == 0 and s["caption_words"]["max"] == 7  # the null caption counts as ""
-    rc, text, _ = run_stats(capsys, pattern, "--resolution", "16")
+    rc, text, _ = run_stats(capsys, pattern, "--resolution", "16", "--max-image-pixels", str(MAX_PIXELS))
     assert rc == 0 and "not_tar=1" in text and f"sets    {s['sets']} usable" in text
 
 
