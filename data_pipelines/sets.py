@@ -14,9 +14,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from .schema import image_key, parse_meta
 from .skips import Counts
+
+# our own max_image_pixels check replaces PIL's warning (PIL still raises past twice its limit)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -52,20 +56,18 @@ def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: C
     """Encoded bytes -> uint8 (res, res, 3), or None (counted) when the image cannot be used."""
     res = opt.resolution
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > opt.max_image_pixels:
-                counts.skip("image_too_large", f"{w}x{h}")
-                return None
-            if min(w, h) < opt.min_image_size:
-                counts.skip("image_too_small", f"{w}x{h}")
-                return None
-            if img.format == "JPEG":  # decode big JPEGs at a reduced scale (DCT scaling): far cheaper
-                s = min(w, h)
-                img.draft(None, (-(-w * res // s), -(-h * res // s)))
-            img.load()
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > opt.max_image_pixels:
+            counts.skip("image_too_large", f"{w}x{h}")
+            return None
+        if min(w, h) < opt.min_image_size:
+            counts.skip("image_too_small", f"{w}x{h}")
+            return None
+        if img.format == "JPEG" and min(w, h) >= 2 * res:  # decode at a reduced scale (DCT scaling): far cheaper
+            s = min(w, h)
+            img.draft(None, (-(-w * res // s), -(-h * res // s)))
+        img.load()
     except Image.DecompressionBombError as e:
         counts.skip("image_too_large", repr(e))
         return None
@@ -107,13 +109,13 @@ def read_captions(raw_json: Any, meta: dict, counts: Counts) -> list[str]:
 
 def choose_ref_count(n: int, probs: Sequence[float], rng: np.random.Generator) -> int:
     """k references for a set of n: k ~ probs, capped at n - 1 so that every set keeps a target."""
-    p = np.asarray(probs, dtype=np.float64)
-    k = int(rng.choice(len(p), p=p / p.sum())) if p.sum() > 0 else 0
-    return min(k, n - 1)
+    cdf = np.cumsum(probs, dtype=np.float64)
+    k = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")) if cdf[-1] > 0 else 0
+    return min(k, len(cdf) - 1, n - 1)
 
 
 def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Counts) -> dict | None:
-    """A validated raw sample -> {set_id, images uint8 (n,res,res,3), captions, is_ref}, or None."""
+    """A validated raw sample -> {set_id, images: n uint8 (res,res,3) arrays, captions, is_ref}, or None."""
     meta = parse_meta(sample["json"])
     n, ext = meta["num_images"], meta["image_ext"]
     if n < opt.min_set:
@@ -134,21 +136,34 @@ def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Co
         return None
     is_ref = np.zeros(len(images), dtype=bool)
     is_ref[rng.choice(len(images), choose_ref_count(len(images), opt.ref_count_probs, rng), replace=False)] = True
-    return {"set_id": str(meta["set_id"]), "images": np.stack(images), "captions": caps, "is_ref": is_ref}
+    return {"set_id": str(meta["set_id"]), "images": images, "captions": caps, "is_ref": is_ref}
+
+
+def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    numel = int(np.prod(shape))
+    storage = torch.empty(0)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0).new(storage).view(shape)
 
 
 def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor] | None) -> dict:
     """Sets of unequal size -> one padded batch; N is the largest set. Padding: zeros, "" captions."""
     b, n = len(sets), max(len(s["captions"]) for s in sets)
-    res = sets[0]["images"].shape[1]
-    pixels = torch.zeros(b, n, 3, res, res)
+    res = sets[0]["images"][0].shape[0]
+    u8 = np.zeros((b, n, res, res, 3), dtype=np.uint8)
     is_ref = torch.zeros(b, n, dtype=torch.bool)
     valid = torch.zeros(b, n, dtype=torch.bool)
     for i, s in enumerate(sets):
         k = len(s["captions"])
-        pixels[i, :k] = torch.from_numpy(s["images"]).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        for j, img in enumerate(s["images"]):
+            u8[i, j] = img
         is_ref[i, :k] = torch.from_numpy(s["is_ref"])
         valid[i, :k] = True
+    # one conversion for the whole batch, written straight into shared memory when in a DataLoader
+    # worker (as torch's default_collate does): the batch then crosses to the main process uncopied
+    pixels = _shared_empty((b, n, 3, res, res)) if get_worker_info() is not None else torch.empty(b, n, 3, res, res)
+    pixels.copy_(torch.from_numpy(u8).permute(0, 1, 4, 2, 3)).div_(127.5).sub_(1.0)
+    if not valid.all():
+        pixels[~valid] = 0.0
     batch = {"pixel_values": pixels, "is_ref": is_ref, "valid": valid,
              "set_id": [s["set_id"] for s in sets], "captions": [list(s["captions"]) for s in sets]}
     if tokenize is not None:
