@@ -161,7 +161,7 @@ def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor]
     # one conversion for the whole batch, written straight into shared memory when in a DataLoader
     # worker (as torch's default_collate does): the batch then crosses to the main process uncopied
     pixels = _shared_empty((b, n, 3, res, res)) if get_worker_info() is not None else torch.empty(b, n, 3, res, res)
-    pixels.copy_(torch.from_numpy(u8).permute(0, 1, 4, 2, 3)).div_(127.5).sub_(1.0)
+    pixels.copy_(torch.from_numpy(u8).permute(0, 1, 4, 2, 3).contiguous()).div_(127.5).sub_(1.0)  # permute in uint8: 4x less to move
     if not valid.all():
         pixels[~valid] = 0.0
     batch = {"pixel_values": pixels, "is_ref": is_ref, "valid": valid,
