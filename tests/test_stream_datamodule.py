@@ -137,3 +137,16 @@ def test_hydra_data_config_builds_the_datamodule(shards, tiny_model_dir):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["pixel_values"].shape[0] == 2 and batch["input_ids"].dtype == torch.int64
+
+
+def test_heldout_batch_and_missing_data_messages(shards, tokenizer, tmp_path):
+    dm = make_dm(shards, tokenizer, heldout_sources=shards)
+    held = dm.heldout_batch(3)
+    assert held["set_id"] == ["s0_0", "s0_1", "s0_2"] and "_stream" not in held  # stream order, fixed
+    assert dm.heldout_batch(3) is held and make_dm(shards, tokenizer).heldout_batch(3) is None
+    missing = make_dm(str(tmp_path / "nothing-*.tar"), tokenizer, synthesize_if_missing=None)
+    missing.prepare_data()
+    with pytest.raises(FileNotFoundError, match="matches no shards"):
+        missing.setup("fit")
+    with pytest.raises(ValueError, match="tokenizer object or model_dir"):
+        make_dm(shards, None).setup("fit")
