@@ -10,8 +10,9 @@ out; the DataModule reports each batch the model actually receives (`consume`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from torch.utils.data import DataLoader
 
@@ -63,7 +64,7 @@ class StreamState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StreamState":
+    def from_dict(cls, d: dict[str, Any]) -> StreamState:
         s = cls(**d)
         s.cursors = {int(k): dict(v) for k, v in s.cursors.items()}
         s.worker_skipped = {int(k): dict(v) for k, v in s.worker_skipped.items()}

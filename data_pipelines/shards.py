@@ -13,8 +13,9 @@ from __future__ import annotations
 import glob
 import os
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from webdataset.gopen import gopen, gopen_schemes

@@ -22,8 +22,9 @@ draws shards with replacement, a source's probability proportional to its weight
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -14,7 +14,9 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Sequence
+import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -24,12 +26,15 @@ from data_pipelines.shards import expand_sources
 from data_pipelines.stream import SetStream, StreamConfig
 
 log = logging.getLogger(__name__)
+# Lightning warns that a mid-epoch checkpoint cannot resume a plain iterable loader; this one resumes
+# through the DataModule's state_dict, so the warning would mislead
+warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class JeDiDataModule(L.LightningDataModule):

@@ -26,7 +26,7 @@ def shards(tmp_path_factory):
 
 
 def make_dm(shards, tokenizer, **kw):
-    args = dict(sources=shards, resolution=16, batch_size=4, num_workers=2, shuffle_buffer=4, seed=3)
+    args = {"sources": shards, "resolution": 16, "batch_size": 4, "num_workers": 2, "shuffle_buffer": 4, "seed": 3}
     return JeDiDataModule(**{**args, **kw}, tokenizer=tokenizer)
 
 

@@ -2,7 +2,6 @@
 group, `state_dict()` gathers both ranks' positions (Lightning writes only rank 0's checkpoint), and
 each rank resumes its own stream exactly from that one saved state."""
 import json
-import os
 
 import pytest
 import torch
@@ -61,7 +60,7 @@ def test_two_process_group_ranks_resume_from_one_gathered_state(tmp_path):
     build_tiny_tokenizer(str(tmp_path / "model" / "tokenizer"))
     args = (str(tmp_path), str(tmp_path / "shards" / "*.tar"), str(tmp_path / "model"))
     mp.start_processes(_worker, args=args, nprocs=2, start_method="fork")  # forked: no re-imports per rank
-    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["ranks"] == [0, 1] and r["world"] == 2
         assert r["resumed"] == r["full"]

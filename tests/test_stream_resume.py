@@ -4,6 +4,7 @@ ranks (rank passed explicitly), in epoch and resampled modes, across epoch bound
 data in the shards."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +20,8 @@ WORKERS, WORLD = 2, 2
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume_shards")
     paths = write_shards(str(d), num_shards=6, sets_per_shard=7, set_sizes=(1, 2, 3, 4, 5), size=16)
-    raw = open(paths[2], "rb").read()  # a truncated shard: partial last sample, counted skips
-    open(paths[2], "wb").write(raw[: int(len(raw) * 0.6)])
+    raw = Path(paths[2]).read_bytes()  # a truncated shard: partial last sample, counted skips
+    Path(paths[2]).write_bytes(raw[: int(len(raw) * 0.6)])
     return str(d)
 
 

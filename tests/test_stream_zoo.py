@@ -1,11 +1,12 @@
 """A zoo of broken and odd data, shared by the robustness and `jedi-data stats` tests."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from tests.stream_helpers import encode_image, set_json, solid_images, write_raw_tar, write_shards
+from tests.stream_helpers import encode_image, set_json, write_raw_tar, write_shards
 
 
 def _png(img):
@@ -58,9 +59,8 @@ def write_zoo(root: str) -> dict:
     zoo = write_raw_tar(os.path.join(root, "zoo.tar"), m)
     with open(os.path.join(root, "garbage.tar"), "wb") as f:  # not a tar at all
         f.write(os.urandom(5000))
-    raw = open(good[1], "rb").read()  # the second good shard, truncated: its first sets survive
-    with open(good[1], "wb") as f:
-        f.write(raw[: len(raw) // 2])
+    raw = Path(good[1]).read_bytes()  # the second good shard, truncated: its first sets survive
+    Path(good[1]).write_bytes(raw[: len(raw) // 2])
     return {"good": good, "zoo": zoo}
 
 
