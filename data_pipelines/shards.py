@@ -64,6 +64,8 @@ def expand_sources(sources: Any, allow_pipe: bool = False) -> list[Source]:
         out.append(Source(tuple(urls), weight, str(pattern)))
     if not out:
         raise ValueError("no data sources given; set data.sources to one or more shard URL patterns")
+    if sum(s.weight for s in out) <= 0:
+        raise ValueError("data source weights sum to 0; give at least one source a positive weight")
     return out
 
 
