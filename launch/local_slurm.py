@@ -149,13 +149,13 @@ DefMemPerCPU={mem_per_cpu}
 SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=900
-KillWait=10
+KillWait=3
 MailProg=/bin/true
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb} State=UNKNOWN
 PartitionName={self.partition} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """)
 
-    def start(self, timeout: float = 30) -> "LocalSlurm":
+    def start(self, timeout: float = 30) -> LocalSlurm:
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(reason)
@@ -237,7 +237,7 @@ PartitionName={self.partition} Nodes=localhost Default=YES MaxTime=INFINITE Stat
     # -- job helpers (no sacct here) ---------------------------------------------------------
     def sbatch(self, *args: str, cwd: str | os.PathLike | None = None, env: dict | None = None) -> str:
         r = subprocess.run(["sbatch", "--parsable", *args], env=self.env(env), cwd=cwd, capture_output=True,
-                           text=True, timeout=30)
+                           text=True, timeout=30, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"sbatch failed ({r.returncode}): {r.stderr.strip()}")
         return r.stdout.strip().split(";")[0]
