@@ -95,6 +95,8 @@ def test_sbatch_train_runs_and_checkpoints(cluster, submit_dir):
     assert "(step 4)" in log
     # the template's defaults reached jedi-train: one node, one device, SLURM-derived run name
     assert re.search(r"1 node\(s\) x 1 task\(s\)", log)
+    # Lightning recognised the SLURM job, so --signal=SIGUSR1@90 reaches its checkpoint-and-requeue handler
+    assert "SLURM auto-requeueing enabled" in log
 
 
 def test_requeued_job_resumes_from_its_checkpoint(cluster, submit_dir):
