@@ -330,14 +330,17 @@ def set_seed(base_seed: int, index: int) -> int:
 
 
 def make_set(seed: int, set_size: int = 4, resolution: int = 64, scenes: Sequence[str] | None = None,
-             subject: dict[str, Any] | None = None) -> tuple[list[np.ndarray], list[str], dict[str, Any]]:
+             subject: dict[str, Any] | None = None, classes: Sequence[str] | None = None,
+             ) -> tuple[list[np.ndarray], list[str], dict[str, Any]]:
     """One set: the same subject in `set_size` different scenes (distinct while there are enough).
+    `scenes` / `classes` restrict the scenes and shape families drawn from (default: all).
 
     Returns (images uint8 (R, R, 3), captions, meta); meta holds subject_id, class, scenes, subject
     (the spec) and views (per-image scene + seed, for exact re-rendering with render_subject).
     """
     rng = np.random.default_rng(seed)
-    subject = subject or sample_subject(rng)
+    if subject is None:
+        subject = sample_subject(rng, classes[int(rng.integers(len(classes)))] if classes else None)
     names = list(scenes or SCENE_NAMES)
     replace = set_size > len(names)
     picked = [names[i] for i in rng.choice(len(names), size=set_size, replace=replace)]
