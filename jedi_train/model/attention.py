@@ -15,6 +15,12 @@ Who may attend to whom is given by a `SetLayout`, passed through the UNet's
 Masks depend only on the *key* image within each query group (targets / references), so they are
 key-only masks (B, 1, 1, N*L): no (N*L)^2 matrix is built, and when nothing is masked the mask is
 None and SDPA may use its flash kernel. A decoupled batch costs two SDPA calls (one per group).
+
+Reference attention (unet config ``_jedi["reference_attention"]``, read by `joint_attn_processors`):
+  * ``"set"`` (default): a reference's queries see every image of its set, targets included;
+  * ``"references"``: a reference's queries see only references. Then references never depend on
+    the targets, and with references fed at t = 0 their keys/values are the same at every sampling
+    step: a `ReferenceKVCache` records them in one references-only pass and the sampler reuses them.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ class SetLayout:
     valid: torch.Tensor  # (B, N) bool
     coupled: torch.Tensor  # (B,) bool
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # set by `with_reference_cache`: record references' keys/values, or prepend the recorded ones
+    reference_cache: "ReferenceKVCache | None" = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(cls, is_ref: torch.Tensor, valid: torch.Tensor | None = None,
@@ -67,21 +75,41 @@ class SetLayout:
         """The same sets with targets cut off from references (image guidance's 'no references' branch)."""
         return SetLayout.build(self.is_ref, self.valid, torch.zeros_like(self.coupled))
 
-    def key_masks(self, tokens_per_image: int, device: torch.device):
+    @classmethod
+    def references_only(cls, num_refs: int, device=None) -> "SetLayout":
+        """One set made of references only: the pass that fills a `ReferenceKVCache` (no target needed)."""
+        ones = torch.ones(1, num_refs, dtype=torch.bool, device=device)
+        return cls(n=num_refs, is_ref=ones, valid=ones.clone(), coupled=torch.ones(1, dtype=torch.bool, device=device))
+
+    def with_reference_cache(self, cache: "ReferenceKVCache") -> "SetLayout":
+        """This layout, carrying a reference key/value cache (recording or replaying)."""
+        return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=cache)
+
+    def key_masks(self, tokens_per_image: int, device: torch.device, references_see_targets: bool = True):
         """[(query_is_ref or None, key_mask or None), ...] for the query groups, expanded to tokens.
 
         Cached per sequence length: every attention layer at one resolution shares them.
         """
-        key = (tokens_per_image, device)
+        key = (tokens_per_image, device, references_see_targets)
         if key not in self._cache:
-            self._cache[key] = self._key_masks(tokens_per_image, device)
+            self._cache[key] = self._key_masks(tokens_per_image, device, references_see_targets)
         return self._cache[key]
 
-    def _key_masks(self, L: int, device):
+    def cached_key_mask(self, tokens_per_image: int, ref_tokens: int, device: torch.device):
+        """Key mask when `ref_tokens` cached reference keys are prepended to every set's target keys:
+        coupled sets see them, decoupled sets do not; padded images are never keys. None = no mask."""
+        key = ("cached", tokens_per_image, ref_tokens, device)
+        if key not in self._cache:
+            refs = self.coupled.to(device)[:, None].expand(-1, ref_tokens)
+            keys = torch.cat([refs, self.valid.to(device).repeat_interleave(tokens_per_image, dim=1)], dim=1)
+            self._cache[key] = None if bool(keys.all()) else keys[:, None, None, :]
+        return self._cache[key]
+
+    def _key_masks(self, L: int, device, references_see_targets: bool = True):
         is_ref, valid = self.is_ref.to(device), self.valid.to(device)
         coupled = self.coupled.to(device)[:, None]
         tgt_keys = valid & (coupled | ~is_ref)
-        ref_keys = valid & (coupled | is_ref)
+        ref_keys = valid & ((coupled & references_see_targets) | is_ref)
         # a set without references has no reference queries; keep its row non-empty (no NaN in SDPA)
         ref_keys = torch.where(ref_keys.any(1, keepdim=True), ref_keys, valid)
 
@@ -95,14 +123,48 @@ class SetLayout:
         return [(None, tok(tgt_keys)), (q_ref, tok(ref_keys))]
 
 
+class ReferenceKVCache:
+    """Keys/values of the reference images in every coupled self-attention layer.
+
+    Valid only when references do not depend on the targets (reference_attention "references")
+    nor on the sampling step (references at t = 0). Fill it with one forward pass of the references
+    alone (layout `SetLayout.references_only(K).with_reference_cache(cache)`, recording=True), then
+    set recording=False and run target-only sets: every layer prepends the recorded keys/values.
+    """
+
+    def __init__(self):
+        self.recording = True
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    def record(self, attn: Attention, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._kv[id(attn)] = (key, value)  # (1, heads, K*L, head_dim)
+
+    def get(self, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        if id(attn) not in self._kv:
+            raise RuntimeError("reference cache has no entry for this attention layer; run the recording pass "
+                               "(references only, recording=True) with the same UNet first")
+        return self._kv[id(attn)]
+
+
 class JointAttnProcessor(AttnProcessor2_0):
-    """Set-coupled self-attention (attn1). Falls back to the base processor when no layout is given."""
+    """Set-coupled self-attention (attn1). Falls back to the base processor when no layout is given.
+
+    references_see_targets=False: reference queries attend to references only (see module doc).
+    """
+
+    def __init__(self, references_see_targets: bool = True):
+        super().__init__()
+        self.references_see_targets = references_see_targets
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, set_layout: SetLayout | None = None):
         if encoder_hidden_states is not None:
             raise ValueError("JointAttnProcessor is for self-attention (attn1); cross-attention stays per image")
-        if set_layout is None or (set_layout.n == 1 and bool(set_layout.valid.all())):
+        cache = set_layout.reference_cache if set_layout is not None else None
+        if set_layout is None or (cache is None and set_layout.n == 1 and bool(set_layout.valid.all())):
             return super().__call__(attn, hidden_states, None, attention_mask, temb)
         if attention_mask is not None:
             raise ValueError("a UNet attention_mask cannot be combined with set-coupled self-attention")
@@ -136,8 +198,26 @@ class JointAttnProcessor(AttnProcessor2_0):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        if cache is not None and cache.recording:  # references-only pass: remember their keys/values
+            if b != 1 or not bool(set_layout.is_ref.all()):
+                raise ValueError("the reference-cache recording pass takes one set made of references only")
+            if self.references_see_targets:
+                raise ValueError("a reference key/value cache needs reference_attention='references' "
+                                 "(references that do not attend to targets)")
+            cache.record(attn, key, value)
+            groups = [(None, None)]
+        elif cache is not None:  # target-only sets: prepend the cached reference keys/values
+            if bool(set_layout.is_ref.any()):
+                raise ValueError("with a replaying reference cache, sets hold targets only")
+            ref_k, ref_v = cache.get(attn)
+            key = torch.cat([ref_k.expand(b, -1, -1, -1), key], dim=2)
+            value = torch.cat([ref_v.expand(b, -1, -1, -1), value], dim=2)
+            groups = [(None, set_layout.cached_key_mask(L, ref_k.shape[2], query.device))]
+        else:
+            groups = set_layout.key_masks(L, query.device, self.references_see_targets)
+
         out = None
-        for q_select, key_mask in set_layout.key_masks(L, query.device):
+        for q_select, key_mask in groups:
             o = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=0.0)
             out = o if out is None else torch.where(q_select, o, out)
 
@@ -158,7 +238,32 @@ class PerImageAttnProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+REFERENCE_ATTENTION = ("set", "references")
+
+
+def reference_attention(unet) -> str:
+    """'set' (references attend to the whole set; the default) or 'references' (to references only)."""
+    mode = (unet.config.get("_jedi") or {}).get("reference_attention", "set")
+    if mode not in REFERENCE_ATTENTION:
+        raise ValueError(f"reference_attention={mode!r} is unknown; use one of {REFERENCE_ATTENTION}")
+    return mode
+
+
 def joint_attn_processors(unet) -> dict:
     """Processor map for `unet.set_attn_processor`: coupled attn1, per-image everything else."""
-    return {name: JointAttnProcessor() if name.endswith("attn1.processor") else PerImageAttnProcessor()
+    see_targets = reference_attention(unet) == "set"
+    return {name: JointAttnProcessor(see_targets) if name.endswith("attn1.processor") else PerImageAttnProcessor()
             for name in unet.attn_processors}
+
+
+def configure_reference_attention(unet, mode: str):
+    """Set a joint UNet's reference attention ('set' | 'references'); stored in its config, so it is
+    saved and restored with the model. Train with 'references' (and reference_timestep 'zero') to
+    allow the reference key/value cache at sampling time."""
+    if unet.config.get("_jedi") is None:
+        raise ValueError("configure_reference_attention needs a joint UNet (make_joint / load_joint_unet first)")
+    if mode not in REFERENCE_ATTENTION:
+        raise ValueError(f"reference_attention={mode!r} is unknown; use one of {REFERENCE_ATTENTION}")
+    unet.register_to_config(_jedi={**unet.config["_jedi"], "reference_attention": mode})
+    unet.set_attn_processor(joint_attn_processors(unet))
+    return unet
