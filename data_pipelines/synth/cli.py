@@ -145,12 +145,17 @@ def _hydra_entry() -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="synth", version_base="1.3")
     def _main(cfg) -> None:
+        from omegaconf.errors import MissingMandatoryValue
+
         from .writer import SynthError
 
         try:
             print_summary(run(cfg))
         except SynthError as e:
             _error(str(e))
+            sys.exit(2)
+        except MissingMandatoryValue as e:
+            _error(f"{e.full_key} is required; give {e.full_key}=<value> on the command line")
             sys.exit(2)
 
     _main()

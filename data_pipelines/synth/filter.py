@@ -1,7 +1,7 @@
 """Stage 4, filter: keep a set only if its images show one subject.
 
 Images are embedded (open_clip, a timm model such as DINO, or a transformers vision model such as
-DINOv2, all from local files), and the set's pairwise cosine similarities are compared with
+DINOv2, all from local files; or a weight-free colour histogram), and the set's pairwise cosine similarities are compared with
 thresholds: below `min_similarity` -> "inconsistent_subject"; above `max_similarity` -> "near_duplicate"
 (the generator repeated one image). `reduce` picks which pair decides: "min" (the least similar
 pair, strict) or "mean" (each image's mean similarity to the others, its minimum over images).
@@ -40,8 +40,31 @@ class Embedder:
         return (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-8)).cpu().numpy()
 
 
-def build_embedder(cfg: Any) -> Embedder:
+class ColorHistogram:
+    """Weight-free embedding: the colour histogram (6 levels per channel, square-rooted so cosine is the
+    Bhattacharyya coefficient) of the central `crop` of each image. It matches subjects by colour only:
+    a cheap pre-filter and a model-free check, not a substitute for DINO/CLIP."""
+
+    def __init__(self, crop: float = 0.6, levels: int = 6):
+        self.crop, self.levels = crop, levels
+
+    def __call__(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+        out = []
+        for im in images:
+            a = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
+            H, W = a.shape[:2]
+            m, n = int(H * (1 - self.crop) / 2), int(W * (1 - self.crop) / 2)
+            q = (a[m:H - m, n:W - n].astype(np.int32) * self.levels) // 256
+            idx = (q[..., 0] * self.levels + q[..., 1]) * self.levels + q[..., 2]
+            h = np.sqrt(np.bincount(idx.ravel(), minlength=self.levels ** 3).astype(np.float32))
+            out.append(h / max(float(np.linalg.norm(h)), 1e-8))
+        return np.stack(out)
+
+
+def build_embedder(cfg: Any) -> Embedder | ColorHistogram:
     kind, device = cfg.get("embedder"), cfg.get("device", "cpu")
+    if kind == "color_histogram":
+        return ColorHistogram(float(cfg.get("crop", 0.6)))
     if kind == "open_clip":
         import open_clip
 
@@ -79,7 +102,8 @@ def build_embedder(cfg: Any) -> Embedder:
         pre = lambda im: proc(images=im, return_tensors="pt")["pixel_values"][0]  # noqa: E731
         fwd = lambda x: model(pixel_values=x).last_hidden_state[:, 0]  # noqa: E731  CLS token
         return Embedder(model, pre, fwd, device)
-    raise SynthError(f"filter.embedder={kind!r} is unknown; use open_clip, timm or hf (or filter=none)")
+    raise SynthError(f"filter.embedder={kind!r} is unknown; use open_clip, timm, hf or color_histogram "
+                     "(or filter=none)")
 
 
 def similarity_stats(emb: np.ndarray) -> dict[str, float]:
