@@ -1,0 +1,26 @@
+"""jedi-train: Joint-Image Diffusion (JeDi) training and sampling.
+
+Heavy imports are lazy (`import jedi_train` stays light): `jedi_train.JeDiPipeline` and
+`jedi_train.JointUNet2DConditionModel` load on first use. The latter is also how saved pipelines
+name their UNet class in model_index.json (["jedi_train", "JointUNet2DConditionModel"]).
+"""
+from importlib import import_module
+
+_LAZY = {
+    "JeDiPipeline": "jedi_train.pipeline",
+    "JeDiPipelineOutput": "jedi_train.pipeline",
+    "JointUNet2DConditionModel": "jedi_train.model.joint_unet",
+    "make_grid": "jedi_train.grid",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jedi_train' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,9 +1,8 @@
 """Stage 3, split: a collage image -> its panels; drop blank panels and near-duplicates.
 
 Grid detection looks for seams: at a real panel border neighbouring pixel columns (rows) differ much
-more than inside a panel. Each candidate grid is scored by the mean difference across its internal
-borders relative to the median neighbour difference of the whole image; the best candidate wins if
-it clearly stands out, else the configured fixed grid is used.
+more than inside a panel (relative to the median neighbour difference of the whole image). Each axis
+is split independently; with no clear seam the configured fixed grid is used.
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-CANDIDATE_GRIDS = ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1), (2, 3), (3, 2), (3, 3), (2, 4), (4, 2), (4, 4))
+MAX_PANELS_PER_AXIS = 4
 
 
 def _gray(img: Image.Image | np.ndarray) -> np.ndarray:
@@ -20,32 +19,28 @@ def _gray(img: Image.Image | np.ndarray) -> np.ndarray:
     return a.mean(axis=2) if a.ndim == 3 else a
 
 
-def _seam_strength(diff: np.ndarray, n: int) -> float:
-    """Mean jump across the n-1 internal borders of an axis split in n (diff: neighbour differences)."""
+def _axis_count(diff: np.ndarray, base: float, min_score: float, max_n: int) -> int:
+    """Panels along one axis: the largest n whose EVERY internal cut is a seam (so a 2-panel image is
+    not read as 4, while a 4-panel one, whose halves are also seams, is)."""
     size = diff.shape[0] + 1
-    cuts = [round(size * k / n) - 1 for k in range(1, n)]
-    return float(np.mean([diff[max(c - 1, 0):c + 2].max() for c in cuts]))
+    best = 1
+    for n in range(2, max_n + 1):
+        cuts = [round(size * k / n) - 1 for k in range(1, n)]
+        weakest = min(float(diff[max(c - 1, 0):c + 2].max()) for c in cuts)
+        if weakest / base >= min_score:
+            best = n
+    return best
 
 
-def detect_grid(img: Image.Image | np.ndarray, candidates: Sequence[tuple[int, int]] = CANDIDATE_GRIDS,
+def detect_grid(img: Image.Image | np.ndarray, max_n: int = MAX_PANELS_PER_AXIS,
                 min_score: float = 3.0) -> tuple[int, int] | None:
-    """(rows, cols) of the collage, or None when no candidate has clear seams."""
+    """(rows, cols) of the collage, or None when it shows no clear seams."""
     g = _gray(img)
     col_diff = np.abs(np.diff(g, axis=1)).mean(axis=0)  # one value per vertical boundary
     row_diff = np.abs(np.diff(g, axis=0)).mean(axis=1)
     base = float(np.median(np.concatenate([col_diff, row_diff]))) + 1e-3
-    best, best_score = None, min_score
-    for rows, cols in candidates:
-        parts = []
-        if cols > 1:
-            parts.append(_seam_strength(col_diff, cols))
-        if rows > 1:
-            parts.append(_seam_strength(row_diff, rows))
-        # the weakest axis decides: a 2x2 guess on a 1x2 collage has no horizontal seam
-        score = min(parts) / base
-        if score > best_score * 1.05:  # prefer the earlier (simpler) grid on ties
-            best, best_score = (rows, cols), score
-    return best
+    grid = (_axis_count(row_diff, base, min_score, max_n), _axis_count(col_diff, base, min_score, max_n))
+    return None if grid == (1, 1) else grid
 
 
 def split_grid(img: Image.Image | np.ndarray, rows: int, cols: int) -> list[np.ndarray]:

@@ -1,0 +1,273 @@
+"""`JeDiPipeline`: personalized text-to-image from K reference photos, no finetuning (a diffusers pipeline).
+
+The references join each set as known images, exactly as training showed them to the UNet
+(objective.py): clean latent in the reference slot, mask 1, timestep 0 (reference_timestep 'zero')
+or re-noised to the set's timestep ('target'); the targets start from noise and are sampled with
+whatever diffusers scheduler is installed. Image guidance (METHOD.md) runs its three branches
+(no text + references hidden, no text + references, text + references) in one batched UNet call
+per step; image_guidance_scale = 0 is plain text-to-image (references hidden in every branch).
+How targets are grouped into sets when K + M is large: see set_plan.py.
+
+Reference key/value cache (use_reference_cache): for models trained with references at t = 0 that
+attend only to references, the references' keys/values are recorded in one references-only pass
+and replayed at every step; the sets then hold only targets. Same images, far less work per step.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .model.attention import ReferenceKVCache, SetLayout, reference_attention
+from .model.components import LatentCodec, tokenize
+from .model.joint_unet import JointUNet2DConditionModel
+from .references import load_references
+from .set_plan import Branch, SetPlan, guidance_branches
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _export_unet_class():
+    """diffusers imports `jedi_train` and looks up JointUNet2DConditionModel on it. jedi_train/__init__.py
+    exports it lazily, but an editable install made before that file existed imports jedi_train as a
+    namespace package without it: set it explicitly so loading works either way."""
+    import jedi_train
+
+    if getattr(jedi_train, "JointUNet2DConditionModel", None) is None:
+        jedi_train.JointUNet2DConditionModel = JointUNet2DConditionModel
+
+
+@dataclass
+class JeDiPipelineOutput(BaseOutput):
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor  # prompt-major: prompt 0's images first
+    reference_images: list[PIL.Image.Image]  # the references as the model saw them (resized, cropped)
+
+
+class JeDiPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae"]  # None for pixel-space models
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 scheduler, vae: AutoencoderKL | None = None):
+        super().__init__()
+        if not isinstance(unet, JointUNet2DConditionModel) or unet.jedi is None:
+            raise ValueError(f"the pipeline's unet is a plain {type(unet).__name__}, not a joint UNet; "
+                             "export the trained model with jedi-export (or load it with load_joint_unet)")
+        if vae is None and unet.latent_channels != 3 * unet.jedi["pixel_fold"] ** 2:
+            raise ValueError(f"no vae, but the unet has {unet.latent_channels} channels (not pixels folded by "
+                             f"{unet.jedi['pixel_fold']}); the pipeline directory is missing its vae/")
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                              vae=vae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.codec.downsample)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def register_modules(self, **kwargs):
+        super().register_modules(**kwargs)
+        self._register_unet_library()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "unet":
+            self._register_unet_library()
+
+    def _register_unet_library(self):
+        # model_index.json names the stable public import (jedi_train.JointUNet2DConditionModel), not the
+        # module it happens to live in, so exports survive refactors
+        if type(getattr(self, "unet", None)) is JointUNet2DConditionModel:
+            self.register_to_config(unet=("jedi_train", "JointUNet2DConditionModel"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"{path} has no model_index.json, so it is not a saved pipeline; export one "
+                                    "with jedi-export (or JeDiPipeline.save_pretrained)")
+        if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+            raise FileNotFoundError(f"pipeline directory {path} does not exist; give the folder jedi-export wrote")
+        _export_unet_class()
+        return super().from_pretrained(path, **kwargs)
+
+    # -- geometry --------------------------------------------------------------------------------
+    @property
+    def codec(self) -> LatentCodec:
+        return LatentCodec(self.vae, 1 if self.vae is not None else self.unet.jedi["pixel_fold"])
+
+    @property
+    def resolution(self) -> int:
+        """Pixel size of references and outputs: the UNet's sample size times the codec's downsampling."""
+        return self.unet.config.sample_size * self.codec.downsample
+
+    def reference_cache_supported(self) -> bool:
+        return self.unet.jedi["reference_timestep"] == "zero" and reference_attention(self.unet) == "references"
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        ids = tokenize(self.tokenizer, texts).to(self._execution_device)
+        return self.text_encoder(ids)[0].to(self.unet.dtype)
+
+    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self._execution_device)
+        if self.vae is None:
+            return self.codec.encode(pixels).to(self.unet.dtype)
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return (dist.mode() * self.vae.config.scaling_factor).to(self.unet.dtype)  # deterministic: the mean
+
+    def _use_cache(self, use_reference_cache: bool | None, use_refs: bool) -> bool:
+        ok = self.reference_cache_supported()
+        if use_reference_cache and not ok:
+            raise ValueError(
+                "use_reference_cache=True needs a model trained with references at timestep 0 that attend only "
+                f"to references (reference_timestep='zero', reference_attention='references'); this model has "
+                f"reference_timestep={self.unet.jedi['reference_timestep']!r}, reference_attention="
+                f"{reference_attention(self.unet)!r}, so cached keys/values would differ. Use use_reference_cache=False")
+        return use_refs and ok and use_reference_cache is not False
+
+    def _step_kwargs(self, generator) -> dict:
+        return {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+
+    @staticmethod
+    def _as_list(value, n: int, name: str, default: str = "") -> list[str]:
+        if value is None:
+            return [default] * n
+        if isinstance(value, str):
+            return [value] * n
+        value = list(value)
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries but {n} are needed")
+        return value
+
+    # -- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, reference_images=None, prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 num_inference_steps: int = 30, guidance_scale: float = 7.5, image_guidance_scale: float = 1.5,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 reference_captions: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 max_set_size: int = 8, use_reference_cache: bool | None = None,
+                 batch_guidance_branches: bool = True, return_dict: bool = True):
+        """Generate num_images_per_prompt images per prompt of the subject in reference_images.
+
+        reference_images: paths (files or a subject folder), PIL images, arrays or tensors; any size/mode.
+        reference_captions: optional caption(s) of the references (training showed references with
+            their captions); default "".
+        guidance_scale: text CFG scale s_txt; image_guidance_scale: s_img (0 = plain text-to-image,
+            > 1 strengthens identity).
+        max_set_size: targets per set are max(1, max_set_size - K); every set holds all K references.
+        use_reference_cache: None = use it when the model supports it (same images, faster); True =
+            require it (error if unsupported); False = never.
+        batch_guidance_branches: False runs the guidance branches as separate UNet calls (less memory).
+        Returns JeDiPipelineOutput(images, reference_images) or (images, reference_images).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        if not prompts:
+            raise ValueError("prompt is empty; give at least one prompt (a string or a list of strings)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is unknown; use one of {OUTPUT_TYPES}")
+        if num_images_per_prompt < 1 or num_inference_steps < 1:
+            raise ValueError("num_images_per_prompt and num_inference_steps must be >= 1")
+        ref_pixels, ref_pils = load_references(reference_images if reference_images is not None else [],
+                                               self.resolution)
+        k = len(ref_pils)
+        if k == 0 and image_guidance_scale != 0:
+            raise ValueError(f"image_guidance_scale={image_guidance_scale} needs at least one reference image; "
+                             "pass reference_images, or image_guidance_scale=0 for plain text-to-image")
+        use_refs = k > 0 and image_guidance_scale != 0
+        use_cache = self._use_cache(use_reference_cache, use_refs)
+        device, dtype = self._execution_device, self.unet.dtype
+        m = len(prompts) * num_images_per_prompt
+
+        # text: targets (cond / uncond), references (their captions) -- one text-encoder call
+        negatives = self._as_list(negative_prompt, len(prompts), "negative_prompt")
+        ref_caps = self._as_list(reference_captions, k, "reference_captions") if use_refs else []
+        emb = self.encode_text(prompts + negatives + ref_caps)
+        per_target = torch.arange(m, device=device) // num_images_per_prompt
+        text = {"cond": emb[:len(prompts)][per_target], "uncond": emb[len(prompts):2 * len(prompts)][per_target]}
+        ref_text = emb[2 * len(prompts):]
+        ref_latents = self.encode_references(ref_pixels) if use_refs else None
+
+        # sets and branches (see set_plan.py); cached references leave the sets' batch slots
+        branches = guidance_branches(guidance_scale, image_guidance_scale, use_refs)
+        plan = SetPlan.build(m, k if use_refs and not use_cache else 0, k if use_refs else 0, max_set_size)
+        cache = self._record_references(ref_latents, ref_text) if use_cache else None
+        calls = self._calls(plan, branches, batch_guidance_branches, cache, device)
+        branch_text = [plan.stack(ref_text, text[b.text]) for b in branches]
+        ref_flag = torch.zeros(plan.set_size, dtype=torch.bool, device=device)
+        ref_flag[:plan.num_refs] = True
+        is_ref = ref_flag.repeat(plan.num_sets)  # per image of one branch's sets
+        clean = plan.stack(ref_latents, ref_latents.new_zeros(m, *ref_latents.shape[1:])) if plan.num_refs else None
+        ddpm = DDPMScheduler.from_config(self.scheduler.config) if plan.num_refs else None
+
+        latent_shape = (m, self.unet.latent_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+        ref_noise = None
+        if plan.num_refs and self.unet.jedi["reference_timestep"] == "target":
+            g = generator[0] if isinstance(generator, list) else generator
+            ref_noise = randn_tensor(ref_latents.shape, generator=g, device=device, dtype=dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator)
+
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_in = self.scheduler.scale_model_input(latents, t)
+            refs_in = None
+            if plan.num_refs:  # what training fed: clean at t = 0, or noised to the set's t
+                refs_in = ref_latents if ref_noise is None else ddpm.add_noise(
+                    ref_latents, ref_noise, t.float().round().long().expand(k))
+            noisy = plan.stack(refs_in, x_in)
+            t_img = torch.full((noisy.shape[0],), t, device=device, dtype=self.scheduler.timesteps.dtype)
+            if ref_noise is None:
+                t_img = torch.where(is_ref, torch.zeros_like(t_img), t_img)
+            preds = []
+            for sel, layout in calls:
+                n_b = len(sel)
+                visible = torch.cat([is_ref & branches[b].refs for b in sel])
+                model_in = self.unet.assemble_input(noisy.repeat(n_b, 1, 1, 1),
+                                                    (clean if clean is not None else noisy).repeat(n_b, 1, 1, 1),
+                                                    visible)
+                out = self.unet(model_in, t_img.repeat(n_b), torch.cat([branch_text[b] for b in sel]),
+                                set_layout=layout).sample
+                preds += [plan.unstack(o) for o in out.chunk(n_b)]
+            pred = sum(b.weight * p for b, p in zip(branches, preds))
+            latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+
+        images = self._postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, ref_pils
+        return JeDiPipelineOutput(images=images, reference_images=ref_pils)
+
+    def _record_references(self, ref_latents: torch.Tensor, ref_text: torch.Tensor) -> ReferenceKVCache:
+        """One forward pass of the references alone, as every coupled branch would show them."""
+        cache = ReferenceKVCache()
+        k = ref_latents.shape[0]
+        visible = torch.ones(k, dtype=torch.bool, device=ref_latents.device)
+        layout = SetLayout.references_only(k, ref_latents.device).with_reference_cache(cache)
+        t0 = torch.zeros(k, dtype=torch.long, device=ref_latents.device)
+        self.unet(self.unet.assemble_input(ref_latents, ref_latents, visible), t0, ref_text, set_layout=layout)
+        cache.recording = False
+        return cache
+
+    @staticmethod
+    def _calls(plan: SetPlan, branches: list[Branch], batched: bool, cache, device):
+        """[(branch indices, layout)]: one UNet call for all branches, or one per branch."""
+        groups = [list(range(len(branches)))] if batched else [[i] for i in range(len(branches))]
+        calls = []
+        for sel in groups:
+            layout = plan.layout([branches[i] for i in sel], device)
+            calls.append((sel, layout.with_reference_cache(cache) if cache is not None else layout))
+        return calls
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = self.codec.decode(latents).float().clamp(-1, 1)
+        return self.image_processor.postprocess(images, output_type=output_type,
+                                                do_denormalize=[True] * images.shape[0])
