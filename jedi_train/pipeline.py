@@ -37,13 +37,15 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def _export_unet_class():
-    """diffusers imports `jedi_train` and looks up JointUNet2DConditionModel on it. jedi_train/__init__.py
-    exports it lazily, but an editable install made before that file existed imports jedi_train as a
-    namespace package without it: set it explicitly so loading works either way."""
+    """model_index.json names the UNet ["jedi_train", "JointUNet2DConditionModel"]. diffusers resolves that
+    library from sys.modules and finds the loader by looking up its base classes (ModelMixin, ...) on the
+    same module, so `jedi_train` must expose both names; its lazy __init__ does not expose ModelMixin."""
     import jedi_train
+    from diffusers import ModelMixin
 
-    if getattr(jedi_train, "JointUNet2DConditionModel", None) is None:
-        jedi_train.JointUNet2DConditionModel = JointUNet2DConditionModel
+    for name, obj in (("JointUNet2DConditionModel", JointUNet2DConditionModel), ("ModelMixin", ModelMixin)):
+        if getattr(jedi_train, name, None) is None:
+            setattr(jedi_train, name, obj)
 
 
 @dataclass
@@ -60,8 +62,9 @@ class JeDiPipeline(DiffusionPipeline):
                  scheduler, vae: AutoencoderKL | None = None):
         super().__init__()
         if not isinstance(unet, JointUNet2DConditionModel) or unet.jedi is None:
-            raise ValueError(f"the pipeline's unet is a plain {type(unet).__name__}, not a joint UNet; "
-                             "export the trained model with jedi-export (or load it with load_joint_unet)")
+            raise ValueError(f"the pipeline's unet is a plain {type(unet).__name__} without JeDi settings (_jedi), "
+                             "not a joint UNet; export the trained model with jedi-export (or convert it with "
+                             "load_joint_unet)")
         if vae is None and unet.latent_channels != 3 * unet.jedi["pixel_fold"] ** 2:
             raise ValueError(f"no vae, but the unet has {unet.latent_channels} channels (not pixels folded by "
                              f"{unet.jedi['pixel_fold']}); the pipeline directory is missing its vae/")
