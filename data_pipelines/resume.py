@@ -10,6 +10,7 @@ out; the DataModule reports each batch the model actually receives (`consume`).
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -72,6 +73,13 @@ class StreamState:
         return s
 
 
+def ignore_requeue_signal(_worker_id: int) -> None:
+    """SLURM sends SIGUSR1 to every process of the step before the time limit; the main process saves
+    and requeues (Lightning), a dataloader worker would just die of it (default action) and crash the run."""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class ResumableLoader:
     """A DataLoader over a `SetStream` that continues where consumption stopped, on every `iter()`.
 
@@ -100,7 +108,8 @@ class ResumableLoader:
         self.stream.set_plan(st.epoch, st.cursors, st.next_worker)
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                            persistent_workers=False)  # workers must see each epoch's plan
+                            persistent_workers=False,  # workers must see each epoch's plan
+                            worker_init_fn=ignore_requeue_signal if self.num_workers else None)
         for batch in loader:
             if self.auto_consume:
                 self.consume(batch)

@@ -46,7 +46,7 @@ class JeDiDataModule(L.LightningDataModule):
                  tokenizer: Any = None, model_dir: str | None = None, rank: int | None = None,
                  world_size: int | None = None, prefetch_factor: int = 2, pin_memory: bool = False,
                  log_every_s: float = 60.0, heldout_sources: Any = None,
-                 synthesize_if_missing: dict | None = None):
+                 synthesize_if_missing: dict | None = None, heldout_synthesize_if_missing: dict | None = None):
         super().__init__()
         self.cfg = StreamConfig(
             sources=sources, resolution=resolution, min_set=min_set, max_set=max_set, batch_size=batch_size,
@@ -57,6 +57,7 @@ class JeDiDataModule(L.LightningDataModule):
         self.tokenizer, self.model_dir = tokenizer, model_dir
         self.rank, self.world_size = rank, world_size
         self.heldout_sources, self.synthesize_if_missing = heldout_sources, synthesize_if_missing
+        self.heldout_synthesize_if_missing = heldout_synthesize_if_missing
         self.loader: ResumableLoader | None = None
         self._pending: dict | None = None
         self._heldout: dict | None = None
@@ -64,18 +65,23 @@ class JeDiDataModule(L.LightningDataModule):
     # -- Lightning hooks -------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Synthesize the configured sets once when no shard matches the sources (the demo's default)."""
-        if not self.synthesize_if_missing:
+        self._synthesize(self.cfg.sources, self.synthesize_if_missing)
+        if self.heldout_sources:
+            self._synthesize(self.heldout_sources, self.heldout_synthesize_if_missing)
+
+    def _synthesize(self, sources: Any, synth_args: dict | None) -> None:
+        if not synth_args:
             return
         try:
-            expand_sources(self.cfg.sources, self.cfg.allow_pipe)
+            expand_sources(sources, self.cfg.allow_pipe)
             return
         except FileNotFoundError:
             pass
         exe = shutil.which("jedi-synth", path=os.path.dirname(sys.executable)) or shutil.which("jedi-synth")
         cmd = [exe] if exe else [sys.executable, "-c",
                                  "import sys; from data_pipelines.synth.cli import main; sys.exit(main())"]
-        cmd += [f"{k}={v}" for k, v in self.synthesize_if_missing.items()]
-        log.info("no shards match %s: synthesizing with %s", self.cfg.sources, " ".join(cmd))
+        cmd += [f"{k}={v}" for k, v in synth_args.items()]
+        log.info("no shards match %s: synthesizing with %s", sources, " ".join(cmd))
         subprocess.run(cmd, check=True)
 
     def setup(self, stage: str | None = None) -> None:

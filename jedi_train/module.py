@@ -37,7 +37,8 @@ class JeDiModule(L.LightningModule):
                  prediction_type: str | None = "v_prediction", create_tiny_if_missing: dict | None = None,
                  objective: dict | None = None, optimizer: dict | None = None, lr_scheduler: dict | None = None,
                  ema: dict | None = None, gradient_checkpointing: bool = False, trainable: list[str] | None = None,
-                 max_nonfinite_steps: int = 10, seed: int = 0, frozen_dtype: str | None = None):
+                 max_nonfinite_steps: int = 10, seed: int = 0, frozen_dtype: str | None = None,
+                 resolution: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         prepare_model_dir(model_dir, create_tiny_if_missing)
@@ -45,6 +46,12 @@ class JeDiModule(L.LightningModule):
         self.components: Components = load_components(model_dir, conditioning, reference_timestep,
                                                       prediction_type, dtype=dtype)
         self.unet = self.components.unet  # the only trained module: what state_dict / ZeRO see
+        native = self.unet.config.sample_size * self.components.codec.downsample
+        if resolution is not None and resolution != native:
+            raise ValueError(f"model.resolution={resolution} but the model in {model_dir} works at {native} px "
+                             f"(sample_size {self.unet.config.sample_size} x {self.components.codec.downsample}); "
+                             f"set model.resolution={native}")
+        self.resolution = native
         # frozen parts live outside the module tree: not in the optimizer, checkpoints or ZeRO-3 partitions
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()

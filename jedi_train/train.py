@@ -46,11 +46,15 @@ def make_logger(cfg: DictConfig, output_dir: str):
 
 
 def find_resume_checkpoint(cfg: DictConfig, output_dir: str) -> str | None:
-    """ckpt_path: a path, 'last', or null (= last checkpoint of the run dir if there is one)."""
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    """ckpt_path: a path, 'last', or null (= newest of the run dir's last.ckpt and the hpc_ckpt_*.ckpt
+    Lightning writes when SLURM pre-empts a job)."""
+    ckpt_dir = Path(output_dir) / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
     if cfg.get("ckpt_path") in (None, "last"):
-        if last.exists():
-            return str(last)
+        found = [p for p in [last, *Path(output_dir).glob("hpc_ckpt_*.ckpt"), *ckpt_dir.glob("hpc_ckpt_*.ckpt")]
+                 if p.exists()]
+        if found:
+            return str(max(found, key=lambda p: p.stat().st_mtime))
         if cfg.get("ckpt_path") == "last":
             rank_zero_info(f"ckpt_path=last but {last} does not exist yet: starting fresh")
         return None
@@ -66,10 +70,22 @@ def make_strategy(cfg: DictConfig):
     return cfg.strategy.get("name", "auto")
 
 
+def run_dir(cfg: DictConfig) -> str:
+    """paths.output_dir; in a sweep (-m) each job gets its own ${hydra.sweep.dir}/${hydra.sweep.subdir}."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return str(HydraConfig.get().runtime.output_dir)
+    return str(cfg.paths.output_dir)
+
+
 def train(cfg: DictConfig) -> dict:
     from .datamodule import build_datamodule  # heavy imports after config errors had their chance
 
-    output_dir = str(cfg.paths.output_dir)
+    output_dir = run_dir(cfg)
+    if output_dir != str(cfg.paths.output_dir):
+        cfg.paths.output_dir = output_dir  # callbacks' dirs interpolate it
     os.makedirs(output_dir, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=True)

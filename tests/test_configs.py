@@ -23,8 +23,8 @@ def compose_train(overrides, tmp_path):
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             cfg.paths.root_dir = str(tmp_path)
+            del cfg["hydra"]  # read-only; its interpolations are resolved through HydraConfig above
         OmegaConf.resolve(cfg)
-        del cfg["hydra"]
         return cfg
 
 
@@ -86,3 +86,17 @@ def test_unknown_keys_and_groups_are_rejected(tmp_path):
         compose_train(["model.learning_rat=1"], tmp_path)
     with pytest.raises(Exception, match="strategy"):
         compose_train(["strategy=zero9"], tmp_path)
+
+
+def test_experiment_values_override_the_top_level_defaults(tmp_path):
+    base = compose_train([], tmp_path)
+    demo = compose_train(["experiment=demo"], tmp_path)
+    assert base.export_after_fit is False and demo.export_after_fit is True
+    assert demo.run_name.startswith("demo-") and not base.run_name.startswith("demo-")
+    assert compose_train(["experiment=demo", "export_after_fit=false"], tmp_path).export_after_fit is False
+
+
+def test_gpu_trainer_reads_the_node_count_from_slurm(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    cfg = compose_train(["trainer=gpu"], tmp_path)
+    assert cfg.trainer.num_nodes == 4 and isinstance(cfg.trainer.num_nodes, int)
