@@ -66,7 +66,7 @@ def test_subject_appearance_follows_spec():
     rng = np.random.default_rng(0)
     subject = P.sample_subject(rng, family="ball")
     subject["pattern"]["kind"], subject["emblem"]["kind"], subject["shape"]["band"] = "solid", "none", False
-    view = dict(cx=0.5, cy=0.5, scale=0.4, angle=0.0, mirror=False, light=0.0, light_z=1.0, brightness=1.0, warmth=0.0)
+    view = {"cx": 0.5, "cy": 0.5, "scale": 0.4, "angle": 0.0, "mirror": False, "light": 0.0, "light_z": 1.0, "brightness": 1.0, "warmth": 0.0}
     img = P.render(subject, "in the snow", rng, 64, view=view).astype(float)
     centre = img[28:36, 28:36].reshape(-1, 3).mean(0)
     body = np.asarray(subject["colors"]["body"], float)

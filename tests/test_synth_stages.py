@@ -3,8 +3,10 @@ import json
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from data_pipelines.synth import procedural as P
+from data_pipelines.synth.cli import CONF_DIR as CONF
 from data_pipelines.synth.filter import ColorHistogram, ConsistencyFilter, build_filter
 from data_pipelines.synth.prompts import FilePrompts, TemplatePrompts, guess_class
 from data_pipelines.synth.split import clean_panels, detect_grid, split_collage, split_grid
@@ -15,12 +17,26 @@ def _panels(n, res=32, seed=0):
     return [P.make_set(seed + i, 2, res)[0][0] for i in range(n)]
 
 
+def _collage(rows, cols, res=32, seed=0):
+    panels = _panels(rows * cols, res, seed)
+    return panels, np.concatenate([np.concatenate(panels[r * cols:(r + 1) * cols], 1) for r in range(rows)], 0)
+
+
 @pytest.mark.parametrize("rows, cols", [(2, 2), (2, 3), (1, 2), (3, 3)])
 def test_grid_detection_and_split(rows, cols):
-    panels = _panels(rows * cols)
-    collage = np.concatenate([np.concatenate(panels[r * cols:(r + 1) * cols], 1) for r in range(rows)], 0)
+    panels, collage = _collage(rows, cols)
     assert detect_grid(collage) == (rows, cols)
     assert all(np.array_equal(a, b) for a, b in zip(split_grid(collage, rows, cols), panels))
+
+
+def test_grid_detection_rates():
+    """Over many random collages the grid is found, and single pictures are rarely read as collages
+    (two neighbouring panels that happen to continue each other smoothly cannot be told apart)."""
+    grids = [(2, 2), (2, 3), (1, 2), (3, 3), (2, 1), (1, 4), (4, 4)]
+    hits = sum(detect_grid(_collage(*grids[t % 7], res=(32, 64)[t % 2], seed=100 * t)[1]) == grids[t % 7]
+               for t in range(42))
+    false = sum(detect_grid(P.make_set(5000 + t, 2, (32, 64, 128)[t % 3])[0][0]) is not None for t in range(30))
+    assert hits >= 36 and false <= 3, (hits, false)
 
 
 def test_no_seams_falls_back_to_fixed_grid():
@@ -53,7 +69,7 @@ def _large_view_sets(seed, n=4):
 
 
 def test_filter_keeps_one_subject_and_rejects_mixed_subjects():
-    f = build_filter({"embedder": "color_histogram", "min_similarity": 0.15})
+    f = build_filter(OmegaConf.load(CONF / "filter" / "color_histogram.yaml"))  # the shipped threshold
     kept = rejected = 0
     for seed in range(8):
         same, mixed = _large_view_sets(seed)

@@ -8,8 +8,9 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,7 +28,7 @@ class ModelCaptioner:
 
         self.torch = torch
         self.processor = tf.AutoProcessor.from_pretrained(model_dir)
-        auto = getattr(tf, "AutoModelForImageTextToText", None) or getattr(tf, "AutoModelForVision2Seq")
+        auto = getattr(tf, "AutoModelForImageTextToText", None) or tf.AutoModelForVision2Seq
         self.model = auto.from_pretrained(model_dir).to(device).eval()
         self.device, self.max_new_tokens, self.prefix = device, max_new_tokens, prefix
 

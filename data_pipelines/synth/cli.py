@@ -125,8 +125,8 @@ def print_summary(s: dict[str, Any]) -> None:
             ("time", f"{s['seconds']} s ({s['sets_per_s']} sets/s)"),
             ("manifest", f"{s['manifest_sets']} sets, {'complete' if s['manifest_complete'] else 'other units pending'}")]
     if s["stray_shards"]:
-        rows.append(("warning", f"{len(s['stray_shards'])} shard(s) in out_dir are not in this plan "
-                                "(an earlier run with more sets?)"))
+        rows.append(("warning", (f"{len(s['stray_shards'])} shard(s) in out_dir are not in this plan "
+                                "(an earlier run with more sets?)")))
     try:
         from rich.console import Console
         from rich.table import Table

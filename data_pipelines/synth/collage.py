@@ -7,8 +7,8 @@ whichever batch or worker draws it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 

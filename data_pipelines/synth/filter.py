@@ -9,8 +9,9 @@ Every decision returns its numbers, so rejections are explainable.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,24 +42,32 @@ class Embedder:
 
 
 class ColorHistogram:
-    """Weight-free embedding: the colour histogram (6 levels per channel, square-rooted so cosine is the
-    Bhattacharyya coefficient) of the central `crop` of each image. It matches subjects by colour only:
-    a cheap pre-filter and a model-free check, not a substitute for DINO/CLIP."""
+    """Weight-free embedding of the central `crop` of each image: a hue x saturation histogram (hue bins
+    soft-assigned, so a hue near a bin edge does not flip bins) plus dark and pale-grey counts, square-rooted
+    so cosine is the Bhattacharyya coefficient. Hue and saturation ignore most of the lighting changes
+    between views. It matches subjects by colour only: a cheap pre-filter and a model-free check, not a
+    substitute for DINO/CLIP."""
 
-    def __init__(self, crop: float = 0.6, levels: int = 6):
-        self.crop, self.levels = crop, levels
+    def __init__(self, crop: float = 0.6, hue_bins: int = 12, sat_bins: int = 3):
+        self.crop, self.hb, self.sb = crop, hue_bins, sat_bins
+
+    def one(self, im: Image.Image | np.ndarray) -> np.ndarray:
+        im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))
+        W, H = im.size
+        m, n = int(H * (1 - self.crop) / 2), int(W * (1 - self.crop) / 2)
+        hsv = np.asarray(im.convert("RGB").crop((n, m, W - n, H - m)).convert("HSV"), np.float32).reshape(-1, 3) / 256
+        hue = hsv[:, 0] * self.hb - 0.5
+        h0 = np.floor(hue)
+        frac, h0 = hue - h0, h0.astype(np.int64) % self.hb
+        sat = np.minimum(hsv[:, 1] * self.sb, self.sb - 1).astype(np.int64)
+        hist = np.bincount(h0 * self.sb + sat, 1 - frac, self.hb * self.sb)
+        hist += np.bincount((h0 + 1) % self.hb * self.sb + sat, frac, self.hb * self.sb)
+        dark, pale = hsv[:, 2] < 0.25, (hsv[:, 2] > 0.85) & (hsv[:, 1] < 0.2)
+        h = np.sqrt(np.concatenate([hist, [dark.sum(), pale.sum()]]).astype(np.float32))
+        return h / max(float(np.linalg.norm(h)), 1e-8)
 
     def __call__(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
-        out = []
-        for im in images:
-            a = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
-            H, W = a.shape[:2]
-            m, n = int(H * (1 - self.crop) / 2), int(W * (1 - self.crop) / 2)
-            q = (a[m:H - m, n:W - n].astype(np.int32) * self.levels) // 256
-            idx = (q[..., 0] * self.levels + q[..., 1]) * self.levels + q[..., 2]
-            h = np.sqrt(np.bincount(idx.ravel(), minlength=self.levels ** 3).astype(np.float32))
-            out.append(h / max(float(np.linalg.norm(h)), 1e-8))
-        return np.stack(out)
+        return np.stack([self.one(im) for im in images])
 
 
 def build_embedder(cfg: Any) -> Embedder | ColorHistogram:
@@ -99,8 +108,8 @@ def build_embedder(cfg: Any) -> Embedder | ColorHistogram:
             raise SynthError(f"filter.model_dir={d} does not exist; set it to a local transformers vision model "
                              "directory (e.g. a DINOv2 download)")
         proc, model = AutoImageProcessor.from_pretrained(d), AutoModel.from_pretrained(d).to(device)
-        pre = lambda im: proc(images=im, return_tensors="pt")["pixel_values"][0]  # noqa: E731
-        fwd = lambda x: model(pixel_values=x).last_hidden_state[:, 0]  # noqa: E731  CLS token
+        pre = lambda im: proc(images=im, return_tensors="pt")["pixel_values"][0]
+        fwd = lambda x: model(pixel_values=x).last_hidden_state[:, 0]
         return Embedder(model, pre, fwd, device)
     raise SynthError(f"filter.embedder={kind!r} is unknown; use open_clip, timm, hf or color_histogram "
                      "(or filter=none)")

@@ -6,8 +6,9 @@ shards or workers. `Pipeline.unit_results(unit)` yields the writer's SetResults 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image

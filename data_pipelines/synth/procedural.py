@@ -22,8 +22,9 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -128,18 +129,18 @@ def _robot_toy(u, v, p):
 
 
 def _sample_shape(family: str, rng: np.random.Generator) -> dict[str, Any]:
-    U = lambda lo, hi: round(float(rng.uniform(lo, hi)), 4)  # noqa: E731
-    B = lambda: bool(rng.random() < 0.5)  # noqa: E731
+    U = lambda lo, hi: round(float(rng.uniform(lo, hi)), 4)
+    B = lambda: bool(rng.random() < 0.5)
     return {
-        "ball": lambda: dict(band=B(), band_pos=U(-0.25, 0.25), band_w=U(0.08, 0.2)),
-        "toy block": lambda: dict(a=U(0.7, 0.95), b=U(0.7, 0.95), r=U(0.05, 0.3), border=U(0.0, 0.16)),
-        "mug": lambda: dict(a=U(0.48, 0.62), b=U(0.7, 0.85), handle_r=U(0.28, 0.4), handle_t=U(0.07, 0.12),
-                            part_handle=B()),
-        "vase": lambda: dict(belly=U(0.5, 0.85), neck=U(0.18, 0.34), belly_pos=U(0.4, 0.8)),
-        "donut": lambda: dict(R=U(0.58, 0.7), t=U(0.24, 0.34), waves=int(rng.integers(5, 12))),
-        "star toy": lambda: dict(points=int(rng.integers(4, 7)), amp=U(0.22, 0.4), phase=U(-0.3, 0.3), face=B()),
-        "bottle": lambda: dict(a=U(0.38, 0.55), neck=U(0.13, 0.22), label=B()),
-        "robot toy": lambda: dict(head=U(0.35, 0.5)),
+        "ball": lambda: {"band": B(), "band_pos": U(-0.25, 0.25), "band_w": U(0.08, 0.2)},
+        "toy block": lambda: {"a": U(0.7, 0.95), "b": U(0.7, 0.95), "r": U(0.05, 0.3), "border": U(0.0, 0.16)},
+        "mug": lambda: {"a": U(0.48, 0.62), "b": U(0.7, 0.85), "handle_r": U(0.28, 0.4), "handle_t": U(0.07, 0.12),
+                            "part_handle": B()},
+        "vase": lambda: {"belly": U(0.5, 0.85), "neck": U(0.18, 0.34), "belly_pos": U(0.4, 0.8)},
+        "donut": lambda: {"R": U(0.58, 0.7), "t": U(0.24, 0.34), "waves": int(rng.integers(5, 12))},
+        "star toy": lambda: {"points": int(rng.integers(4, 7)), "amp": U(0.22, 0.4), "phase": U(-0.3, 0.3), "face": B()},
+        "bottle": lambda: {"a": U(0.38, 0.55), "neck": U(0.13, 0.22), "label": B()},
+        "robot toy": lambda: {"head": U(0.35, 0.5)},
     }[family]()
 
 
@@ -155,7 +156,7 @@ def _hsv(rng, h=None, s=(0.45, 0.95), v=(0.45, 0.95)) -> tuple[float, float, flo
 
 
 def _to_rgb(hsv) -> list[int]:
-    return [int(round(c * 255)) for c in colorsys.hsv_to_rgb(*hsv)]
+    return [round(c * 255) for c in colorsys.hsv_to_rgb(*hsv)]
 
 
 def sample_subject(rng: np.random.Generator, family: str | None = None) -> dict[str, Any]:
@@ -230,11 +231,11 @@ def sample_view(rng: np.random.Generator, scene: str) -> dict[str, float]:
     scale = float(rng.uniform(0.22, 0.33))
     lo, hi = SCENES[scene][1]
     margin = 0.5 - scale - 0.04
-    return dict(cx=0.5 + float(rng.uniform(-1, 1)) * margin * 0.8,
-                cy=float(np.clip(rng.uniform(lo, hi), scale + 0.06, 1 - scale - 0.02)),
-                scale=scale, angle=float(np.clip(rng.normal(0, 0.22), -0.55, 0.55)), mirror=bool(rng.random() < 0.5),
-                light=float(rng.uniform(0, 2 * np.pi)), light_z=float(rng.uniform(0.55, 0.9)),
-                brightness=float(rng.uniform(0.82, 1.12)), warmth=float(rng.uniform(-1, 1)))
+    return {"cx": 0.5 + float(rng.uniform(-1, 1)) * margin * 0.8,
+                "cy": float(np.clip(rng.uniform(lo, hi), scale + 0.06, 1 - scale - 0.02)),
+                "scale": scale, "angle": float(np.clip(rng.normal(0, 0.22), -0.55, 0.55)), "mirror": bool(rng.random() < 0.5),
+                "light": float(rng.uniform(0, 2 * np.pi)), "light_z": float(rng.uniform(0.55, 0.9)),
+                "brightness": float(rng.uniform(0.82, 1.12)), "warmth": float(rng.uniform(-1, 1))}
 
 
 @lru_cache(maxsize=8)

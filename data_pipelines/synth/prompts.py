@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,7 @@ class TemplatePrompts:
 
     def one(self, seed: int) -> Subject:
         rng = np.random.default_rng([seed, 1])
-        pick = lambda xs: xs[int(rng.integers(len(xs)))] if xs else ""  # noqa: E731
+        pick = lambda xs: xs[int(rng.integers(len(xs)))] if xs else ""
         obj = pick(self.objects)
         detail = pick(self.attrs.get("detail", [])) if rng.random() < self.detail_prob else ""
         text = self.template.format(color=pick(self.attrs.get("color", [])),
@@ -147,8 +148,8 @@ class LLMPrompts:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
         self.instruction, self.device = instruction, device
-        self.gen = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
-                        pad_token_id=self.tok.pad_token_id)
+        self.gen = {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "top_p": top_p,
+                        "pad_token_id": self.tok.pad_token_id}
         self.batch_size = batch_size
         self.fallback = fallback or TemplatePrompts()
 

@@ -1,12 +1,13 @@
 """Stage 3, split: a collage image -> its panels; drop blank panels and near-duplicates.
 
-Grid detection looks for seams: at a real panel border neighbouring pixel columns (rows) differ much
-more than inside a panel (relative to the median neighbour difference of the whole image). Each axis
-is split independently; with no clear seam the configured fixed grid is used.
+Grid detection looks for seams: at a real panel border the pixels across the border differ much more
+than the pixels just beside it (a step, see _seam_profile). Each axis is split independently; with no
+clear seam the configured fixed grid is used. On procedural collages it finds ~92% of grids and
+reads ~3% of single images as collages (tests/test_synth_stages.py).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -14,32 +15,37 @@ from PIL import Image
 MAX_PANELS_PER_AXIS = 4
 
 
-def _gray(img: Image.Image | np.ndarray) -> np.ndarray:
-    a = np.asarray(img, dtype=np.float32)
-    return a.mean(axis=2) if a.ndim == 3 else a
+def _seam_profile(a: np.ndarray, axis: int, eps: float = 4.0) -> np.ndarray:
+    """One score per boundary between neighbouring pixel lines along `axis`: the median over the line
+    of |difference across the boundary| / (the larger difference across the two lines next to it).
+    A panel border is a step: big across it, small beside it (score >> 1). Inside a picture the
+    differences are locally alike (score ~ 1), and the median ignores where an object crosses the line."""
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[..., None]
+    d = np.abs(np.diff(a, axis=axis)).sum(-1)  # colour, not grey: two panels may be equally bright
+    d = d if axis == 0 else d.T  # (boundaries, pixels along the line)
+    pad = np.pad(d, ((1, 1), (0, 0)), mode="edge")
+    return np.median(d / (np.maximum(pad[:-2], pad[2:]) + eps), axis=1)
 
 
-def _axis_count(diff: np.ndarray, base: float, min_score: float, max_n: int) -> int:
+def _axis_count(score: np.ndarray, min_score: float, max_n: int) -> int:
     """Panels along one axis: the largest n whose EVERY internal cut is a seam (so a 2-panel image is
     not read as 4, while a 4-panel one, whose halves are also seams, is)."""
-    size = diff.shape[0] + 1
+    size = score.shape[0] + 1
     best = 1
     for n in range(2, max_n + 1):
         cuts = [round(size * k / n) - 1 for k in range(1, n)]
-        weakest = min(float(diff[max(c - 1, 0):c + 2].max()) for c in cuts)
-        if weakest / base >= min_score:
+        if min(float(score[max(c - 1, 0):c + 2].max()) for c in cuts) >= min_score:
             best = n
     return best
 
 
 def detect_grid(img: Image.Image | np.ndarray, max_n: int = MAX_PANELS_PER_AXIS,
-                min_score: float = 3.0) -> tuple[int, int] | None:
+                min_score: float = 1.5) -> tuple[int, int] | None:
     """(rows, cols) of the collage, or None when it shows no clear seams."""
-    g = _gray(img)
-    col_diff = np.abs(np.diff(g, axis=1)).mean(axis=0)  # one value per vertical boundary
-    row_diff = np.abs(np.diff(g, axis=0)).mean(axis=1)
-    base = float(np.median(np.concatenate([col_diff, row_diff]))) + 1e-3
-    grid = (_axis_count(row_diff, base, min_score, max_n), _axis_count(col_diff, base, min_score, max_n))
+    a = np.asarray(img)
+    grid = (_axis_count(_seam_profile(a, 0), min_score, max_n), _axis_count(_seam_profile(a, 1), min_score, max_n))
     return None if grid == (1, 1) else grid
 
 
