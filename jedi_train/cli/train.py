@@ -7,14 +7,26 @@ from omegaconf import DictConfig
 from jedi_train.train import CONF_DIR
 
 
+def user_error(e: BaseException) -> BaseException | None:
+    """The FileNotFoundError/ValueError behind `e` (Hydra wraps errors of instantiated targets)."""
+    while e is not None:
+        if isinstance(e, (FileNotFoundError, ValueError)):
+            return e
+        e = e.__cause__
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     from jedi_train.train import train
 
     try:
         result = train(cfg)
-    except (FileNotFoundError, ValueError) as e:  # user errors: one line naming the problem and fix
-        print(f"jedi-train: error: {e}", file=sys.stderr)
+    except Exception as e:  # user errors (also when raised inside hydra.utils.instantiate): one line
+        cause = user_error(e)
+        if cause is None:
+            raise
+        print(f"jedi-train: error: {cause}", file=sys.stderr)
         sys.exit(2)
     print(f"run dir: {result['output_dir']} (step {result['global_step']})")
     if "pipeline_dir" in result:

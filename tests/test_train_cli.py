@@ -1,0 +1,134 @@
+"""jedi-train / jedi-export through their console scripts, as a user runs them (issue 5's acceptance).
+
+One small demo configuration (procedural sets synthesized on first use, tiny pixel model, 2 loader
+workers, W&B offline) trained three ways: uninterrupted to 2k steps, and stopped at k then resumed
+to 2k in another run dir. The resumed run must see the same sets and reach the same losses.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from wandb_reader import read_run
+
+BIN = Path(sys.executable).parent
+K = 4
+FAST = ["experiment=demo", "data.synthesize_if_missing.num_sets=64", "data.heldout_synthesize_if_missing.num_sets=4",
+        "data.batch_size=4", "callbacks.sample_grid.every_n_steps=4", "callbacks.sample_grid.num_sets=2",
+        "callbacks.sample_grid.num_inference_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "trainer.log_every_n_steps=1", "callbacks.loss_curve.every_n_steps=2", "model.lr_scheduler.warmup_steps=2"]
+
+
+def jedi(tool: str, *args: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JEDI_ROOT": str(root), "WANDB_MODE": "offline", "WANDB_API_KEY": "",
+           "HYDRA_FULL_ERROR": "0"}
+    p = subprocess.run([str(BIN / tool), *args], env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(run_dir: Path) -> list[tuple[int, float, str]]:
+    with open(run_dir / "loss_curve.csv") as f:
+        return [(int(r["step"]), float(r["loss"]), r["sets"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jedi_root")
+    full, resumed = root / "full", root / "resumed"
+    jedi("jedi-train", *FAST, f"trainer.max_steps={2 * K}", f"paths.output_dir={full}", root=root)
+    first = jedi("jedi-train", *FAST, f"trainer.max_steps={K}", f"paths.output_dir={resumed}", root=root)
+    at_k = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    second = jedi("jedi-train", *FAST, f"trainer.max_steps={2 * K}", f"paths.output_dir={resumed}", root=root)
+    return {"root": root, "full": full, "resumed": resumed, "at_k": at_k, "first": first, "second": second}
+
+
+def test_demo_synthesizes_its_data_once_and_writes_a_run_dir(runs):
+    root, run = runs["root"], runs["resumed"]
+    assert len(glob.glob(str(root / "data" / "sets" / "procedural" / "*.tar"))) > 0
+    assert len(glob.glob(str(root / "data" / "sets" / "procedural_heldout" / "*.tar"))) > 0
+    assert "synthesizing" not in runs["second"].stderr + runs["second"].stdout  # cached data reused
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "config.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
+    assert f"paths.output_dir={run}" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert sorted(glob.glob(str(run / "samples" / "samples_step*.png")))  # sample grids as PNG
+    assert (run / "loss_curve.png").is_file()
+
+
+def test_second_command_resumes_at_k_and_stops_at_2k(runs):
+    assert runs["at_k"] == K
+    ckpt = torch.load(runs["resumed"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 * K
+    assert "ema" in ckpt and "optimizer_states" in ckpt and "lr_schedulers" in ckpt
+    assert ckpt["JeDiDataModule"]["ranks"]  # the data loader's position travels with the checkpoint
+    assert f"run dir: {runs['resumed']} (step {2 * K})" in runs["second"].stdout
+
+
+def test_resumed_run_sees_the_same_sets_and_losses_as_an_uninterrupted_one(runs):
+    full, resumed = losses(runs["full"]), losses(runs["resumed"])
+    assert [s for s, _, _ in full] == list(range(1, 2 * K + 1))
+    assert [(s, sets) for s, _, sets in resumed] == [(s, sets) for s, _, sets in full]
+    for (s, a, _), (_, b, _) in zip(full, resumed):
+        assert abs(a - b) <= 1e-6, f"step {s}: {a} vs {b}"
+    assert len({sets for _, _, sets in full}) == 2 * K  # every step drew other sets
+
+
+def test_wandb_offline_run_is_continued_and_readable(runs):
+    run = runs["resumed"]
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    files = sorted(glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)  # same run, twice
+    first, second = read_run(files[0]), read_run(files[1])
+    assert first["run_id"] == second["run_id"] == run_id
+    steps = [r["trainer/global_step"] for r in first["history"] + second["history"] if "train/loss" in r]
+    assert steps and max(steps) >= 2 * K - 1 and min(steps) < K
+    assert any(k.startswith("model") for k in first["config"])
+    assert first["config"].get("seed") == 0 or "seed" in str(first["config"])
+    images = glob.glob(str(run / "wandb" / "offline-run-*" / "files" / "media" / "images" / "*.png"))
+    assert images, "sample grids were not logged to W&B"
+
+
+def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path):
+    from jedi_train import JeDiPipeline
+    from jedi_train.model.attention import SetLayout
+    from jedi_train.module import JeDiModule
+
+    ckpt = runs["resumed"] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "pipe"
+    p = jedi("jedi-export", str(ckpt), str(out), root=runs["root"])
+    assert str(out) in p.stdout
+    assert (out / "model_index.json").is_file()
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not glob.glob(str(tmp_path / "*tmp*"))  # the temp dir was renamed, not left behind
+    pipe = JeDiPipeline.from_pretrained(out)
+    module = JeDiModule.load_from_checkpoint(str(ckpt), map_location="cpu")
+    g = torch.Generator().manual_seed(0)
+    unet = pipe.unet
+    x = torch.randn(3, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g)
+    t = torch.tensor([0, 500, 500])
+    text = pipe.encode_text(["a mug", "a mug in the snow", "a mug at night"])
+    layout = SetLayout.build(torch.tensor([[True, False, False]]))
+    with module.ema_weights() as trained:
+        want = trained(x, t, text, set_layout=layout).sample
+    got = unet(x, t, text, set_layout=layout).sample
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(AssertionError):  # the raw (non-EMA) weights differ: EMA was really exported
+        assert torch.allclose(got, module.unet(x, t, text, set_layout=layout).sample, atol=1e-5)
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path):
+    p = jedi("jedi-train", "experiment=demo", "model=sd15", f"model.model_dir={tmp_path}/nowhere",
+             f"paths.output_dir={tmp_path}/run", root=tmp_path, check=False)
+    assert p.returncode == 2 and "nowhere" in p.stderr and "Traceback" not in p.stderr
+    p = jedi("jedi-train", "experiment=demo", f"ckpt_path={tmp_path}/missing.ckpt",
+             f"paths.output_dir={tmp_path}/run", root=tmp_path, check=False)
+    assert p.returncode == 2 and "missing.ckpt" in p.stderr
+    p = jedi("jedi-export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out"), root=tmp_path, check=False)
+    assert p.returncode == 2 and "missing.ckpt" in p.stderr and not (tmp_path / "out").exists()
