@@ -146,6 +146,9 @@ def test_more_sets_later_extends_and_other_config_is_refused(tmp_path):
     (["resolution=60"], "resolution=60 is not a positive multiple of 8"),
     (["generator=diffusers", "generator.model_dir=/no/such/model"], "generator.model_dir=/no/such/model does not exist"),
     (["num_workers_total=2", "worker_index=2"], "worker_index=2 is outside 0..1"),
+    (["caption=model", "caption.model_dir=/no/captioner"], "caption.model_dir=/no/captioner does not exist"),
+    (["prompts=llm", "prompts.model_dir=/no/llm"], "prompts=llm is used by generator=diffusers only"),
+    (["generator=diffusers"], "generator.model_dir is required"),
 ])
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, monkeypatch, capsys, args, needle):
     out = tmp_path / "out"

@@ -6,7 +6,8 @@ draws its own subjects). Three sources behind one call, `source.subjects(seeds) 
              JSONL ({"class": ..., "description": ...}); set i uses entry i mod len;
 - llm:       a local transformers causal-LM directory writes "class: description" lines.
 
-Each set's subject depends only on its own seed, so any shard can be (re)built alone.
+A set's subject depends only on its seed (templates, file) or on its seed and its place in the batches of its
+shard (llm: one sampling run per batch; batches never cross shards), so any shard can be (re)built alone.
 A Subject's `cls` is the short class noun that captions use; `description` (identity details) goes
 into the collage prompt and the set's json `subject`, never into the captions.
 """
@@ -129,6 +130,13 @@ class FilePrompts:
         return [self.items[i % len(self.items)] for i in (indices if indices is not None else range(len(seeds)))]
 
 
+def clean_llm_line(text: str) -> str:
+    """The first non-empty line of a model's answer, printable characters only, without list markers."""
+    text = "".join(ch if ch.isprintable() or ch == "\n" else " " for ch in text)
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    return " ".join(re.sub(r"^\s*(\d+[.)]|-|\*)\s*", "", first).split())[:200]
+
+
 class LLMPrompts:
     """A local causal LM writes one 'class: description' line per set; unusable output falls back
     to a template subject (recorded as source 'llm_fallback')."""
@@ -149,7 +157,7 @@ class LLMPrompts:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
         self.instruction, self.device = instruction, device
         self.gen = {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "top_p": top_p,
-                        "pad_token_id": self.tok.pad_token_id}
+                    "pad_token_id": self.tok.pad_token_id}
         self.batch_size = batch_size
         self.fallback = fallback or TemplatePrompts()
 
@@ -163,10 +171,8 @@ class LLMPrompts:
                 ids = self.model.generate(**enc, **self.gen)
             texts = self.tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for seed, text in zip(chunk, texts):
-                first = next((ln for ln in text.splitlines() if ln.strip()), "")
-                first = re.sub(r"^\s*(\d+[.)]|-|\*)\s*", "", first)[:200]
-                s = _parse_line(first, "llm")
-                if s is None or len(s.description.split()) < 2:
+                s = _parse_line(clean_llm_line(text), "llm")
+                if s is None or sum(len(w) > 1 for w in re.findall(r"[A-Za-z]+", s.description)) < 2:
                     fb = self.fallback.one(seed)
                     s = Subject(cls=fb.cls, description=fb.description, source="llm_fallback")
                 out.append(s)
