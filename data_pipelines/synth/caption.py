@@ -9,20 +9,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .writer import SynthError
+from .writer import SynthError, require_dir
 
 
 class ModelCaptioner:
     def __init__(self, model_dir: str, max_new_tokens: int = 30, device: str = "cpu", prefix: str = ""):
-        if not model_dir or not Path(model_dir).is_dir():
-            raise SynthError(f"caption.model_dir={model_dir} does not exist; set it to a local image-captioning "
-                             "model directory (e.g. a BLIP download), or use caption=prompt")
+        require_dir("caption.model_dir", model_dir,
+                    "local image-captioning model directory (e.g. a BLIP download), or use caption=prompt")
         import torch
         import transformers as tf
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .writer import SynthError
+from .writer import SynthError, require_dir
 
 DEFAULT_TEMPLATE = ("a {rows}x{cols} photo collage of the same {subject}, in {n} different scenes: {scenes}; "
                     "the same object in every panel, high quality photos")
@@ -23,9 +23,8 @@ def collage_prompt(template: str, subject: str, scenes: Sequence[str], rows: int
 
 
 def check_model_dir(model_dir: str | None) -> None:
-    if not model_dir or not Path(model_dir).is_dir():
-        raise SynthError(f"generator.model_dir={model_dir} does not exist; set generator.model_dir to a local "
-                         "diffusers text-to-image model directory (with model_index.json)")
+    require_dir("generator.model_dir", model_dir,
+                "local diffusers text-to-image model directory (with model_index.json)")
     if not (Path(model_dir) / "model_index.json").is_file():
         raise SynthError(f"generator.model_dir={model_dir} has no model_index.json; point it at a diffusers "
                          "pipeline directory (e.g. one saved with save_pretrained)")

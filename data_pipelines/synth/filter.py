@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .writer import SynthError
+from .writer import SynthError, require_dir
 
 
 def _need_file(key: str, path: str | None, what: str) -> None:
@@ -104,9 +104,8 @@ def build_embedder(cfg: Any) -> Embedder | ColorHistogram:
         from transformers import AutoImageProcessor, AutoModel
 
         d = cfg.get("model_dir")
-        if not d or not Path(d).is_dir():
-            raise SynthError(f"filter.model_dir={d} does not exist; set it to a local transformers vision model "
-                             "directory (e.g. a DINOv2 download)")
+        require_dir("filter.model_dir", d,
+                    "local transformers vision model directory (e.g. a DINOv2 download)")
         proc, model = AutoImageProcessor.from_pretrained(d), AutoModel.from_pretrained(d).to(device)
         pre = lambda im: proc(images=im, return_tensors="pt")["pixel_values"][0]
         fwd = lambda x: model(pixel_values=x).last_hidden_state[:, 0]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .writer import SynthError
+from .writer import SynthError, require_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -143,9 +143,8 @@ class LLMPrompts:
 
     def __init__(self, model_dir: str, instruction: str, max_new_tokens: int = 32, temperature: float = 0.9,
                  top_p: float = 0.95, batch_size: int = 16, device: str = "cpu", fallback: TemplatePrompts | None = None):
-        if not model_dir or not Path(model_dir).is_dir():
-            raise SynthError(f"prompts.model_dir={model_dir} does not exist; set prompts.model_dir to a local "
-                             "transformers causal-LM directory (config.json + weights + tokenizer)")
+        require_dir("prompts.model_dir", model_dir,
+                    "local transformers causal-LM directory (config.json + weights + tokenizer)")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

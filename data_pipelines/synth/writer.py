@@ -33,6 +33,14 @@ class SynthError(Exception):
     """A problem the user can fix; the CLI prints it as one line and exits non-zero."""
 
 
+def require_dir(key: str, path: str | None, what: str) -> None:
+    """A model directory option must be given and exist (checked before anything is written)."""
+    if not path:
+        raise SynthError(f"{key} is required; give {key}=<{what}>")
+    if not Path(path).is_dir():
+        raise SynthError(f"{key}={path} does not exist; set {key} to a {what}")
+
+
 @dataclass(frozen=True)
 class Unit:
     index: int
