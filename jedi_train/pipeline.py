@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import PIL.Image
@@ -40,8 +41,9 @@ def _export_unet_class():
     """model_index.json names the UNet ["jedi_train", "JointUNet2DConditionModel"]. diffusers resolves that
     library from sys.modules and finds the loader by looking up its base classes (ModelMixin, ...) on the
     same module, so `jedi_train` must expose both names; its lazy __init__ does not expose ModelMixin."""
-    import jedi_train
     from diffusers import ModelMixin
+
+    import jedi_train
 
     for name, obj in (("JointUNet2DConditionModel", JointUNet2DConditionModel), ("ModelMixin", ModelMixin)):
         if getattr(jedi_train, name, None) is None:
@@ -56,7 +58,7 @@ class JeDiPipelineOutput(BaseOutput):
 
 class JeDiPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae"]  # None for pixel-space models
+    _optional_components: ClassVar[list[str]] = ["vae"]  # None for pixel-space models
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  scheduler, vae: AutoencoderKL | None = None):

@@ -49,7 +49,7 @@ class SetPlan:
     target_valid: torch.Tensor  # (S, T) bool
 
     @classmethod
-    def build(cls, num_targets: int, num_refs_in_set: int, semantic_refs: int, max_set_size: int) -> "SetPlan":
+    def build(cls, num_targets: int, num_refs_in_set: int, semantic_refs: int, max_set_size: int) -> SetPlan:
         """semantic_refs: K, the references every set conceptually holds (decides the split, cached or not)."""
         if max_set_size < 2:
             raise ValueError(f"max_set_size={max_set_size} is too small; a set needs room for a target")

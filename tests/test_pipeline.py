@@ -73,7 +73,8 @@ def count_unet_batches(pipe):
 def test_round_trip_offline_safetensors(with_vae, tiny_model_dir, tiny_vae_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     first = make_pipeline_dir(tiny_vae_model_dir if with_vae else tiny_model_dir, str(tmp_path / "a"))
-    index = json.load(open(os.path.join(first, "model_index.json")))
+    with open(os.path.join(first, "model_index.json")) as f:
+        index = json.load(f)
     assert index["unet"] == ["jedi_train", "JointUNet2DConditionModel"]
     assert (index["vae"][0] is not None) == with_vae
     assert os.path.isfile(os.path.join(first, "unet", "diffusion_pytorch_model.safetensors"))
@@ -228,8 +229,8 @@ def test_exif_rgba_gray_arrays_tensors(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
     gray = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (40, 1)), "L")
     chw = torch.rand(3, 20, 30)
-    pixels, pils = load_references([str(tmp_path / "cutout.png"), gray, chw, (chw.permute(1, 2, 0).numpy() * 255)
-                                    .round().astype(np.uint8)], 32)
+    hwc = (chw.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    pixels, _ = load_references([str(tmp_path / "cutout.png"), gray, chw, hwc], 32)
     assert pixels.shape == (4, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
     assert torch.equal(pixels[0, :, :, -8:], torch.ones(3, 32, 8))  # transparent -> white
     assert torch.allclose(pixels[0, :, :, :8], torch.tensor([-1.0, 1.0, -1.0])[:, None, None].expand(3, 32, 8))

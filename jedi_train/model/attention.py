@@ -41,11 +41,11 @@ class SetLayout:
     coupled: torch.Tensor  # (B,) bool
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     # set by `with_reference_cache`: record references' keys/values, or prepend the recorded ones
-    reference_cache: "ReferenceKVCache | None" = field(default=None, repr=False, compare=False)
+    reference_cache: ReferenceKVCache | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(cls, is_ref: torch.Tensor, valid: torch.Tensor | None = None,
-              coupled: torch.Tensor | None = None) -> "SetLayout":
+              coupled: torch.Tensor | None = None) -> SetLayout:
         if is_ref.dim() != 2:
             raise ValueError(f"is_ref must be (num_sets, set_size), got shape {tuple(is_ref.shape)}")
         b, n = is_ref.shape
@@ -62,7 +62,7 @@ class SetLayout:
         return cls(n=n, is_ref=is_ref.bool(), valid=valid, coupled=coupled)
 
     @classmethod
-    def independent(cls, num_images: int, device=None) -> "SetLayout":
+    def independent(cls, num_images: int, device=None) -> SetLayout:
         """Every image its own set of one: the base model's behaviour."""
         z = torch.zeros(num_images, 1, dtype=torch.bool, device=device)
         return cls.build(z)
@@ -71,17 +71,17 @@ class SetLayout:
     def num_sets(self) -> int:
         return self.is_ref.shape[0]
 
-    def decoupled(self) -> "SetLayout":
+    def decoupled(self) -> SetLayout:
         """The same sets with targets cut off from references (image guidance's 'no references' branch)."""
         return SetLayout.build(self.is_ref, self.valid, torch.zeros_like(self.coupled))
 
     @classmethod
-    def references_only(cls, num_refs: int, device=None) -> "SetLayout":
+    def references_only(cls, num_refs: int, device=None) -> SetLayout:
         """One set made of references only: the pass that fills a `ReferenceKVCache` (no target needed)."""
         ones = torch.ones(1, num_refs, dtype=torch.bool, device=device)
         return cls(n=num_refs, is_ref=ones, valid=ones.clone(), coupled=torch.ones(1, dtype=torch.bool, device=device))
 
-    def with_reference_cache(self, cache: "ReferenceKVCache") -> "SetLayout":
+    def with_reference_cache(self, cache: ReferenceKVCache) -> SetLayout:
         """This layout, carrying a reference key/value cache (recording or replaying)."""
         return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=cache)
 
