@@ -131,7 +131,8 @@ class JeDiModule(L.LightningModule):
         opt_cfg = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8) | dict(self.hparams.optimizer or {})
         params = [p for p in self.unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
-                                      weight_decay=opt_cfg["weight_decay"], eps=opt_cfg["eps"])
+                                      weight_decay=opt_cfg["weight_decay"], eps=opt_cfg["eps"],
+                                      foreach=True)  # torch only picks the multi-tensor kernel by itself on GPU
         sch = dict(name="constant_with_warmup", warmup_steps=0) | dict(self.hparams.lr_scheduler or {})
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**6
         scheduler = get_scheduler(sch["name"], optimizer, num_warmup_steps=sch["warmup_steps"],
