@@ -130,5 +130,11 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
     p = jedi("jedi-train", "experiment=demo", f"ckpt_path={tmp_path}/missing.ckpt",
              f"paths.output_dir={tmp_path}/run", root=tmp_path, check=False)
     assert p.returncode == 2 and "missing.ckpt" in p.stderr
+    p = jedi("jedi-train", "experiment=demo", "data.sources=[{url: /nowhere/*.tar}]", "data.synthesize_if_missing=null",
+             "model.create_tiny_if_missing.resolution=32", f"paths.output_dir={tmp_path}/run", "logger=none",
+             root=tmp_path, check=False)
+    assert p.returncode == 2 and "/nowhere/*.tar" in p.stderr and "Traceback" not in p.stderr
+    p = jedi("jedi-train", "experiment=demo", "model.learning_rat=1", root=tmp_path, check=False)
+    assert p.returncode != 0 and "learning_rat" in p.stderr
     p = jedi("jedi-export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out"), root=tmp_path, check=False)
     assert p.returncode == 2 and "missing.ckpt" in p.stderr and not (tmp_path / "out").exists()
