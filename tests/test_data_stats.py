@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.stats import main
-from tests.test_stream_robust import stream_all
+from test_stream_robust import stream_all
 from tests.test_stream_zoo import KEPT, MAX_PIXELS, write_zoo
 
 

@@ -138,3 +138,13 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
     assert p.returncode != 0 and "learning_rat" in p.stderr
     p = jedi("jedi-export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out"), root=tmp_path, check=False)
     assert p.returncode == 2 and "missing.ckpt" in p.stderr and not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_checkpoint_from_another_model(runs, tmp_path):
+    from jedi_train.model.components import create_tiny_model_dir
+
+    other = create_tiny_model_dir(str(tmp_path / "other"), unet_kwargs={"block_out_channels": (16, 32)})
+    ckpt = runs["resumed"] / "checkpoints" / "last.ckpt"
+    p = jedi("jedi-export", str(ckpt), str(tmp_path / "out"), "--model-dir", other, root=runs["root"], check=False)
+    assert p.returncode == 2 and "another model" in p.stderr and "last.ckpt" in p.stderr
+    assert not (tmp_path / "out").exists()
