@@ -12,7 +12,7 @@ import pytest
 
 from data_pipelines.stats import main
 from test_stream_robust import stream_all
-from tests.test_stream_zoo import KEPT, MAX_PIXELS, write_zoo
+from test_stream_zoo import KEPT, MAX_PIXELS, write_zoo
 
 
 def run_stats(capsys, *argv):

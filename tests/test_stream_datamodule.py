@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from jedi_train.datamodule import JeDiDataModule, build_datamodule
 from jedi_train.model.components import build_tiny_tokenizer, tokenize
-from tests.stream_helpers import write_shards
+from stream_helpers import write_shards
 
 
 @pytest.fixture(scope="module")

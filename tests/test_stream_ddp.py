@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from jedi_train.datamodule import JeDiDataModule
 from jedi_train.model.components import build_tiny_tokenizer, tokenize  # noqa: F401 - imported once, forked
-from tests.stream_helpers import write_shards
+from stream_helpers import write_shards
 
 STOP, TOTAL = 2, 6
 

@@ -11,7 +11,7 @@ import torch
 
 from data_pipelines.resume import ResumableLoader, StreamState
 from data_pipelines.stream import SetStream, StreamConfig
-from tests.stream_helpers import write_shards
+from stream_helpers import write_shards
 
 WORKERS, WORLD = 2, 2
 

@@ -11,8 +11,8 @@ from data_pipelines.resume import ResumableLoader
 from data_pipelines.shards import expand_sources
 from data_pipelines.skips import Counts
 from data_pipelines.stream import SetStream, StreamConfig
-from tests.stream_helpers import write_raw_tar, write_shards
-from tests.test_stream_zoo import KEPT, MAX_PIXELS, SKIPPED, write_zoo
+from stream_helpers import write_raw_tar, write_shards
+from test_stream_zoo import KEPT, MAX_PIXELS, SKIPPED, write_zoo
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_truncated_last_sample_never_reaches_decode(tmp_path):
     # a set whose json announces 3 images but the tar ends after 2: validated away, not decoded
     from PIL import Image
 
-    from tests.stream_helpers import encode_image, set_json
+    from stream_helpers import encode_image, set_json
 
     img = encode_image(Image.new("RGB", (16, 16)), "PNG")
     write_raw_tar(str(tmp_path / "t.tar"), {"ok.json": set_json("ok", 2), "ok.0.png": img, "ok.1.png": img,

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.stream_helpers import encode_image, set_json, write_raw_tar, write_shards
+from stream_helpers import encode_image, set_json, write_raw_tar, write_shards
 
 
 def _png(img):
