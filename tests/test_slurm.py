@@ -146,7 +146,7 @@ def test_hydra_sweep_through_slurm_launcher(cluster, submit_dir):
     cmd = [str(VENV_BIN / "jedi-train"), "-m", "hydra/launcher=slurm", *TRAIN_ARGS,
            "hydra.launcher.gpus_per_node=null", "hydra.launcher.tasks_per_node=1",
            "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=6",
-           f"hydra.sweep.dir={sweep_dir}", "paths.output_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
+           f"hydra.sweep.dir={sweep_dir}",  # each job runs in sweep_dir/<job num> by itself
            "model.optimizer.lr=1e-3,2e-3"]
     r = subprocess.run(cmd, cwd=submit_dir, env=cluster.env(job_env(submit_dir)), capture_output=True, text=True,
                        timeout=200, check=False)
