@@ -22,6 +22,15 @@ DOG = [os.path.join(DREAMBENCH, "dog2", f"{i:02d}.jpg") for i in range(3)]
 needs_dreambench = pytest.mark.skipif(not os.path.isdir(DREAMBENCH), reason="../shared/dreambench not present")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: two threads on a shared 2-core machine mostly spin (measured 2-5x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_pipeline_dir(model_dir, out_dir, reference_attention="set", reference_timestep="zero"):
     """Export a tiny joint model as a pipeline. The zero-initialised reference input channels get random
     weights, so references reach the UNet through their input channels as well as attention."""
@@ -115,6 +124,7 @@ def test_k_references(pipe, k):
 def test_references_change_outputs_unless_image_guidance_is_zero(pipe):
     can, dog = run(pipe, CAN[:2]), run(pipe, DOG[:2])
     assert (can - dog).abs().max() > 1e-3
+    assert (can - run(pipe, CAN[:2], reference_captions="a photo of a can")).abs().max() > 1e-4
     plain = [run(pipe, refs, image_guidance_scale=0.0) for refs in (CAN[:2], DOG[:2], None)]
     assert torch.equal(plain[0], plain[1]) and torch.equal(plain[0], plain[2])
     assert (plain[0] - can).abs().max() > 1e-3
@@ -282,6 +292,18 @@ def test_reference_cache_gives_the_same_images(cache_pipe, prompts, max_set_size
     assert sizes[len(recorded):] == [3 * sets * (3 + targets_per_set)] * 2
     torch.testing.assert_close(cached, plain, atol=1e-4, rtol=0)
     assert torch.equal(run(cache_pipe, CAN[:3], prompts, max_set_size=max_set_size), cached)  # default: on
+
+
+@needs_dreambench
+def test_reference_cache_with_replacement_conditioning(tiny_model_dir):
+    """'replacement' models see references only as clean images at t = 0 (no extra input channels)."""
+    c = load_components(tiny_model_dir, conditioning="replacement")
+    configure_reference_attention(c.unet, "references")
+    pipe = build_pipeline(c)
+    pipe.set_progress_bar_config(disable=True)
+    cached = run(pipe, CAN[:2], use_reference_cache=True)
+    torch.testing.assert_close(cached, run(pipe, CAN[:2], use_reference_cache=False), atol=1e-4, rtol=0)
+    assert (cached - run(pipe, DOG[:2], use_reference_cache=True)).abs().max() > 1e-3
 
 
 def test_reference_cache_refused_for_models_not_trained_for_it(pipe, tiny_model_dir, tmp_path):
