@@ -96,7 +96,8 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
     if not model_dir:
         raise ValueError(f"{ckpt_path} records no model_dir; pass --model-dir with the base model directory")
     components = load_components(model_dir, hp.get("conditioning", "channels"),
-                                 hp.get("reference_timestep", "zero"), hp.get("prediction_type"))
+                                 hp.get("reference_timestep", "zero"), hp.get("prediction_type"),
+                                 reference_attention=hp.get("reference_attention", "set"))
     load_unet_weights(components.unet, unet_state_from_checkpoint(ckpt), ckpt_path)
     if use_ema and ckpt.get("ema"):
         ema = EMAModel(components.unet.parameters())

@@ -108,6 +108,7 @@ def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path)
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not glob.glob(str(tmp_path / "*tmp*"))  # the temp dir was renamed, not left behind
     pipe = JeDiPipeline.from_pretrained(out)
+    assert pipe.reference_cache_supported()  # the demo trains references->references attention at t=0
     module = JeDiModule.load_from_checkpoint(str(ckpt), map_location="cpu")
     g = torch.Generator().manual_seed(0)
     unet = pipe.unet

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .attention import configure_reference_attention
 from .joint_unet import JointUNet2DConditionModel, load_joint_unet
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
@@ -85,12 +86,16 @@ def check_model_dir(model_dir: str) -> None:
 
 
 def load_components(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
-                    prediction_type: str | None = None, dtype: torch.dtype | None = None) -> Components:
-    """Load every component of a diffusers SD-style directory; the UNet becomes (or stays) joint."""
+                    prediction_type: str | None = None, dtype: torch.dtype | None = None,
+                    reference_attention: str | None = None) -> Components:
+    """Load every component of a diffusers SD-style directory; the UNet becomes (or stays) joint.
+    reference_attention: 'set' | 'references' (None keeps what a joint UNet's config says, else 'set')."""
     check_model_dir(model_dir)
     has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
     unet = load_joint_unet(model_dir, "unet", conditioning, reference_timestep,
                            pixel_fold=None if not has_vae else 1)
+    if reference_attention is not None:
+        configure_reference_attention(unet, reference_attention)
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     sched_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
