@@ -10,7 +10,7 @@ _LAZY = {
     "JeDiPipeline": "jedi_train.pipeline",
     "JeDiPipelineOutput": "jedi_train.pipeline",
     "JointUNet2DConditionModel": "jedi_train.model.joint_unet",
-    "make_grid": "jedi_train.grid",
+    "make_grid": "jedi_train.viz",
 }
 
 __all__ = list(_LAZY)

@@ -27,6 +27,18 @@ def build_pipeline(components: Components, unet=None):
                         scheduler=scheduler)
 
 
+def publish_dir(tmp: str, out_dir: str) -> None:
+    """Rename a finished temp dir to out_dir; an existing out_dir is replaced only now, when the new one
+    is complete (readers see the old or the new directory, never a half-written one)."""
+    if os.path.exists(out_dir):
+        old = tmp + ".old"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
 def save_pipeline_atomically(pipe, out_dir: str) -> str:
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
@@ -34,13 +46,7 @@ def save_pipeline_atomically(pipe, out_dir: str) -> str:
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if os.path.exists(out_dir):  # replace a previous export only once the new one is complete
-            old = tmp + ".old"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

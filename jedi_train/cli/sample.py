@@ -85,21 +85,11 @@ def check_args(args) -> None:
         raise UsageError(f"--out {args.out} already exists and is not empty; choose a new directory or add --overwrite")
 
 
-def publish(tmp: str, out: str) -> None:
-    """Rename the finished temp dir to --out; an existing --out is replaced only now."""
-    if os.path.exists(out):
-        old = tmp + ".old"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def run(args) -> str:
     import torch
 
-    from jedi_train.grid import make_grid
+    from jedi_train.export import publish_dir
+    from jedi_train.viz import make_grid
     from jedi_train.pipeline import JeDiPipeline
     from jedi_train.references import expand_reference_paths, load_references
 
@@ -154,7 +144,7 @@ def run(args) -> str:
         }
         with open(os.path.join(tmp, "settings.json"), "w") as f:
             json.dump(settings, f, indent=2, default=str)  # default=str: tuples/dtypes in scheduler configs
-        publish(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
