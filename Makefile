@@ -27,7 +27,7 @@ bench: install
 	$(BIN)/python -m bench $(ARGS)
 
 lint: install
-	$(BIN)/ruff check jedi_train data_pipelines tests bench
+	$(BIN)/ruff check jedi_train data_pipelines tests bench launch
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache
