@@ -85,7 +85,6 @@ class SampleGridCallback(L.Callback):
         if not self.sets:
             return None
         from .export import build_pipeline
-
         from .model.objective import reference_gain
 
         rows = []

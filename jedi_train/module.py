@@ -98,7 +98,7 @@ class JeDiModule(L.LightningModule):
                                    "model.optimizer.lr or check the data (jedi-data stats)")
             return None
         self.nonfinite_in_a_row = 0
-        b, n = batch["is_ref"].shape
+        b, _n = batch["is_ref"].shape
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/targets_per_set", out["num_targets"] / b)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -129,12 +129,12 @@ class JeDiModule(L.LightningModule):
 
     # -- optimizer ------------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt_cfg = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8) | dict(self.hparams.optimizer or {})
+        opt_cfg = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8} | dict(self.hparams.optimizer or {})
         params = [p for p in self.unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
                                       weight_decay=opt_cfg["weight_decay"], eps=opt_cfg["eps"],
                                       foreach=True)  # torch only picks the multi-tensor kernel by itself on GPU
-        sch = dict(name="constant_with_warmup", warmup_steps=0) | dict(self.hparams.lr_scheduler or {})
+        sch = {"name": "constant_with_warmup", "warmup_steps": 0} | dict(self.hparams.lr_scheduler or {})
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**6
         scheduler = get_scheduler(sch["name"], optimizer, num_warmup_steps=sch["warmup_steps"],
                                   num_training_steps=total)

@@ -6,8 +6,8 @@ skip the CUDA accelerator check, skip device-index validation, and put the root 
 import os
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

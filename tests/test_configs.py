@@ -44,7 +44,7 @@ def _importable(target):
         return
     try:
         get_class(target)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- not a class: then it must be a function
         get_method(target)
 
 

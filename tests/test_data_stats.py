@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from data_pipelines.stats import main
 from test_stream_robust import stream_all
 from test_stream_zoo import KEPT, MAX_PIXELS, write_zoo
+
+from data_pipelines.stats import main
 
 
 def run_stats(capsys, *argv):

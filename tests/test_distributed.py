@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def _fit(model_dir, out, strategy, devices, steps=2):
     env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(29500 + (os.getpid() + devices) % 1000))
     proc = subprocess.run([sys.executable, SCRIPT, model_dir, str(out), strategy, str(devices), str(steps)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=out)
+                          capture_output=True, text=True, env=env, timeout=600, cwd=out, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.load(open(out / f"result_rank{r}.json")) for r in range(devices)]
 

@@ -84,7 +84,7 @@ def test_dropped_conditions_have_no_effect(components):
     noise, t = torch.randn(6, 12, 16, 16), torch.tensor([400, 900])
     drop_all = Dropout(~batch["is_ref"], torch.ones(2, dtype=torch.bool))
     with torch.no_grad():
-        kw = dict(noise=noise, timesteps=t)
+        kw = {"noise": noise, "timesteps": t}
         assert torch.equal(obj(batch, dropout=drop_all, **kw)["loss"], obj(other, dropout=drop_all, **kw)["loss"])
         keep = _no_dropout(batch)
         assert obj(batch, dropout=keep, **kw)["loss"] != obj(other, dropout=keep, **kw)["loss"]

@@ -7,10 +7,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from stream_helpers import write_shards
 
 from jedi_train.datamodule import JeDiDataModule, build_datamodule
 from jedi_train.model.components import build_tiny_tokenizer, tokenize
-from stream_helpers import write_shards
 
 
 @pytest.fixture(scope="module")

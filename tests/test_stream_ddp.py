@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from stream_helpers import write_shards
 
 from jedi_train.datamodule import JeDiDataModule
 from jedi_train.model.components import build_tiny_tokenizer, tokenize  # noqa: F401 - imported once, forked
-from stream_helpers import write_shards
 
 STOP, TOTAL = 2, 6
 

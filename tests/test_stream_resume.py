@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from stream_helpers import write_shards
 
 from data_pipelines.resume import ResumableLoader, StreamState
 from data_pipelines.stream import SetStream, StreamConfig
-from stream_helpers import write_shards
 
 WORKERS, WORLD = 2, 2
 

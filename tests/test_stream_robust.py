@@ -6,13 +6,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from stream_helpers import write_raw_tar, write_shards
+from test_stream_zoo import KEPT, MAX_PIXELS, SKIPPED, write_zoo
 
 from data_pipelines.resume import ResumableLoader
 from data_pipelines.shards import expand_sources
 from data_pipelines.skips import Counts
 from data_pipelines.stream import SetStream, StreamConfig
-from stream_helpers import write_raw_tar, write_shards
-from test_stream_zoo import KEPT, MAX_PIXELS, SKIPPED, write_zoo
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,6 @@ def test_brace_expansion_globs_and_weighted_sources(tmp_path):
 def test_truncated_last_sample_never_reaches_decode(tmp_path):
     # a set whose json announces 3 images but the tar ends after 2: validated away, not decoded
     from PIL import Image
-
     from stream_helpers import encode_image, set_json
 
     img = encode_image(Image.new("RGB", (16, 16)), "PNG")

@@ -27,10 +27,11 @@ def main(argv=None) -> int:
         return rc
     minutes = (time.time() - t0) / 60
     grids = sorted(glob.glob(os.path.join(run_dir, "samples", "samples_step*.png")))
-    rows = list(csv.DictReader(open(os.path.join(run_dir, "loss_curve.csv"))))
+    with open(os.path.join(run_dir, "loss_curve.csv")) as f:
+        rows = list(csv.DictReader(f))
     losses = [float(r["loss"]) for r in rows]
     w = max(1, min(50, len(losses) // 2))
-    print("\n=== jedi-train demo: done in %.1f min ===" % minutes)
+    print(f"\n=== jedi-train demo: done in {minutes:.1f} min ===")
     print(f"run dir          {run_dir}")
     print(f"checkpoints      {run_dir}/checkpoints/last.ckpt")
     print(f"sample grid      {grids[-1] if grids else '(none)'}   (refs | generated | real)")

@@ -89,9 +89,9 @@ def run(args) -> str:
     import torch
 
     from jedi_train.export import publish_dir
-    from jedi_train.viz import make_grid
     from jedi_train.pipeline import JeDiPipeline
     from jedi_train.references import expand_reference_paths, load_references
+    from jedi_train.viz import make_grid
 
     ref_files = [os.path.abspath(p) for p in expand_reference_paths(args.ref)]
     load_references(ref_files, 8)  # unreadable files fail here, before the model loads

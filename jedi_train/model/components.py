@@ -114,7 +114,8 @@ def build_tiny_tokenizer(out_dir: str, model_max_length: int = 32) -> CLIPTokeni
     """A real CLIP BPE tokenizer written from the vocabulary open_clip ships (no hub access)."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    with gzip.open(default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -134,11 +135,11 @@ def tiny_unet_config(resolution: int = 32, pixel_fold: int = 2, latent_channels:
     """Pixel-space UNet for CPU: a few M parameters, attention at the two coarser levels."""
     c = latent_channels or 3 * pixel_fold ** 2
     n = len(block_out_channels)
-    return dict(sample_size=resolution // pixel_fold, in_channels=c, out_channels=c,
-                block_out_channels=tuple(block_out_channels), layers_per_block=1,
-                down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-                up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-                cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=8)
+    return {"sample_size": resolution // pixel_fold, "in_channels": c, "out_channels": c,
+                "block_out_channels": tuple(block_out_channels), "layers_per_block": 1,
+                "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+                "up_block_types": ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+                "cross_attention_dim": cross_attention_dim, "attention_head_dim": heads, "norm_num_groups": 8}
 
 
 def create_tiny_model_dir(out_dir: str, resolution: int = 32, pixel_fold: int = 2, with_vae: bool = False,

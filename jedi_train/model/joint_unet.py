@@ -47,7 +47,7 @@ class JointUNet2DConditionModel(UNet2DConditionModel):
         return self.config.out_channels
 
     def make_joint(self, conditioning: str = "channels", reference_timestep: str = "zero",
-                   pixel_fold: int = 1) -> "JointUNet2DConditionModel":
+                   pixel_fold: int = 1) -> JointUNet2DConditionModel:
         """Convert this (base) UNet in place. Outputs are unchanged for sets of one image without references."""
         if self.jedi is not None:
             raise ValueError("this UNet is already a joint UNet")

@@ -11,10 +11,10 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-from deepspeed_cpu import CPUDeepSpeedStrategy  # noqa: E402
-from test_module import SameSets, _module  # noqa: E402
+from deepspeed_cpu import CPUDeepSpeedStrategy
+from test_module import SameSets, _module
 
-from jedi_train.callbacks import Checkpoint  # noqa: E402
+from jedi_train.callbacks import Checkpoint
 
 
 def main():
