@@ -149,3 +149,24 @@ def test_export_refuses_a_checkpoint_from_another_model(runs, tmp_path):
     p = jedi("jedi-export", str(ckpt), str(tmp_path / "out"), "--model-dir", other, root=runs["root"], check=False)
     assert p.returncode == 2 and "another model" in p.stderr and "last.ckpt" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_optuna_sweep_runs_trials_in_their_own_dirs(tmp_path):
+    """hparams_search=optuna end to end (2 tiny trials): each trial trains in its own sweep subdir and
+    Optuna records the best value of the metric the trials returned."""
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    p = jedi("jedi-train", "-m", "hparams_search=optuna", "experiment=demo", "debug=fast", "~callbacks.sample_grid",
+             "data.synthesize_if_missing.num_sets=32", "data.heldout_synthesize_if_missing.num_sets=2",
+             "data.batch_size=2", "trainer.max_steps=2", "export_after_fit=false", "hydra.sweeper.n_trials=2",
+             f"hydra.sweep.dir={sweep}", root=tmp_path)
+    trials = sorted(d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit())
+    assert [d.name for d in trials] == ["0", "1"], p.stdout[-2000:]
+    lrs = set()
+    for d in trials:
+        assert (d / "checkpoints" / "last.ckpt").is_file()
+        lrs.add(yaml.safe_load((d / "config.yaml").read_text())["model"]["optimizer"]["lr"])
+    assert len(lrs) == 2  # the sampler proposed different learning rates
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["name"] == "optuna" and isinstance(best["best_value"], float)
