@@ -111,9 +111,11 @@ class JeDiModule(L.LightningModule):
             self.log("perf/images_per_s", images * world / dt, prog_bar=True)
         self._t_last = now
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "skip_counts"):
+        if dm is not None and hasattr(dm, "skip_counts"):  # bad data: dropped or repaired, by reason
             for reason, count in dm.skip_counts().items():
                 self.log(f"data/skipped_{reason}", float(count))
+            for reason, count in dm.repair_counts().items():
+                self.log(f"data/repaired_{reason}", float(count))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
