@@ -88,7 +88,9 @@ def train(cfg: DictConfig) -> dict:
         cfg.paths.output_dir = output_dir  # callbacks' dirs interpolate it
     os.makedirs(output_dir, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=True)
+    tmp = os.path.join(output_dir, f".config.yaml.tmp{os.getpid()}")
+    OmegaConf.save(cfg, tmp, resolve=True)
+    os.replace(tmp, os.path.join(output_dir, "config.yaml"))  # atomic: a reader never sees half a config
 
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
     datamodule = build_datamodule(cfg.data, module.components.tokenizer, resolution=cfg.model.resolution,
