@@ -6,7 +6,7 @@ import os
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from .viz import sample_grid, to_pil
 
@@ -83,6 +83,11 @@ class SampleGridCallback(L.Callback):
     @rank_zero_only
     def render(self, trainer, pl_module) -> str | None:
         if not self.sets:
+            return None
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            # ZeRO-3 shards every weight across ranks: a rank-0-only forward pass would wait forever
+            rank_zero_warn("sample grids are skipped under ZeRO-3; render them from a checkpoint with "
+                           "jedi-export + jedi-sample", category=UserWarning)
             return None
         from .export import build_pipeline
         from .model.objective import reference_gain

@@ -83,3 +83,16 @@ def test_trainable_prefixes_limit_what_trains(tiny_model_dir):
     module = _module(tiny_model_dir, trainable=["conv_in", "down_blocks.1.attentions"])
     trained = [n for n, p in module.unet.named_parameters() if p.requires_grad]
     assert trained and all(n.startswith(("conv_in", "down_blocks.1.attentions")) for n in trained)
+
+
+def test_sample_grid_is_skipped_with_a_warning_under_zero3(tmp_path):
+    from types import SimpleNamespace
+
+    from jedi_train.callbacks import SampleGridCallback
+
+    cb = SampleGridCallback(out_dir=str(tmp_path))
+    cb.sets = [{"refs": [], "truth": [], "prompts": ["x"]}]  # something to render
+    trainer = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True), global_step=5, loggers=[])
+    with pytest.warns(UserWarning, match="ZeRO-3"):
+        assert cb.render(trainer, pl_module=None) is None
+    assert not list(tmp_path.iterdir())
