@@ -170,3 +170,22 @@ def test_optuna_sweep_runs_trials_in_their_own_dirs(tmp_path):
     assert len(lrs) == 2  # the sampler proposed different learning rates
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["name"] == "optuna" and isinstance(best["best_value"], float)
+
+
+def test_demo_summary_points_at_the_run_outputs(runs, monkeypatch, capsys):
+    """`make train`'s closing summary, over a real run dir (the training subprocess itself is stubbed:
+    the demo's training is the jedi-train command tested above)."""
+    from jedi_train.cli import demo
+
+    calls = []
+    monkeypatch.setattr(demo.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert demo.main([f"paths.output_dir={runs['resumed']}"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment=demo" in calls[0]
+    grids = sorted(glob.glob(str(runs["resumed"] / "samples" / "samples_step*.png")))
+    assert f"sample grid      {grids[-1]}" in out
+    values = [v for _, v, _ in losses(runs["resumed"])]
+    half = len(values) // 2  # the summary averages min(50, steps // 2) steps at each end
+    assert f"first {half} steps {sum(values[:half]) / half:.4f} -> last {half} steps " \
+           f"{sum(values[-half:]) / half:.4f} (steps 1..{2 * K})" in out
+    assert "reference gain" in out and f"jedi-sample {runs['resumed']}/pipeline" in out

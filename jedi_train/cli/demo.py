@@ -37,10 +37,19 @@ def main(argv=None) -> int:
     print(f"sample grid      {grids[-1] if grids else '(none)'}   (refs | generated | real)")
     print(f"loss curve       {run_dir}/loss_curve.png")
     print(f"exported pipe    {run_dir}/pipeline   (JeDiPipeline.from_pretrained / jedi-sample)")
-    print(f"W&B (offline)    {run_dir}/wandb   (wandb sync {run_dir}/wandb/offline-run-* to upload)")
+    print(f"W&B              {run_dir}/wandb   (offline without an API key: wandb sync {run_dir}/wandb/offline-run-*)")
     if losses:
         print(f"training loss    first {w} steps {sum(losses[:w]) / w:.4f} -> last {w} steps "
               f"{sum(losses[-w:]) / w:.4f} (steps {rows[0]['step']}..{rows[-1]['step']})")
+    gain_csv = os.path.join(run_dir, "samples", "reference_gain.csv")
+    if os.path.exists(gain_csv):
+        with open(gain_csv) as f:
+            gains = list(csv.DictReader(f))
+        if gains:
+            print(f"reference gain   {float(gains[-1]['reference_gain']):+.4f} at step {gains[-1]['step']}   "
+                  "(> 0 once the model uses its reference images; ~0 is expected in a short CPU run)")
+    print(f"personalize      jedi-sample {run_dir}/pipeline --ref PHOTOS_DIR --prompt 'a toy on the beach' "
+          "--num 4 --seed 0 --out OUT_DIR")
     return 0
 
 
