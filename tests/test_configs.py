@@ -100,3 +100,24 @@ def test_gpu_trainer_reads_the_node_count_from_slurm(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_NNODES", "4")
     cfg = compose_train(["trainer=gpu"], tmp_path)
     assert cfg.trainer.num_nodes == 4 and isinstance(cfg.trainer.num_nodes, int)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["experiment=demo", "trainer.nonexistent=3"], "+trainer.nonexistent=3"),  # names the fix
+    (["model=nope"], "available: sd15, sd21, tiny_pixel"),
+    (["strategy=ddp,single"], "add -m"),
+    (["-m", "strategy=ddp,sin"], "strategy/sin"),  # every value of a sweep is checked, not just the first
+    (["-m", "model=tiny_pixel", "data.batch_size=2,4", "model.lr_x=1e-4,1e-3"], "model.lr_x"),
+])
+def test_bad_overrides_are_reported_in_one_line(argv, expected):
+    from jedi_train.cli.train import config_error
+
+    error = config_error(argv)
+    assert error is not None and expected in error and "\n" not in error
+
+
+def test_good_overrides_and_sweeps_pass_the_check():
+    from jedi_train.cli.train import config_error
+
+    assert config_error(["experiment=demo", "trainer.max_steps=5"]) is None
+    assert config_error(["-m", "hparams_search=optuna", "experiment=demo", "strategy=single,ddp"]) is None
