@@ -1,7 +1,9 @@
 """Set stream throughput: the full loader (validate + decode + crop + subsample + refs + tokenize +
 pad/batch, 2 workers) vs a bare WebDataset read + image decode of the same shards, same run.
 
-Goal: ratio >= 0.9. Two configurations of the full loader: `all images` decodes every image of every
+Goal: ratio >= 0.9 against webdataset's standard PIL decode. A second baseline decodes with
+simplejpeg, the decoder the loader itself uses for plain JPEGs: the ratio to it is the loader's own
+overhead (validation, crop, subsample, refs, tokenize, pad, IPC), decoder speed factored out. Two configurations of the full loader: `all images` decodes every image of every
 set at the stored resolution (the same decode work as the baseline); `training default` subsamples
 sets to 2-4 images (so decodes fewer) the way conf/data/sets.yaml does.
 """
@@ -34,8 +36,16 @@ def write_shards(out_dir):
     return f"{out_dir}/bench-{{0000..{SHARDS - 1:04d}}}.tar"
 
 
-def bare(urls):
-    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker).decode("pil")
+def _simplejpeg(key, data):
+    if key.endswith("jpg"):
+        import simplejpeg
+
+        return simplejpeg.decode_jpeg(data, "RGB")
+    return None
+
+
+def bare(urls, decoder="pil"):
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker).decode(decoder)
     t0, n = time.perf_counter(), 0
     for sample in DataLoader(ds, batch_size=None, num_workers=WORKERS, collate_fn=lambda x: x):
         n += 1
@@ -64,6 +74,7 @@ def main():
         tok = build_tiny_tokenizer(os.path.join(d, "tok"))
         bare(urls)  # warm the page cache and the import paths
         runs = {"bare webdataset read+decode": bare,
+                "bare webdataset read+decode (simplejpeg)": lambda u: bare(u, _simplejpeg),
                 "full loader, all images": lambda u: full(u, tok, min_set=SET_SIZE, max_set=SET_SIZE),
                 "full loader, training default (2-4 images)": lambda u: full(u, tok, min_set=2, max_set=4)}
         best = {name: max(fn(urls) for _ in range(3)) for name, fn in runs.items()}

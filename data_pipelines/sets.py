@@ -6,22 +6,17 @@ dropped when not (undecodable, too small, too many pixels); a set survives as lo
 """
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import get_worker_info
 
+from .images import Unusable, crop_square, decode_rgb, resize_short_side
 from .schema import image_key, parse_meta
 from .skips import Counts
-
-# our own max_image_pixels check replaces PIL's warning (PIL still raises past twice its limit)
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -36,61 +31,18 @@ class SetOptions:
     max_image_pixels: int = 100_000_000  # above this: dropped before decoding (decompression bombs)
 
 
-def _to_rgb(img: Image.Image, counts: Counts) -> Image.Image:
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit gray: rescale, convert() would clip
-        a = np.asarray(img, dtype=np.float32)
-        hi = 65535.0 if a.max(initial=0) > 255 else 255.0
-        counts.repair("image_16bit")
-        return Image.fromarray((a.clip(0, hi) * (255.0 / hi)).round().astype(np.uint8)).convert("RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        counts.repair("image_alpha")  # transparent pixels become white, not whatever RGB they hide
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    counts.repair(f"image_mode_{mode}")
-    return img.convert("RGB")
-
-
 def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: Counts) -> np.ndarray | None:
     """Encoded bytes -> uint8 (res, res, 3), or None (counted) when the image cannot be used."""
-    res = opt.resolution
     try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > opt.max_image_pixels:
-            counts.skip("image_too_large", f"{w}x{h}")
-            return None
-        if min(w, h) < opt.min_image_size:
-            counts.skip("image_too_small", f"{w}x{h}")
-            return None
-        if img.format == "JPEG" and min(w, h) >= 2 * res:  # decode at a reduced scale (DCT scaling): far cheaper
-            s = min(w, h)
-            img.draft(None, (-(-w * res // s), -(-h * res // s)))
-        img.load()
-    except Image.DecompressionBombError as e:
-        counts.skip("image_too_large", repr(e))
+        arr = decode_rgb(data, opt.resolution, opt.max_image_pixels, opt.min_image_size, counts)
+    except Unusable as e:
+        counts.skip(e.reason, str(e))
         return None
-    except Exception as e:  # noqa: BLE001 - any undecodable image is dropped, never fatal
-        counts.skip("image_undecodable", repr(e))
-        return None
-    img = _to_rgb(img, counts)
-    w, h = img.size
-    scale = res / min(w, h)
-    size = (max(res, round(w * scale)), max(res, round(h * scale)))
-    if size != img.size:
-        img = img.resize(size, Image.BICUBIC, reducing_gap=None if scale >= 1 else 3.0)
-    dx, dy = size[0] - res, size[1] - res
-    if opt.crop == "random":
-        x, y = int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1))
-    else:
-        x, y = dx // 2, dy // 2
-    if dx or dy:
-        img = img.crop((x, y, x + res, y + res))
+    arr = crop_square(resize_short_side(arr, opt.resolution), opt.resolution,
+                      rng if opt.crop == "random" else None)
     if opt.flip_prob and rng.random() < opt.flip_prob:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(img)
+        arr = arr[:, ::-1]
+    return arr
 
 
 def read_captions(raw_json: Any, meta: dict, counts: Counts) -> list[str]:
@@ -150,19 +102,19 @@ def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor]
     """Sets of unequal size -> one padded batch; N is the largest set. Padding: zeros, "" captions."""
     b, n = len(sets), max(len(s["captions"]) for s in sets)
     res = sets[0]["images"][0].shape[0]
-    u8 = np.zeros((b, n, res, res, 3), dtype=np.uint8)
+    u8 = np.zeros((b, n, 3, res, res), dtype=np.uint8)
     is_ref = torch.zeros(b, n, dtype=torch.bool)
     valid = torch.zeros(b, n, dtype=torch.bool)
     for i, s in enumerate(sets):
         k = len(s["captions"])
         for j, img in enumerate(s["images"]):
-            u8[i, j] = img
+            u8[i, j] = img.transpose(2, 0, 1)  # HWC -> CHW here, per image, while it is in cache
         is_ref[i, :k] = torch.from_numpy(s["is_ref"])
         valid[i, :k] = True
     # one conversion for the whole batch, written straight into shared memory when in a DataLoader
     # worker (as torch's default_collate does): the batch then crosses to the main process uncopied
     pixels = _shared_empty((b, n, 3, res, res)) if get_worker_info() is not None else torch.empty(b, n, 3, res, res)
-    pixels.copy_(torch.from_numpy(u8).permute(0, 1, 4, 2, 3).contiguous()).div_(127.5).sub_(1.0)  # permute in uint8: 4x less to move
+    pixels.copy_(torch.from_numpy(u8)).div_(127.5).sub_(1.0)
     if not valid.all():
         pixels[~valid] = 0.0
     batch = {"pixel_values": pixels, "is_ref": is_ref, "valid": valid,

@@ -3,8 +3,8 @@
 Accepted per reference: a path (an image file, or a DreamBench-style subject folder of images),
 a PIL image, a numpy array (H, W[, C]; uint8 0-255 or float 0-1) or a torch tensor ((C, H, W) or
 (H, W, C), float 0-1, diffusers' convention; uint8 0-255). Everything goes through PIL so that every
-kind of input meets the same steps as training (data_pipelines/sets.py `load_image`, crop="center"):
-EXIF orientation (a phone photo is upright), alpha composited on white, 16-bit/gray/palette -> RGB,
+kind of input meets the same steps as training (data_pipelines/images.py, crop="center"): EXIF
+orientation (a phone photo is upright), alpha composited on white, 16-bit/gray/palette -> RGB,
 shorter side resized to R (bicubic; JPEG files decoded at a reduced scale first, as training does),
 center crop.
 """
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data_pipelines.images import crop_square, open_pil, resize_short_side, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -47,12 +49,7 @@ def _open(item, resolution: int) -> Image.Image:
     if isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
         try:
-            img = Image.open(path)
-            w, h = img.size
-            if img.format == "JPEG" and min(w, h) >= 2 * resolution:  # DCT-scaled decode, like training
-                s = min(w, h)
-                img.draft(None, (-(-w * resolution // s), -(-h * resolution // s)))
-            img.load()
+            img = open_pil(path, resolution)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ValueError(f"reference {path} is not a readable image ({type(e).__name__}); "
                              "give a JPEG/PNG/WebP file") from None
@@ -76,39 +73,12 @@ def _open(item, resolution: int) -> Image.Image:
                      "numpy array or torch tensor")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Same repairs as training: alpha on white, 16-bit gray rescaled, everything else convert('RGB')."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float32)
-        hi = 65535.0 if a.max(initial=0) > 255 else 255.0
-        return Image.fromarray((a.clip(0, hi) * (255.0 / hi)).round().astype(np.uint8)).convert("RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
-    """Shorter side -> resolution (bicubic), then the centred resolution x resolution square."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size != img.size:
-        img = img.resize(size, Image.BICUBIC, reducing_gap=None if scale >= 1 else 3.0)
-    x, y = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    if x or y:
-        img = img.crop((x, y, x + resolution, y + resolution))
-    return img
-
-
 def prepare_reference(item, resolution: int) -> Image.Image:
     """One reference -> an upright RGB PIL image of resolution x resolution."""
     img = _open(item, resolution)
     img = ImageOps.exif_transpose(img)  # no-op without EXIF orientation
-    return resize_center_crop(to_rgb(img), resolution)
+    arr = resize_short_side(np.asarray(to_rgb(img)), resolution)
+    return Image.fromarray(np.ascontiguousarray(crop_square(arr, resolution)))
 
 
 def load_references(items: Sequence, resolution: int) -> tuple[torch.Tensor, list[Image.Image]]:
