@@ -4,7 +4,7 @@ Its `state_dict()` holds every rank's stream position, so a Lightning checkpoint
 exactly where training stopped (see data_pipelines/resume.py). A batch counts as consumed when the
 model receives it (`on_before_batch_transfer`), not when the loader hands it out: Lightning fetches
 one batch ahead. `skip_counts()` / `repair_counts()` give the data problems met so far (this rank,
-all workers) for logging.
+all workers); `global_counts()` sums them over ranks for logging.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch
 
 from data_pipelines.resume import ResumableLoader, StreamState
 from data_pipelines.shards import expand_sources
+from data_pipelines.skips import merge
 from data_pipelines.stream import SetStream, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,16 @@ class JeDiDataModule(L.LightningDataModule):
 
     def repair_counts(self) -> dict[str, int]:
         return self.loader.repair_counts() if self.loader else {}
+
+    def global_counts(self) -> dict[str, dict[str, int]]:
+        """{"skipped": ..., "repaired": ...} summed over all ranks (each rank reads its own shards).
+        Under torch.distributed this is collective: every rank must call it at the same step."""
+        own = {"skipped": self.skip_counts(), "repaired": self.repair_counts()}
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return own
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, own)
+        return {kind: merge(*(g[kind] for g in gathered)) for kind in own}
 
     # -- checkpoint --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

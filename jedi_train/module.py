@@ -110,15 +110,14 @@ class JeDiModule(L.LightningModule):
             self.log("perf/sets_per_s", b * world / dt)
             self.log("perf/images_per_s", images * world / dt, prog_bar=True)
         self._t_last = now
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "skip_counts"):  # bad data: dropped or repaired, by reason
-            for reason, count in dm.skip_counts().items():
-                self.log(f"data/skipped_{reason}", float(count))
-            for reason, count in dm.repair_counts().items():
-                self.log(f"data/repaired_{reason}", float(count))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "global_counts"):  # here, not in training_step: every rank
+            for kind, counts in dm.global_counts().items():   # gets here each step (it is collective)
+                for reason, count in counts.items():
+                    self.log(f"data/{kind}_{reason}", float(count))
         if self.ema is None or not outputs:  # {} or None: the step was skipped
             return
         if getattr(self.trainer.strategy, "zero_stage_3", False):

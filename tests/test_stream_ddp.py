@@ -38,7 +38,9 @@ def _worker(rank, root, shards, model_dir):
         dm.setup("fit")
         return dm
 
-    full = _take(make(), TOTAL)
+    whole = make()
+    full = _take(whole, TOTAL)
+    own, summed = whole.repair_counts(), whole.global_counts()  # collective: both ranks call it
     first = make()
     head = _take(first, STOP)
     state = first.state_dict()  # collective: every rank calls it, as in trainer.save_checkpoint
@@ -50,13 +52,15 @@ def _worker(rank, root, shards, model_dir):
     tail = _take(resumed, TOTAL - STOP)
     with open(f"{root}/rank{rank}.json", "w") as f:
         json.dump({"full": full, "resumed": head + tail, "ranks": sorted(state["ranks"]),
-                   "world": state["world_size"]}, f)
+                   "world": state["world_size"],
+                   "own": own, "summed": summed["repaired"]}, f)
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_process_group_ranks_resume_from_one_gathered_state(tmp_path):
-    write_shards(str(tmp_path / "shards"), num_shards=4, sets_per_shard=6, size=16)
+    shards = write_shards(str(tmp_path / "shards"), num_shards=4, sets_per_shard=6, size=16)
+    gray_shard(shards[0], sets=6, size=16)  # one shard of grayscale images: repairs on one rank only
     build_tiny_tokenizer(str(tmp_path / "model" / "tokenizer"))
     args = (str(tmp_path), str(tmp_path / "shards" / "*.tar"), str(tmp_path / "model"))
     mp.start_processes(_worker, args=args, nprocs=2, start_method="fork")  # forked: no re-imports per rank
@@ -66,3 +70,19 @@ def test_two_process_group_ranks_resume_from_one_gathered_state(tmp_path):
         assert r["resumed"] == r["full"]
     ids = [{s for b in r["full"][:3] for s in b} for r in results]  # 24 sets / (2 ranks x 2) = 6 batches
     assert not ids[0] & ids[1]  # the ranks read different shards
+    own = [r["own"].get("image_mode_L", 0) for r in results]
+    assert min(own) == 0 and sum(own) > 0  # only the rank that read the gray shard saw them
+    assert all(r["summed"] == {"image_mode_L": sum(own)} for r in results)  # logged: the sum, on every rank
+
+
+def gray_shard(path, sets, size):
+    """Replace the shard at `path` by one of `sets` 2-image sets of grayscale PNGs."""
+    from PIL import Image
+    from stream_helpers import encode_image, set_json, write_raw_tar
+
+    members = {}
+    for i in range(sets):
+        members[f"g{i}.json"] = set_json(f"g{i}", 2)
+        for j in range(2):
+            members[f"g{i}.{j}.png"] = encode_image(Image.new("L", (size, size), 40 * j + i))
+    write_raw_tar(path, members)
