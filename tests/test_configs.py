@@ -110,14 +110,15 @@ def test_gpu_trainer_reads_the_node_count_from_slurm(tmp_path, monkeypatch):
     (["-m", "model=tiny_pixel", "data.batch_size=2,4", "model.lr_x=1e-4,1e-3"], "model.lr_x"),
 ])
 def test_bad_overrides_are_reported_in_one_line(argv, expected):
-    from jedi_train.cli.train import config_error
+    from data_pipelines.hydra_args import config_error
 
-    error = config_error(argv)
+    error = config_error(CONF_DIR, "train", argv)
     assert error is not None and expected in error and "\n" not in error
 
 
 def test_good_overrides_and_sweeps_pass_the_check():
-    from jedi_train.cli.train import config_error
+    from data_pipelines.hydra_args import config_error
 
-    assert config_error(["experiment=demo", "trainer.max_steps=5"]) is None
-    assert config_error(["-m", "hparams_search=optuna", "experiment=demo", "strategy=single,ddp"]) is None
+    assert config_error(CONF_DIR, "train", ["experiment=demo", "trainer.max_steps=5"]) is None
+    assert config_error(CONF_DIR, "train", ["-m", "hparams_search=optuna", "experiment=demo", "strategy=single,ddp"]) is None
+    assert config_error(CONF_DIR, "synth", ["generator=procedural", "num_sets=4", "out_dir=/tmp/x"]) is None

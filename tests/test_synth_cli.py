@@ -141,7 +141,8 @@ def test_more_sets_later_extends_and_other_config_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["generator=foo"], "unknown generator 'foo'"),
+    (["generator=foo"], "Could not find 'generator/foo' (available: diffusers, procedural)"),
+    (["nmu_sets=3"], "+nmu_sets=3"),  # a misspelt key names the fix
     (["set_size=1"], "set_size=1 is too small"),
     (["resolution=60"], "resolution=60 is not a positive multiple of 8"),
     (["generator=diffusers", "generator.model_dir=/no/such/model"], "generator.model_dir=/no/such/model does not exist"),

@@ -9,34 +9,18 @@ A problem the user can fix is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ("generator", "prompts", "filter", "caption")
 # keys that may change between runs into the same out_dir without changing any set
 RUN_ONLY_KEYS = ("out_dir", "num_sets", "num_workers_total", "worker_index", "progress")
 
 
 def _error(msg: str) -> None:
     print(f"jedi-synth: error: {msg}", file=sys.stderr)
-
-
-def check_group_choices(argv: list[str]) -> None:
-    """Hydra's own message for an unknown group option is many lines; say it in one."""
-    from .writer import SynthError
-
-    for arg in argv:
-        m = re.fullmatch(r"\+?(\w+)=(.*)", arg)
-        if m and m.group(1) in GROUPS:
-            group, value = m.groups()
-            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-            if value not in options:
-                raise SynthError(f"unknown {group} {value!r}; use one of: "
-                                 + ", ".join(f"{group}={o}" for o in options))
 
 
 def validate(cfg: Any) -> tuple[int, int]:
@@ -162,12 +146,11 @@ def _hydra_entry() -> None:
 
 
 def main() -> int:
-    from .writer import SynthError
+    from ..hydra_args import config_error
 
-    try:
-        check_group_choices(sys.argv[1:])
-    except SynthError as e:
-        _error(str(e))
+    error = config_error(CONF_DIR, "synth", sys.argv[1:])  # bad keys/groups/sweeps: one line, exit 2
+    if error:
+        _error(error)
         return 2
     _hydra_entry()
     return 0

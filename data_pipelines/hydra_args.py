@@ -1,0 +1,46 @@
+"""Command-line overrides checked before a Hydra app starts, reported in one line.
+
+Hydra itself reports an unknown key, an unknown group option or a sweep given without -m over many
+lines (with a hint about HYDRA_FULL_ERROR); both console scripts (jedi-synth, jedi-train) ask this
+module first and print its one line instead.
+"""
+from __future__ import annotations
+
+# flags that print information instead of running: nothing to check
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc"}
+
+
+def config_error(conf_dir: str, config_name: str, argv: list[str]) -> str | None:
+    """Compose `config_name` with the overrides in `argv` (every value of each -m sweep) and return
+    what is wrong with them as one line, or None."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if INFO_FLAGS & set(argv):
+        return None
+    multirun = "-m" in argv or "--multirun" in argv
+    try:
+        fixed, sweeps = [], []
+        for o in OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]):
+            if not o.is_sweep_override():
+                fixed.append(o.input_line)
+            elif not multirun:
+                return f"'{o.input_line}' is a sweep: add -m to run one job per value (or quote the value)"
+            elif o.is_discrete_sweep():  # a,b,c or choice(...); ranges and intervals are left to the sweeper
+                sweeps.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        firsts = [values[0] for values in sweeps]
+        jobs = [fixed + firsts] + [fixed + firsts[:i] + [v] + firsts[i + 1:]
+                                   for i, values in enumerate(sweeps) for v in values[1:]]
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            for overrides in jobs:  # every value of every sweep is composed once
+                compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        lines = str(e).splitlines()
+        options = [ln.strip() for ln in lines if ln.startswith("\t") and "=" not in ln]  # a group's choices
+        text = [ln.strip() for ln in lines if ln.strip() and not ln.startswith(("\t", "Config search"))]
+        if options:
+            return f"{text[0]} (available: {', '.join(options)})"
+        return " ".join(text[:2])
+    return None
