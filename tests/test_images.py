@@ -9,10 +9,10 @@ from data_pipelines.images import Unusable, decode_rgb, draft_request, open_pil
 from data_pipelines.skips import Counts
 
 
-def jpeg(w: int, h: int, mode: str = "RGB", seed: int = 0) -> bytes:
+def jpeg(w: int, h: int, mode: str = "RGB", seed: int = 0, **save) -> bytes:
     a = np.random.default_rng(seed).normal(128, 40, (h, w, 3)).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(a).convert(mode).save(buf, "JPEG")
+    Image.fromarray(a).convert(mode).save(buf, "JPEG", **save)
     return buf.getvalue()
 
 
@@ -36,6 +36,15 @@ def test_gray_and_cmyk_jpegs_are_repaired_and_counted():
 
 @pytest.mark.parametrize("data,reason", [(jpeg(64, 64)[:300], "image_undecodable"), (b"not an image", "image_undecodable"),
                                          (jpeg(8, 64), "image_too_small"), (jpeg(200, 200), "image_too_large")])
+@pytest.mark.parametrize("save", [{"progressive": True}, {"subsampling": 0, "quality": 100},
+                                  {"optimize": True, "progressive": True, "quality": 30}])
+def test_fast_jpeg_matches_pil_for_other_encodings(save):
+    data = jpeg(200, 300, **save)
+    for res in (64, 128):
+        want = np.asarray(open_pil(io.BytesIO(data), res).convert("RGB"))
+        assert np.array_equal(decode_rgb(data, res, max_pixels=10**9, min_size=16), want)
+
+
 def test_unusable_images_name_their_reason(data, reason):
     with pytest.raises(Unusable) as e:
         decode_rgb(data, 32, max_pixels=30_000, min_size=16)
