@@ -34,8 +34,6 @@ def test_gray_and_cmyk_jpegs_are_repaired_and_counted():
         assert arr.shape == (48, 64, 3) and counts.repaired == {f"image_mode_{mode}": 1}
 
 
-@pytest.mark.parametrize("data,reason", [(jpeg(64, 64)[:300], "image_undecodable"), (b"not an image", "image_undecodable"),
-                                         (jpeg(8, 64), "image_too_small"), (jpeg(200, 200), "image_too_large")])
 @pytest.mark.parametrize("save", [{"progressive": True}, {"subsampling": 0, "quality": 100},
                                   {"optimize": True, "progressive": True, "quality": 30}])
 def test_fast_jpeg_matches_pil_for_other_encodings(save):
@@ -45,6 +43,8 @@ def test_fast_jpeg_matches_pil_for_other_encodings(save):
         assert np.array_equal(decode_rgb(data, res, max_pixels=10**9, min_size=16), want)
 
 
+@pytest.mark.parametrize("data,reason", [(jpeg(64, 64)[:300], "image_undecodable"), (b"not an image", "image_undecodable"),
+                                         (jpeg(8, 64), "image_too_small"), (jpeg(200, 200), "image_too_large")])
 def test_unusable_images_name_their_reason(data, reason):
     with pytest.raises(Unusable) as e:
         decode_rgb(data, 32, max_pixels=30_000, min_size=16)
