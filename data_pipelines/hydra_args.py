@@ -8,6 +8,9 @@ from __future__ import annotations
 
 # flags that print information instead of running: nothing to check
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc"}
+# flags that pick another config (and take the next argument): that config is Hydra's to check
+CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--package", "-p",
+                "--experimental-rerun"}
 
 
 def config_error(conf_dir: str, config_name: str, argv: list[str]) -> str | None:
@@ -18,7 +21,7 @@ def config_error(conf_dir: str, config_name: str, argv: list[str]) -> str | None
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if INFO_FLAGS & set(argv):
+    if any(a.split("=", 1)[0] in INFO_FLAGS | CONFIG_FLAGS for a in argv):
         return None
     multirun = "-m" in argv or "--multirun" in argv
     try:

@@ -122,3 +122,4 @@ def test_good_overrides_and_sweeps_pass_the_check():
     assert config_error(CONF_DIR, "train", ["experiment=demo", "trainer.max_steps=5"]) is None
     assert config_error(CONF_DIR, "train", ["-m", "hparams_search=optuna", "experiment=demo", "strategy=single,ddp"]) is None
     assert config_error(CONF_DIR, "synth", ["generator=procedural", "num_sets=4", "out_dir=/tmp/x"]) is None
+    assert config_error(CONF_DIR, "train", ["-cn", "my_train", "whatever.key=1"]) is None  # another config: Hydra's
