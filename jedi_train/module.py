@@ -113,9 +113,12 @@ class JeDiModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        # bad data, summed over ranks: a collective, so here (every rank gets here each step, even when
+        # training_step skipped a NaN loss) and only on the steps whose metrics reach the logger (the
+        # check Lightning's own LearningRateMonitor/ThroughputMonitor use)
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "global_counts"):  # here, not in training_step: every rank
-            for kind, counts in dm.global_counts().items():   # gets here each step (it is collective)
+        if dm is not None and hasattr(dm, "global_counts") and self.trainer._logger_connector.should_update_logs:
+            for kind, counts in dm.global_counts().items():
                 for reason, count in counts.items():
                     self.log(f"data/{kind}_{reason}", float(count))
         if self.ema is None or not outputs:  # {} or None: the step was skipped

@@ -150,3 +150,34 @@ def test_heldout_batch_and_missing_data_messages(shards, tokenizer, tmp_path):
         missing.setup("fit")
     with pytest.raises(ValueError, match="tokenizer object or model_dir"):
         make_dm(shards, None).setup("fit")
+
+
+def test_module_logs_data_counters_on_logging_steps(tiny_model_dir, tmp_path):
+    """JeDiModule logs data/skipped_* / data/repaired_* (gathered only on steps that reach the logger)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from PIL import Image
+    from stream_helpers import encode_image, set_json, write_raw_tar
+
+    from jedi_train.module import JeDiModule
+
+    members = {}
+    for i in range(8):  # sets of grayscale PNGs: every image is repaired to RGB, and counted
+        members[f"g{i}.json"] = set_json(f"g{i}", 2)
+        for j in range(2):
+            members[f"g{i}.{j}.png"] = encode_image(Image.new("L", (32, 32), 30 * j + i))
+    write_raw_tar(str(tmp_path / "gray-0000.tar"), members)
+    module = JeDiModule(model_dir=tiny_model_dir, ema={"enabled": False})
+    dm = JeDiDataModule(sources=str(tmp_path / "gray-*.tar"), resolution=32, batch_size=2, num_workers=0,
+                        model_dir=tiny_model_dir, ref_count_probs=[0.0, 1.0])
+    gathers = []
+    dm.global_counts = lambda real=dm.global_counts: gathers.append(1) or real()
+    logger = CSVLogger(str(tmp_path), name="log")
+    L.Trainer(max_steps=4, accelerator="cpu", logger=logger, log_every_n_steps=2, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False).fit(module, datamodule=dm)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("data/repaired_image_mode_L")]
+    assert [int(r["step"]) for r in rows] == [1, 3]  # the logging steps
+    assert len(gathers) == 2  # the (collective) gather ran on those steps only, not on all 4
+    assert [float(r["data/repaired_image_mode_L"]) for r in rows] == [8.0, 16.0]  # 2 sets x 2 images per step
