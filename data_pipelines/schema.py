@@ -8,7 +8,8 @@ One WebDataset sample = one SET of same-subject images:
 json fields (required): ``schema_version``, ``set_id``, ``num_images`` (N), ``image_ext``,
 ``captions`` (N strings, one per image). Optional: ``subject_id``, ``class``, ``scenes`` (N),
 ``generator``, ``seed``, ``subject`` (a generator-specific identity spec, e.g. the procedural
-subject's colours, enough to re-render it).
+subject's colours, enough to re-render it), ``masks`` (true: every image i has a subject mask
+``<set_id>.<i>.mask.png``, 8-bit gray, 255 = subject; the procedural generator knows them exactly).
 """
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ def image_key(index: int, ext: str) -> str:
     return f"{index}.{ext}"
 
 
+def mask_key(index: int) -> str:
+    return f"{index}.mask.png"
+
+
 def _encode_image(image: Image.Image | np.ndarray, ext: str, quality: int) -> bytes:
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     buf = io.BytesIO()
-    if ext == "jpg":
-        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    if ext == "jpg":  # 4:4:4: chroma subsampling would blur exactly the colours that carry identity
+        image.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=0)
     else:
         image.save(buf, format="PNG")
     return buf.getvalue()
@@ -47,8 +52,9 @@ def encode_set(
     meta: Mapping[str, Any] | None = None,
     ext: str = "jpg",
     quality: int = 95,
+    masks: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """One set -> a dict ready for ``webdataset.ShardWriter.write``."""
+    """One set -> a dict ready for ``webdataset.ShardWriter.write``. masks: optional uint8 (H, W) per image."""
     if ext not in IMAGE_EXTS:
         raise ValueError(f"image_ext {ext!r} is not supported; use one of {IMAGE_EXTS}")
     if len(images) != len(captions):
@@ -56,11 +62,17 @@ def encode_set(
     if "." in set_id:
         raise ValueError(f"set_id {set_id!r} contains '.', which WebDataset uses to split keys; use '-' or '_'")
     info = dict(meta or {})
+    if masks is not None and len(masks) != len(images):
+        raise ValueError(f"set {set_id}: {len(images)} images but {len(masks)} masks; give one mask per image")
     info.update(schema_version=SCHEMA_VERSION, set_id=set_id, num_images=len(images),
                 image_ext=ext, captions=list(captions))
+    if masks is not None:
+        info["masks"] = True
     sample: dict[str, Any] = {"__key__": set_id, "json": json.dumps(info).encode("utf-8")}
     for i, img in enumerate(images):
         sample[image_key(i, ext)] = _encode_image(img, ext, quality)
+    for i, m in enumerate(masks or []):
+        sample[mask_key(i)] = _encode_image(np.asarray(m, dtype=np.uint8), "png", quality)
     return sample
 
 
@@ -100,4 +112,6 @@ def validate_sample(sample: Mapping[str, Any]) -> str | None:
         return "no_captions"
     if any(image_key(i, ext) not in sample for i in range(n)):
         return "missing_image"
+    if meta.get("masks") and any(mask_key(i) not in sample for i in range(n)):
+        return "missing_mask"
     return None

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .images import Unusable, crop_square, decode_rgb, resize_short_side
-from .schema import image_key, parse_meta
+from .schema import image_key, mask_key, parse_meta
 from .skips import Counts
 
 
@@ -31,15 +31,24 @@ class SetOptions:
     max_image_pixels: int = 100_000_000  # above this: dropped before decoding (decompression bombs)
 
 
-def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: Counts) -> np.ndarray | None:
-    """Encoded bytes -> uint8 (res, res, 3), or None (counted) when the image cannot be used."""
+def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: Counts,
+               mask: bytes | None = None) -> np.ndarray | None:
+    """Encoded bytes -> uint8 (res, res, 3), or None (counted) when the image cannot be used.
+    With `mask` (an encoded subject mask): (res, res, 4), the mask as a 4th channel, cropped and
+    flipped with the image."""
     try:
-        arr = decode_rgb(data, opt.resolution, opt.max_image_pixels, opt.min_image_size, counts)
+        arr = resize_short_side(decode_rgb(data, opt.resolution, opt.max_image_pixels, opt.min_image_size, counts),
+                                opt.resolution)
+        if mask is not None:
+            m = decode_rgb(mask, opt.resolution, opt.max_image_pixels, opt.min_image_size)[..., :1]
+            m = resize_short_side(np.repeat(m, 3, axis=2), opt.resolution)[..., :1]
+            if m.shape[:2] != arr.shape[:2]:
+                raise Unusable("mask_size_mismatch", f"mask {m.shape[:2]} vs image {arr.shape[:2]}")
+            arr = np.concatenate([arr, m], axis=2)
     except Unusable as e:
         counts.skip(e.reason, str(e))
         return None
-    arr = crop_square(resize_short_side(arr, opt.resolution), opt.resolution,
-                      rng if opt.crop == "random" else None)
+    arr = crop_square(arr, opt.resolution, rng if opt.crop == "random" else None)
     if opt.flip_prob and rng.random() < opt.flip_prob:
         arr = arr[:, ::-1]
     return arr
@@ -68,8 +77,10 @@ def choose_ref_count(n: int, probs: Sequence[float], rng: np.random.Generator) -
 
 
 def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Counts) -> dict | None:
-    """A validated raw sample -> {set_id, images: n uint8 (res,res,3) arrays, captions, is_ref}, or None."""
+    """A validated raw sample -> {set_id, images: n uint8 (res,res,3) arrays, captions, is_ref[, masks]},
+    or None. masks (uint8 (res, res) per image) when the set has subject masks."""
     meta = parse_meta(sample["json"])
+    has_masks = bool(meta.get("masks"))
     n, ext = meta["num_images"], meta["image_ext"]
     if n < opt.min_set:
         counts.skip("too_few_images", f"{meta['set_id']}: {n} < min_set {opt.min_set}")
@@ -80,7 +91,8 @@ def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Co
     for i in rng.permutation(n):  # decode only what the set needs; a bad image is replaced by the next
         if len(images) == size:
             break
-        arr = load_image(sample[image_key(int(i), ext)], opt, rng, counts)
+        arr = load_image(sample[image_key(int(i), ext)], opt, rng, counts,
+                         sample[mask_key(int(i))] if has_masks else None)
         if arr is not None:
             images.append(arr)
             caps.append(captions[i])
@@ -89,7 +101,10 @@ def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Co
         return None
     is_ref = np.zeros(len(images), dtype=bool)
     is_ref[rng.choice(len(images), choose_ref_count(len(images), opt.ref_count_probs, rng), replace=False)] = True
-    return {"set_id": str(meta["set_id"]), "images": images, "captions": caps, "is_ref": is_ref}
+    out = {"set_id": str(meta["set_id"]), "images": [a[..., :3] for a in images], "captions": caps, "is_ref": is_ref}
+    if has_masks:
+        out["masks"] = [a[..., 3] for a in images]
+    return out
 
 
 def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
@@ -99,7 +114,8 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor] | None) -> dict:
-    """Sets of unequal size -> one padded batch; N is the largest set. Padding: zeros, "" captions."""
+    """Sets of unequal size -> one padded batch; N is the largest set. Padding: zeros, "" captions.
+    subject_mask (B, N, 1, H, W) in [0, 1] when every set of the batch has masks."""
     b, n = len(sets), max(len(s["captions"]) for s in sets)
     res = sets[0]["images"][0].shape[0]
     u8 = np.zeros((b, n, 3, res, res), dtype=np.uint8)
@@ -119,6 +135,12 @@ def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor]
         pixels[~valid] = 0.0
     batch = {"pixel_values": pixels, "is_ref": is_ref, "valid": valid,
              "set_id": [s["set_id"] for s in sets], "captions": [list(s["captions"]) for s in sets]}
+    if all("masks" in s for s in sets):
+        m8 = np.zeros((b, n, 1, res, res), dtype=np.uint8)
+        for i, s in enumerate(sets):
+            for j, m in enumerate(s["masks"]):
+                m8[i, j, 0] = m
+        batch["subject_mask"] = torch.from_numpy(m8).float().div_(255.0)
     if tokenize is not None:
         batch["input_ids"] = torch.stack([tokenize(s["captions"] + [""] * (n - len(s["captions"]))) for s in sets])
     return batch

@@ -189,12 +189,22 @@ class JeDiDataModule(L.LightningDataModule):
         if not self.heldout_sources:
             return None
         if self._heldout is None or len(self._heldout["set_id"]) != num_sets:
-            cfg = StreamConfig(**{**vars(self.cfg), "sources": self.heldout_sources, "resampled": False,
-                                  "shuffle_buffer": 1, "shardshuffle": False, "crop": "center", "flip_prob": 0.0,
-                                  "batch_size": num_sets, "epoch_sets": num_sets})
-            loader = ResumableLoader(SetStream(cfg, tokenize=self._tokenize_fn()), 0)
-            self._heldout = next(iter(loader), None)
+            self._heldout = self.fixed_batch(self.heldout_sources, num_sets)
         return self._heldout
+
+    def fixed_batch(self, sources: Any, num_sets: int, set_size: int | None = None,
+                    num_refs: int | None = None) -> dict | None:
+        """The first `num_sets` sets of `sources` in shard order (center crop, no flip): the same sets on
+        every call. set_size / num_refs: every set cut to exactly that many images / references (sets
+        too small are skipped)."""
+        over: dict[str, Any] = {"sources": sources, "resampled": False, "shuffle_buffer": 1, "shardshuffle": False,
+                                "crop": "center", "flip_prob": 0.0, "batch_size": num_sets, "epoch_sets": num_sets}
+        if set_size is not None:
+            over.update(min_set=set_size, max_set=set_size)
+        if num_refs is not None:
+            over["ref_count_probs"] = tuple([0.0] * num_refs + [1.0])
+        loader = ResumableLoader(SetStream(StreamConfig(**{**vars(self.cfg), **over}), tokenize=self._tokenize_fn()), 0)
+        return next(iter(loader), None)
 
 
 def build_datamodule(cfg, tokenizer=None, **overrides) -> JeDiDataModule:

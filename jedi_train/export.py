@@ -22,7 +22,8 @@ def build_pipeline(components: Components, unet=None):
     from .pipeline import JeDiPipeline
 
     c = components
-    scheduler = DDIMScheduler.from_config(c.noise_scheduler.config)  # same betas/prediction type; fast sampler
+    # same betas / prediction type; "trailing" spacing so that sampling starts at t = 999, not 960 ("leading")
+    scheduler = DDIMScheduler.from_config(c.noise_scheduler.config, timestep_spacing="trailing")
     return JeDiPipeline(unet=unet or c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
                         scheduler=scheduler)
 
@@ -103,7 +104,8 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
         raise ValueError(f"{ckpt_path} records no model_dir; pass --model-dir with the base model directory")
     components = load_components(model_dir, hp.get("conditioning", "channels"),
                                  hp.get("reference_timestep", "zero"), hp.get("prediction_type"),
-                                 reference_attention=hp.get("reference_attention", "set"))
+                                 reference_attention=hp.get("reference_attention", "set"),
+                                 noise_schedule=hp.get("noise_schedule"))
     load_unet_weights(components.unet, unet_state_from_checkpoint(ckpt), ckpt_path)
     if use_ema and ckpt.get("ema"):
         ema = EMAModel(components.unet.parameters())

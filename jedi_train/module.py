@@ -38,14 +38,16 @@ class JeDiModule(L.LightningModule):
                  objective: dict | None = None, optimizer: dict | None = None, lr_scheduler: dict | None = None,
                  ema: dict | None = None, gradient_checkpointing: bool = False, trainable: list[str] | None = None,
                  max_nonfinite_steps: int = 10, seed: int = 0, frozen_dtype: str | None = None,
-                 resolution: int | None = None, reference_attention: str = "set"):
+                 resolution: int | None = None, reference_attention: str = "set",
+                 noise_schedule: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         prepare_model_dir(model_dir, create_tiny_if_missing)
         dtype = getattr(torch, frozen_dtype) if frozen_dtype else None
         self.components: Components = load_components(model_dir, conditioning, reference_timestep,
                                                       prediction_type, dtype=dtype,
-                                                      reference_attention=reference_attention)
+                                                      reference_attention=reference_attention,
+                                                      noise_schedule=noise_schedule)
         self.unet = self.components.unet  # the only trained module: what state_dict / ZeRO see
         native = self.unet.config.sample_size * self.components.codec.downsample
         if resolution is not None and resolution != native:

@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
 def test_demo_synthesizes_its_data_once_and_writes_a_run_dir(runs):
     root, run = runs["root"], runs["resumed"]
     assert len(glob.glob(str(root / "data" / "sets" / "procedural" / "*.tar"))) > 0
-    assert len(glob.glob(str(root / "data" / "sets" / "procedural_heldout" / "*.tar"))) > 0
+    assert len(glob.glob(str(root / "data" / "sets" / "procedural_v2_heldout" / "*.tar"))) > 0
     assert "synthesizing" not in runs["second"].stderr + runs["second"].stdout  # cached data reused
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "config.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
@@ -188,4 +188,4 @@ def test_demo_summary_points_at_the_run_outputs(runs, monkeypatch, capsys):
     half = len(values) // 2  # the summary averages min(50, steps // 2) steps at each end
     assert f"first {half} steps {sum(values[:half]) / half:.4f} -> last {half} steps " \
            f"{sum(values[-half:]) / half:.4f} (steps 1..{2 * K})" in out
-    assert "reference gain" in out and f"jedi-sample {runs['resumed']}/pipeline" in out
+    assert "identity gain" in out and f"jedi-sample {runs['resumed']}/pipeline" in out

@@ -31,6 +31,7 @@ class Candidate:
     captions: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     reject: str | None = None
+    masks: list | None = None  # subject masks, when the generator knows them
 
 
 class ProceduralGenerator:
@@ -46,13 +47,15 @@ class ProceduralGenerator:
                 raise SynthError(f"generator.{what} has unknown entries {bad}; choose from {list(known)}")
         self.set_size, self.resolution, self.seed = set_size, resolution, seed
         self.batch_size = int(cfg.get("batch_size", 64))
+        self.masks = bool(cfg.get("masks", True))
 
     def generate(self, indices: Sequence[int]) -> list[Candidate]:
         out = []
         for i in indices:
-            images, captions, meta = procedural.make_set(set_seed(self.seed, i), self.set_size, self.resolution,
-                                                         scenes=self.scenes, classes=self.classes)
-            out.append(Candidate(i, images, captions, meta))
+            images, captions, meta, masks = procedural.make_set(
+                set_seed(self.seed, i), self.set_size, self.resolution, scenes=self.scenes, classes=self.classes,
+                with_masks=True)
+            out.append(Candidate(i, images, captions, meta, masks=masks if self.masks else None))
         return out
 
 
@@ -150,7 +153,8 @@ class Pipeline:
         if self.captioner is not None:
             c.meta["prompt_captions"] = list(c.captions)
             c.captions = self.captioner(c.images)
-        sample = encode_set(self.set_id(c.index), c.images, c.captions, c.meta, ext=self.ext, quality=self.quality)
+        sample = encode_set(self.set_id(c.index), c.images, c.captions, c.meta, ext=self.ext, quality=self.quality,
+                            masks=c.masks)
         return SetResult(sample, num_images=len(c.images))
 
     def unit_results(self, unit: Unit) -> Iterator[SetResult]:

@@ -258,9 +258,9 @@ def _normals(kind: str, u, v, p: dict):
 
 
 def _draw_subject(subject: dict[str, Any], view: dict[str, float], img: np.ndarray, X: np.ndarray, Y: np.ndarray,
-                  px: float, lx: float, ly: float) -> np.ndarray:
+                  px: float, lx: float, ly: float) -> tuple[np.ndarray, np.ndarray]:
     """Contact shadow + the subject's layers over `img` (a window of the image; X, Y its pixel centres).
-    `px` is one pixel in object units: the antialiasing ramp."""
+    `px` is one pixel in object units: the antialiasing ramp. Returns (img, subject coverage in [0, 1])."""
     s, th = view["scale"], view["angle"]
     # contact shadow on the ground, offset away from the light
     sh = _ellipse(X, Y, view["cx"] - 0.25 * s * lx, view["cy"] + 0.92 * s, 0.85 * s, 0.18 * s)
@@ -298,6 +298,7 @@ def _draw_subject(subject: dict[str, Any], view: dict[str, float], img: np.ndarr
 
     fills = {"body": body_col, "part": cols["part"], "dark": np.asarray([0.08, 0.08, 0.1], F32)}
     lit: dict[str, np.ndarray] = {}  # shaded colour per fill, computed once
+    coverage = np.zeros(img.shape[:2], F32)
     for fill, d in layers:
         if fill not in lit:
             lit[fill] = fills[fill] * shade + spec
@@ -305,13 +306,15 @@ def _draw_subject(subject: dict[str, Any], view: dict[str, float], img: np.ndarr
         step = lit[fill] - img
         step *= alpha
         img += step  # in place: same arithmetic as img + (colour - img) * alpha, fewer temporaries
-    return img
+        np.maximum(coverage, alpha[..., 0], out=coverage)
+    return img, coverage
 
 
 def render(subject: dict[str, Any], scene: str, rng: np.random.Generator, resolution: int = 64,
-           view: dict[str, float] | None = None) -> np.ndarray:
+           view: dict[str, float] | None = None, with_mask: bool = False):
     """One image of `subject` in `scene` as uint8 (R, R, 3). `view` (from sample_view) fixes the pose;
-    otherwise it is drawn from rng first, then the scene texture."""
+    otherwise it is drawn from rng first, then the scene texture. with_mask: returns (image, mask), the
+    mask uint8 (R, R), 255 where the subject covers the pixel (antialiased edges in between)."""
     if scene not in SCENES:
         raise ValueError(f"unknown scene {scene!r}; known scenes: {', '.join(SCENE_NAMES)}")
     view = view or sample_view(rng, scene)
@@ -327,21 +330,25 @@ def render(subject: dict[str, Any], scene: str, rng: np.random.Generator, resolu
     if not WINDOWED:
         x0, y0, x1, y1 = 0, 0, resolution, resolution
     lx, ly = float(np.cos(view["light"])), float(np.sin(view["light"]))
+    mask = np.zeros((resolution, resolution), F32)
     if x0 < x1 and y0 < y1:
-        img[y0:y1, x0:x1] = _draw_subject(subject, view, img[y0:y1, x0:x1], X[y0:y1, x0:x1], Y[y0:y1, x0:x1],
-                                          1.0 / (resolution * s), lx, ly)
+        img[y0:y1, x0:x1], mask[y0:y1, x0:x1] = _draw_subject(
+            subject, view, img[y0:y1, x0:x1], X[y0:y1, x0:x1], Y[y0:y1, x0:x1], 1.0 / (resolution * s), lx, ly)
 
     # global light: brightness, warm/cool tint, a soft gradient from the light's side
     tint = 1 + 0.06 * view["warmth"] * np.asarray([1, 0, -1], F32)
     grad = 1 + 0.12 * ((X - 0.5) * lx + (Y - 0.5) * ly)
     img = img * (view["brightness"] * tint) * grad[..., None]
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    img = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return (img, (mask * 255 + 0.5).astype(np.uint8)) if with_mask else img
 
 
-def render_subject(subject: dict[str, Any], scene: str, seed: int = 0, resolution: int = 64) -> np.ndarray:
+def render_subject(subject: dict[str, Any], scene: str, seed: int = 0, resolution: int = 64,
+                   with_mask: bool = False):
     """Re-render a stored subject spec (a set's json `subject`) in any scene: evaluation ground truth.
-    With a set's per-image `views[i].seed` and scene it reproduces image i exactly."""
-    return render(subject, scene, np.random.default_rng(seed), resolution)
+    With a set's per-image `views[i].seed` and scene it reproduces image i exactly (with_mask: and
+    returns its subject mask too, see render)."""
+    return render(subject, scene, np.random.default_rng(seed), resolution, with_mask=with_mask)
 
 
 def caption_for(cls: str, scene: str, rng: np.random.Generator) -> str:
@@ -355,12 +362,13 @@ def set_seed(base_seed: int, index: int) -> int:
 
 def make_set(seed: int, set_size: int = 4, resolution: int = 64, scenes: Sequence[str] | None = None,
              subject: dict[str, Any] | None = None, classes: Sequence[str] | None = None,
-             ) -> tuple[list[np.ndarray], list[str], dict[str, Any]]:
+             with_masks: bool = False):
     """One set: the same subject in `set_size` different scenes (distinct while there are enough).
     `scenes` / `classes` restrict the scenes and shape families drawn from (default: all).
 
     Returns (images uint8 (R, R, 3), captions, meta); meta holds subject_id, class, scenes, subject
     (the spec) and views (per-image scene + seed, for exact re-rendering with render_subject).
+    with_masks: (images, captions, meta, masks), masks uint8 (R, R) per image (see render).
     """
     rng = np.random.default_rng(seed)
     if subject is None:
@@ -369,10 +377,11 @@ def make_set(seed: int, set_size: int = 4, resolution: int = 64, scenes: Sequenc
     replace = set_size > len(names)
     picked = [names[i] for i in rng.choice(len(names), size=set_size, replace=replace)]
     view_seeds = [int(x) for x in rng.integers(0, 2**62, size=set_size)]
-    images = [render_subject(subject, sc, vs, resolution) for sc, vs in zip(picked, view_seeds)]
+    rendered = [render_subject(subject, sc, vs, resolution, with_mask=True) for sc, vs in zip(picked, view_seeds)]
+    images, masks = [r[0] for r in rendered], [r[1] for r in rendered]
     cls = subject["family"]
     captions = [caption_for(cls, sc, rng) for sc in picked]
     meta = {"subject_id": subject_id(subject), "class": cls, "scenes": picked, "generator": "procedural",
             "seed": int(seed), "subject": subject,
             "views": [{"scene": sc, "seed": vs} for sc, vs in zip(picked, view_seeds)]}
-    return images, captions, meta
+    return (images, captions, meta, masks) if with_masks else (images, captions, meta)

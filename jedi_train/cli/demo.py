@@ -41,13 +41,17 @@ def main(argv=None) -> int:
     if losses:
         print(f"training loss    first {w} steps {sum(losses[:w]) / w:.4f} -> last {w} steps "
               f"{sum(losses[-w:]) / w:.4f} (steps {rows[0]['step']}..{rows[-1]['step']})")
-    gain_csv = os.path.join(run_dir, "samples", "reference_gain.csv")
+    gain_csv = os.path.join(run_dir, "samples", "identity_gain.csv")
     if os.path.exists(gain_csv):
         with open(gain_csv) as f:
             gains = list(csv.DictReader(f))
         if gains:
-            print(f"reference gain   {float(gains[-1]['reference_gain']):+.4f} at step {gains[-1]['step']}   "
-                  "(> 0 once the model uses its reference images; ~0 is expected in a short CPU run)")
+            g = gains[-1]
+            line = (f"identity gain    held-out {float(g['identity_gain']):+.4f} ± {1.96 * float(g['identity_gain_se']):.4f}"
+                    f" (95% CI) at step {g['step']}")
+            if "identity_gain_train" in g:
+                line += f"; training sets {float(g['identity_gain_train']):+.4f} ± {1.96 * float(g['identity_gain_train_se']):.4f}"
+            print(line + "   (subject-pixel error without vs with the reference; > 0: references used)")
     print(f"personalize      jedi-sample {run_dir}/pipeline --ref PHOTOS_DIR --prompt 'a toy on the beach' "
           "--num 4 --seed 0 --out OUT_DIR")
     return 0

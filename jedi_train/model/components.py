@@ -87,9 +87,11 @@ def check_model_dir(model_dir: str) -> None:
 
 def load_components(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
                     prediction_type: str | None = None, dtype: torch.dtype | None = None,
-                    reference_attention: str | None = None) -> Components:
+                    reference_attention: str | None = None, noise_schedule: dict | None = None) -> Components:
     """Load every component of a diffusers SD-style directory; the UNet becomes (or stays) joint.
-    reference_attention: 'set' | 'references' (None keeps what a joint UNet's config says, else 'set')."""
+    reference_attention: 'set' | 'references' (None keeps what a joint UNet's config says, else 'set').
+    noise_schedule: DDPMScheduler config overrides, e.g. {"rescale_betas_zero_snr": True} (zero terminal
+    SNR: at t = 999 the noisy image holds nothing of the image, as sampling from pure noise assumes)."""
     check_model_dir(model_dir)
     has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
     unet = load_joint_unet(model_dir, "unet", conditioning, reference_timestep,
@@ -99,6 +101,7 @@ def load_components(model_dir: str, conditioning: str = "channels", reference_ti
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     sched_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
+    sched_kwargs.update(noise_schedule or {})
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **sched_kwargs)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae") if has_vae else None
     for frozen in (text_encoder, vae):

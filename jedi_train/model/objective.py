@@ -3,7 +3,8 @@
 Plain PyTorch: the LightningModule and the benchmarks call it; it knows nothing of Lightning.
 
 batch (from the data stream, see data_pipelines/stream.py):
-    pixel_values (B, N, 3, H, W) in [-1, 1]; input_ids (B, N, T); is_ref (B, N); valid (B, N)
+    pixel_values (B, N, 3, H, W) in [-1, 1]; input_ids (B, N, T); is_ref (B, N); valid (B, N);
+    optional subject_mask (B, N, 1, H, W) in [0, 1] (procedural shards carry it)
 """
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ class ObjectiveConfig:
     caption_dropout: float = 0.1  # per target image: caption -> "" (text CFG)
     reference_dropout: float = 0.1  # per set: references hidden (image guidance)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting; None = plain MSE
+    # per reference image: caption -> "", so uncaptioned user photos are in distribution (None: caption_dropout)
+    reference_caption_dropout: float | None = None
+    subject_loss_weight: float = 1.0  # loss weight of subject pixels (needs subject_mask); 1 = plain MSE
+    # a set's timestep is drawn from [high_timestep_min, T) with this probability, else from [0, T): identity
+    # can only come from the references where the noisy target no longer shows it (high t)
+    high_timestep_prob: float = 0.0
+    high_timestep_min: int = 400
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(M, 1, H, W) pixel mask -> (M, 1, h, w) coverage of each latent cell (area average)."""
+    return mask if tuple(mask.shape[-2:]) == tuple(size) else F.interpolate(mask, size=size, mode="area")
 
 
 @dataclass
@@ -43,7 +56,10 @@ class JeDiObjective:
     def sample_dropout(self, is_ref: torch.Tensor, valid: torch.Tensor, generator=None) -> Dropout:
         b, n = is_ref.shape
         u = torch.rand(b, n + 1, generator=generator, device=is_ref.device)
-        caption = (u[:, :n] < self.cfg.caption_dropout) & valid & ~is_ref
+        ref_rate = self.cfg.caption_dropout if self.cfg.reference_caption_dropout is None \
+            else self.cfg.reference_caption_dropout
+        rate = torch.where(is_ref, torch.full_like(u[:, :n], ref_rate), torch.full_like(u[:, :n], self.cfg.caption_dropout))
+        caption = (u[:, :n] < rate) & valid
         reference = (u[:, n] < self.cfg.reference_dropout) & (is_ref & valid).any(1)
         return Dropout(caption, reference)
 
@@ -58,9 +74,20 @@ class JeDiObjective:
         clipped = torch.clamp(snr, max=self.cfg.snr_gamma)
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
+    def sample_timesteps(self, b: int, device, generator=None) -> torch.Tensor:
+        T = self.c.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, T, (b,), generator=generator, device=device)
+        if self.cfg.high_timestep_prob > 0:
+            high = torch.randint(min(self.cfg.high_timestep_min, T - 1), T, (b,), generator=generator, device=device)
+            pick = torch.rand(b, generator=generator, device=device) < self.cfg.high_timestep_prob
+            t = torch.where(pick, high, t)
+        return t
+
     # -- the step ------------------------------------------------------------------------------
     def __call__(self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-                 dropout: Dropout | None = None, generator: torch.Generator | None = None) -> dict:
+                 dropout: Dropout | None = None, generator: torch.Generator | None = None,
+                 return_error: bool = False) -> dict:
+        """return_error: also return the per-element squared error (B*N, C, h, w), detached."""
         unet, sched = self.c.unet, self.c.noise_scheduler
         pixels, ids = batch["pixel_values"], batch["input_ids"]
         is_ref = batch["is_ref"].bool()
@@ -82,7 +109,7 @@ class JeDiObjective:
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         if timesteps is None:  # one timestep per set: a set's targets are denoised together at inference
-            timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator, device=device)
+            timesteps = self.sample_timesteps(b, device, generator)
         t_img = timesteps.repeat_interleave(n)
         ref_flat = is_ref.flatten()
         noisy = sched.add_noise(latents, noise, t_img)
@@ -94,32 +121,58 @@ class JeDiObjective:
 
         pred = unet(model_in, t_img, text, set_layout=layout).sample
         target = noise if self.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t_img)
-        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if self.cfg.subject_loss_weight != 1.0 and "subject_mask" in batch:
+            m = latent_mask(batch["subject_mask"].flatten(0, 1).to(error), error.shape[-2:])
+            per_image = (error * (1 + (self.cfg.subject_loss_weight - 1) * m)).mean(dim=(1, 2, 3))
+        else:
+            per_image = error.mean(dim=(1, 2, 3))
         weights = self.loss_weights(t_img)
         if weights is not None:
             per_image = per_image * weights
         keep = (valid & ~is_ref).flatten()  # references and padding get no loss (indexing: no NaN*0)
         loss = per_image[keep].mean()
-        return {"loss": loss, "per_image_loss": per_image.detach(), "loss_mask": keep, "dropout": dropout,
-                "num_targets": int(keep.sum()), "timesteps": timesteps}
+        out = {"loss": loss, "per_image_loss": per_image.detach(), "loss_mask": keep, "dropout": dropout,
+               "num_targets": int(keep.sum()), "timesteps": timesteps}
+        if return_error:
+            out["error"] = error.detach()
+        return out
 
 
 @torch.no_grad()
-def reference_gain(objective: JeDiObjective, batch: dict, timestep: int = 900, seed: int = 0) -> float:
-    """How much the references help: 1 - loss(refs visible) / loss(refs hidden), same noise and t.
+def identity_gain(objective: JeDiObjective, batch: dict, timesteps=(500, 700, 900), seeds=(0, 1, 2, 3)) -> dict:
+    """How much the references help on the SUBJECT's pixels: per set, 1 - err(refs visible) / err(refs
+    hidden), the squared error summed over its targets' subject pixels, the noise seeds and timesteps
+    (same noise and t in both). 0 = references ignored; > 0 = used. Background pixels are left out: cutting
+    a target off from its references shifts its background too, which says nothing about identity.
 
-    At high noise a target's content must come from somewhere; a model that uses its references
-    predicts them better when it sees them. 0 = references ignored; > 0 = used. A cheap, sensitive
-    training signal (METHOD.md calibration) that needs no sampling.
+    Needs batch["subject_mask"] and at least one reference per set (e.g. fixed sets with exactly one).
+    Returns {"gain": mean over sets, "se": its standard error, "per_set": (B,) gains, "n_sets": B}.
     """
+    if "subject_mask" not in batch:
+        raise ValueError("identity_gain needs subject masks (batch['subject_mask']); procedural shards written "
+                         "with generator.masks=true carry them")
     is_ref = batch["is_ref"].bool()
+    valid = batch.get("valid", torch.ones_like(is_ref)).bool()
     b, n = is_ref.shape
-    g = torch.Generator(device=batch["pixel_values"].device).manual_seed(seed)
-    latents_shape = objective.c.codec.encode(batch["pixel_values"][:1, :1].flatten(0, 1)).shape[1:]
-    noise = torch.randn((b * n, *latents_shape), generator=g, device=batch["pixel_values"].device)
-    t = torch.full((b,), timestep, dtype=torch.long, device=noise.device)
-    no_caption = torch.zeros(b, n, dtype=torch.bool, device=noise.device)
-    has_refs = (is_ref & batch.get("valid", torch.ones_like(is_ref)).bool()).any(1)
-    seen = objective(batch, noise=noise, timesteps=t, dropout=Dropout(no_caption, torch.zeros_like(has_refs)))
-    hidden = objective(batch, noise=noise, timesteps=t, dropout=Dropout(no_caption, has_refs))
-    return float(1 - seen["loss"] / hidden["loss"])
+    if not bool((is_ref & valid).any(1).all()):
+        raise ValueError("identity_gain needs at least one reference in every set")
+    device = batch["pixel_values"].device
+    no_caption = torch.zeros(b, n, dtype=torch.bool, device=device)
+    target = (valid & ~is_ref).flatten()
+    latent_shape = objective.c.codec.encode(batch["pixel_values"][:1, :1].flatten(0, 1)).shape[1:]
+    mask = latent_mask(batch["subject_mask"].flatten(0, 1).to(device).float(), latent_shape[-2:])
+    sums = torch.zeros(2, b, dtype=torch.float64, device=device)  # [seen, hidden] per set
+    for seed in seeds:
+        g = torch.Generator(device=device).manual_seed(int(seed))
+        for t in timesteps:
+            noise = torch.randn((b * n, *latent_shape), generator=g, device=device)
+            t_b = torch.full((b,), int(t), dtype=torch.long, device=device)
+            for row, hide in enumerate((False, True)):  # same noise and t, references visible / hidden
+                drop = Dropout(no_caption, torch.full((b,), hide, dtype=torch.bool, device=device))
+                err = objective(batch, noise=noise, timesteps=t_b, dropout=drop, return_error=True)["error"]
+                per_image = (err * mask).sum(dim=(1, 2, 3)) * target
+                sums[row] += per_image.view(b, n).sum(1).double()
+    per_set = 1 - sums[0] / sums[1].clamp_min(1e-12)
+    se = float(per_set.std(unbiased=True) / b ** 0.5) if b > 1 else float("nan")
+    return {"gain": float(per_set.mean()), "se": se, "per_set": per_set.float().cpu(), "n_sets": b}

@@ -1,0 +1,43 @@
+"""jedi-eval {procedural,dreambench} PIPELINE_DIR --out DIR ...
+
+procedural: identity against re-rendered ground truth (held-out procedural subjects).
+dreambench: the DreamBench protocol (DINO, CLIP-I, CLIP-T, MDINO) on a DreamBench-layout folder.
+Bad input: one `jedi-eval: error:` line, exit 2; --out only ever holds complete files.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        print(f"jedi-eval: error: {message}; see jedi-eval --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jedi_train.eval import dreambench, procedural
+
+    p = _Parser(prog="jedi-eval", description="Measure personalization of an exported JeDiPipeline.")
+    sub = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    for name, mod in (("procedural", procedural), ("dreambench", dreambench)):
+        sp = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__)
+        mod.add_arguments(sp)
+        sp.set_defaults(run=mod.run)
+    return p
+
+
+def main(argv=None) -> int:
+    from jedi_train.eval.common import EvalError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (EvalError, FileNotFoundError) as e:
+        print(f"jedi-eval: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
