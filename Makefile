@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.stamp-install
 export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install train test bench lint clean
+.PHONY: install train proof eval test bench lint clean
 
 install: $(STAMP)
 
@@ -19,6 +19,17 @@ $(STAMP): pyproject.toml
 
 train: install
 	$(BIN)/python -m jedi_train.cli.demo $(ARGS)
+
+# the longer run behind the README's proof table (not in CI): ~1 h on 2 cores, BUDGET=HH:MM:SS to change it
+BUDGET ?= 00:00:50:00
+proof: install
+	$(BIN)/python -m jedi_train.cli.demo --proof trainer.max_time=$(BUDGET) $(ARGS)
+
+# jedi-eval procedural on the newest `make train` run's pipeline (RUN=runs/... for another)
+RUN ?= $(lastword $(sort $(wildcard runs/demo-*)))
+eval: install
+	@test -n "$(RUN)" || { echo "no runs/demo-* yet: run make train first (or make eval RUN=DIR)"; exit 2; }
+	$(BIN)/python -m jedi_train.cli.eval procedural $(RUN)/pipeline --out $(RUN)/eval-full $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

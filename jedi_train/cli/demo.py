@@ -1,8 +1,10 @@
-"""`make train`: the embedded default end to end, then a summary of where everything is.
+"""`make train` / `make proof`: the embedded default end to end, measured, then a summary.
 
 Runs `jedi-train experiment=demo` (procedural sets synthesized on first use, tiny pixel model,
-CPU), which trains, checkpoints, renders sample grids and exports the pipeline; then prints the
-run dir, the latest sample grid, the exported pipeline and the loss curve, start vs end.
+CPU), which trains, checkpoints, renders sample grids and exports the pipeline; then `jedi-eval
+procedural` on held-out subjects (does the exported model carry identity from its references?);
+then prints the run dir, grids, the loss curve, the identity figures and where everything is.
+`--proof`: experiment=proof (a longer run) and the full refs x image-guidance table.
 Extra arguments are Hydra overrides, e.g. `make train ARGS="trainer.max_steps=300"`.
 """
 import csv
@@ -13,25 +15,38 @@ import sys
 import time
 
 
+DEMO_EVAL = ["--subjects", "32", "--refs", "0,1", "--image-guidance", "1", "--samples", "2"]
+PROOF_EVAL = ["--subjects", "64", "--refs", "0,1,3", "--image-guidance", "0,1,3", "--samples", "2"]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    proof = "--proof" in argv
+    argv = [a for a in argv if a != "--proof"]
+    experiment = "proof" if proof else "demo"
     if not any(a.startswith("paths.output_dir=") for a in argv):
-        argv.append(f"paths.output_dir={os.path.abspath('runs/demo-' + time.strftime('%Y%m%d-%H%M%S'))}")
+        argv.append(f"paths.output_dir={os.path.abspath(f'runs/{experiment}-' + time.strftime('%Y%m%d-%H%M%S'))}")
     run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("paths.output_dir="))
-    cmd = [sys.executable, "-m", "jedi_train.cli.train", "experiment=demo", *argv]
+    cmd = [sys.executable, "-m", "jedi_train.cli.train", f"experiment={experiment}", *argv]
     print("$ jedi-train " + " ".join(cmd[3:]), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd)
     if rc != 0:
         print(f"training failed (exit {rc}); rerun the same command to resume from {run_dir}/checkpoints/last.ckpt")
         return rc
+    train_minutes = (time.time() - t0) / 60
+    eval_dir = os.path.join(run_dir, "eval")
+    eval_cmd = [sys.executable, "-m", "jedi_train.cli.eval", "procedural", os.path.join(run_dir, "pipeline"),
+                "--out", eval_dir, *(PROOF_EVAL if proof else DEMO_EVAL)]
+    print(f"$ jedi-eval {' '.join(eval_cmd[3:])}", flush=True)
+    eval_rc = subprocess.call(eval_cmd)
     minutes = (time.time() - t0) / 60
     grids = sorted(glob.glob(os.path.join(run_dir, "samples", "samples_step*.png")))
     with open(os.path.join(run_dir, "loss_curve.csv")) as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["loss"]) for r in rows]
     w = max(1, min(50, len(losses) // 2))
-    print(f"\n=== jedi-train demo: done in {minutes:.1f} min ===")
+    print(f"\n=== jedi-train {experiment}: done in {minutes:.1f} min ({train_minutes:.1f} training) ===")
     print(f"run dir          {run_dir}")
     print(f"checkpoints      {run_dir}/checkpoints/last.ckpt")
     print(f"sample grid      {grids[-1] if grids else '(none)'}   (refs | generated | real)")
@@ -52,6 +67,20 @@ def main(argv=None) -> int:
             if "identity_gain_train" in g:
                 line += f"; training sets {float(g['identity_gain_train']):+.4f} ± {1.96 * float(g['identity_gain_train_se']):.4f}"
             print(line + "   (subject-pixel error without vs with the reference; > 0: references used)")
+    summary = os.path.join(eval_dir, "summary.json")
+    if eval_rc == 0 and os.path.exists(summary):
+        import json
+
+        with open(summary) as f:
+            rows = json.load(f)["rows"]
+        for r in rows:
+            lo, hi = r["gap_closed_ci"]
+            print(f"identity         refs {r['refs']} (image guidance {r['image_guidance']:g}): gap closed "
+                  f"{100 * r['gap_closed']:+.1f}% (95% CI {100 * lo:+.1f} .. {100 * hi:+.1f}), nearest subject "
+                  f"{r['nearest_subject_acc']:.2f} (chance 0.12), scene {r['scene_acc']:.2f}")
+        print(f"eval             {eval_dir}/summary.md, grids {eval_dir}/grids/   (refs | generated | ground truth)")
+    else:
+        print(f"eval             failed (exit {eval_rc}); rerun: jedi-eval {' '.join(eval_cmd[3:])}")
     print(f"personalize      jedi-sample {run_dir}/pipeline --ref PHOTOS_DIR --prompt 'a toy on the beach' "
           "--num 4 --seed 0 --out OUT_DIR")
     return 0

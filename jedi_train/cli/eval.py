@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jedi-eval", description="Measure personalization of an exported JeDiPipeline.")
     sub = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     for name, mod in (("procedural", procedural), ("dreambench", dreambench)):
-        sp = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__)
+        sp = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)
         sp.set_defaults(run=mod.run)
     return p
