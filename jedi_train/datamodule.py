@@ -81,7 +81,9 @@ class JeDiDataModule(L.LightningDataModule):
         exe = shutil.which("jedi-synth", path=os.path.dirname(sys.executable)) or shutil.which("jedi-synth")
         cmd = [exe] if exe else [sys.executable, "-c",
                                  "import sys; from data_pipelines.synth.cli import main; sys.exit(main())"]
-        cmd += [f"{k}={v}" for k, v in synth_args.items()]
+        args = dict(synth_args)
+        extra = list(args.pop("overrides", None) or [])  # verbatim jedi-synth overrides, e.g. generator.layout=centered
+        cmd += [f"{k}={v}" for k, v in args.items()] + extra
         log.info("no shards match %s: synthesizing with %s", sources, " ".join(cmd))
         subprocess.run(cmd, check=True)
 

@@ -22,3 +22,30 @@ def tiny_vae_model_dir(tmp_path_factory):
     from jedi_train.model.components import create_tiny_model_dir
 
     return create_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_sd_vae")), resolution=32, with_vae=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: two threads on a shared 2-core machine mostly spin (measured 2-5x slower).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pipe_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model exported as a pipeline with the demo's settings for the reference KV cache
+    (reference_attention 'references', references at t = 0), as jedi-export writes it."""
+    from jedi_train.export import build_pipeline
+    from jedi_train.model.attention import configure_reference_attention
+    from jedi_train.model.components import load_components
+
+    c = load_components(tiny_model_dir)
+    configure_reference_attention(c.unet, "references")
+    out = str(tmp_path_factory.mktemp("exported") / "pipeline")
+    build_pipeline(c).save_pretrained(out, safe_serialization=True)
+    return out

@@ -15,21 +15,11 @@ from PIL import Image
 from jedi_train.eval import dreambench as db
 from jedi_train.eval import extractors
 from jedi_train.eval.common import EvalError
-from jedi_train.export import build_pipeline
-from jedi_train.model.attention import configure_reference_attention
-from jedi_train.model.components import build_tiny_tokenizer, load_components
+from jedi_train.model.components import build_tiny_tokenizer
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
 needs_dreambench = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/dreambench not present")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +43,6 @@ def extractor_dirs(tmp_path_factory):
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
     return dino, clip
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tiny_model_dir, tmp_path_factory):
-    """Exported as tests/test_sample_cli.py does (references attention: the fast cached path)."""
-    c = load_components(tiny_model_dir)
-    configure_reference_attention(c.unet, "references")
-    out = str(tmp_path_factory.mktemp("eval") / "pipeline")
-    build_pipeline(c).save_pretrained(out, safe_serialization=True)
-    return out
 
 
 @pytest.fixture(scope="module")

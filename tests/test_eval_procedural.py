@@ -9,18 +9,6 @@ import pytest
 
 from data_pipelines.synth import procedural as P
 from jedi_train.eval import procedural as ev
-from jedi_train.export import build_pipeline
-from jedi_train.model.attention import configure_reference_attention
-from jedi_train.model.components import load_components
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tiny_model_dir, tmp_path_factory):
-    c = load_components(tiny_model_dir)
-    configure_reference_attention(c.unet, "references")
-    out = str(tmp_path_factory.mktemp("peval") / "pipeline")
-    build_pipeline(c).save_pretrained(out, safe_serialization=True)
-    return out
 
 
 @pytest.fixture
@@ -109,7 +97,8 @@ def test_end_to_end_resume_and_bad_input(cli, pipe_dir, tmp_path, monkeypatch):
     assert cells == [(0, 0.0), (1, 0.0), (1, 2.0)]
     row0, row1 = s["rows"][0], s["rows"][1]
     assert row0["gap_closed"] == row1["gap_closed"]  # image guidance 0 hides the references: the same images
-    assert all(r["n_images"] == 2 and len(r["gap_closed_ci"]) == 2 for r in s["rows"])
+    assert all(r["n_images"] == 2 and len(r["gap_closed_ci"]) == 2 and len(r["per_subject_gap_closed"]) == 2
+               for r in s["rows"])
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {"distance", "chance", "ceiling", "nearest_is_true", "scene_correct"} <= set(rows[0])

@@ -20,15 +20,7 @@ DREAMBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "drea
 CAN = [os.path.join(DREAMBENCH, "can", f"{i:02d}.jpg") for i in range(5)]
 DOG = [os.path.join(DREAMBENCH, "dog2", f"{i:02d}.jpg") for i in range(3)]
 needs_dreambench = pytest.mark.skipif(not os.path.isdir(DREAMBENCH), reason="../shared/dreambench not present")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: two threads on a shared 2-core machine mostly spin (measured 2-5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pipeline_dir(model_dir, out_dir, reference_attention="set", reference_timestep="zero"):

@@ -9,10 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jedi_train.export import build_pipeline
-from jedi_train.model.attention import configure_reference_attention
-from jedi_train.model.components import load_components
-
 DREAMBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dreambench")
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "jedi-sample")
 CMD = [SCRIPT] if os.path.isfile(SCRIPT) else [sys.executable, "-m", "jedi_train.cli.sample"]
@@ -32,16 +28,6 @@ def refs(tmp_path_factory):
     rgba[..., 0] = rgba[..., 3] = 255
     Image.fromarray(rgba, "RGBA").save(d / "cutout.png")
     return folder, str(d / "cutout.png")
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tiny_model_dir, tmp_path_factory):
-    """Trained-for-cache settings (reference_attention 'references', references at t = 0)."""
-    c = load_components(tiny_model_dir)
-    configure_reference_attention(c.unet, "references")
-    out = str(tmp_path_factory.mktemp("cli") / "pipeline")
-    build_pipeline(c).save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def sample(*args, check=True):

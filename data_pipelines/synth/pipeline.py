@@ -48,13 +48,16 @@ class ProceduralGenerator:
         self.set_size, self.resolution, self.seed = set_size, resolution, seed
         self.batch_size = int(cfg.get("batch_size", 64))
         self.masks = bool(cfg.get("masks", True))
+        self.layout = str(cfg.get("layout", "varied"))
+        if self.layout not in procedural.LAYOUTS:
+            raise SynthError(f"generator.layout={self.layout} is unknown; use one of {list(procedural.LAYOUTS)}")
 
     def generate(self, indices: Sequence[int]) -> list[Candidate]:
         out = []
         for i in indices:
             images, captions, meta, masks = procedural.make_set(
                 set_seed(self.seed, i), self.set_size, self.resolution, scenes=self.scenes, classes=self.classes,
-                with_masks=True)
+                with_masks=True, layout=self.layout)
             out.append(Candidate(i, images, captions, meta, masks=masks if self.masks else None))
         return out
 

@@ -227,14 +227,30 @@ def _emblem_sdf(u, v, emb: dict, family: str):
 
 
 # -- views -------------------------------------------------------------------------------------------
-def sample_view(rng: np.random.Generator, scene: str) -> dict[str, float]:
+# How subjects sit in the frame. "varied": small to medium, anywhere on the scene's ground; "centered":
+# larger and near the centre (a simpler world for tiny models: more subject pixels, and where the subject
+# is matters less than what it looks like). Both draw the same random numbers, so a seed picks the same
+# scene texture, lighting and mirror in either.
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "varied": {"scale": (0.22, 0.33), "jitter": 1.0, "angle_sd": 0.22},
+    "centered": {"scale": (0.30, 0.38), "jitter": 0.35, "angle_sd": 0.15},
+}
+
+
+def sample_view(rng: np.random.Generator, scene: str, layout: str = "varied") -> dict[str, float]:
     """Pose and lighting of one image: centre (cx, cy), half-size `scale`, rotation, mirror, light."""
-    scale = float(rng.uniform(0.22, 0.33))
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    lay = LAYOUTS[layout]
+    scale = float(rng.uniform(*lay["scale"]))
     lo, hi = SCENES[scene][1]
     margin = 0.5 - scale - 0.04
-    return {"cx": 0.5 + float(rng.uniform(-1, 1)) * margin * 0.8,
-                "cy": float(np.clip(rng.uniform(lo, hi), scale + 0.06, 1 - scale - 0.02)),
-                "scale": scale, "angle": float(np.clip(rng.normal(0, 0.22), -0.55, 0.55)), "mirror": bool(rng.random() < 0.5),
+    mid = (lo + hi) / 2
+    return {"cx": 0.5 + float(rng.uniform(-1, 1)) * margin * 0.8 * lay["jitter"],
+                "cy": float(np.clip(mid + (rng.uniform(lo, hi) - mid) * lay["jitter"] if lay["jitter"] != 1.0
+                                    else rng.uniform(lo, hi), scale + 0.06, 1 - scale - 0.02)),
+                "scale": scale, "angle": float(np.clip(rng.normal(0, lay["angle_sd"]), -0.55, 0.55)),
+                "mirror": bool(rng.random() < 0.5),
                 "light": float(rng.uniform(0, 2 * np.pi)), "light_z": float(rng.uniform(0.55, 0.9)),
                 "brightness": float(rng.uniform(0.82, 1.12)), "warmth": float(rng.uniform(-1, 1))}
 
@@ -311,13 +327,13 @@ def _draw_subject(subject: dict[str, Any], view: dict[str, float], img: np.ndarr
 
 
 def render(subject: dict[str, Any], scene: str, rng: np.random.Generator, resolution: int = 64,
-           view: dict[str, float] | None = None, with_mask: bool = False):
+           view: dict[str, float] | None = None, with_mask: bool = False, layout: str = "varied"):
     """One image of `subject` in `scene` as uint8 (R, R, 3). `view` (from sample_view) fixes the pose;
     otherwise it is drawn from rng first, then the scene texture. with_mask: returns (image, mask), the
     mask uint8 (R, R), 255 where the subject covers the pixel (antialiased edges in between)."""
     if scene not in SCENES:
         raise ValueError(f"unknown scene {scene!r}; known scenes: {', '.join(SCENE_NAMES)}")
-    view = view or sample_view(rng, scene)
+    view = view or sample_view(rng, scene, layout)
     X, Y = _grid(resolution)
     img = draw_scene(scene, rng, X, Y)
     s, th = view["scale"], view["angle"]
@@ -344,11 +360,11 @@ def render(subject: dict[str, Any], scene: str, rng: np.random.Generator, resolu
 
 
 def render_subject(subject: dict[str, Any], scene: str, seed: int = 0, resolution: int = 64,
-                   with_mask: bool = False):
+                   with_mask: bool = False, layout: str = "varied"):
     """Re-render a stored subject spec (a set's json `subject`) in any scene: evaluation ground truth.
     With a set's per-image `views[i].seed` and scene it reproduces image i exactly (with_mask: and
     returns its subject mask too, see render)."""
-    return render(subject, scene, np.random.default_rng(seed), resolution, with_mask=with_mask)
+    return render(subject, scene, np.random.default_rng(seed), resolution, with_mask=with_mask, layout=layout)
 
 
 def caption_for(cls: str, scene: str, rng: np.random.Generator) -> str:
@@ -362,7 +378,7 @@ def set_seed(base_seed: int, index: int) -> int:
 
 def make_set(seed: int, set_size: int = 4, resolution: int = 64, scenes: Sequence[str] | None = None,
              subject: dict[str, Any] | None = None, classes: Sequence[str] | None = None,
-             with_masks: bool = False):
+             with_masks: bool = False, layout: str = "varied"):
     """One set: the same subject in `set_size` different scenes (distinct while there are enough).
     `scenes` / `classes` restrict the scenes and shape families drawn from (default: all).
 
@@ -377,11 +393,12 @@ def make_set(seed: int, set_size: int = 4, resolution: int = 64, scenes: Sequenc
     replace = set_size > len(names)
     picked = [names[i] for i in rng.choice(len(names), size=set_size, replace=replace)]
     view_seeds = [int(x) for x in rng.integers(0, 2**62, size=set_size)]
-    rendered = [render_subject(subject, sc, vs, resolution, with_mask=True) for sc, vs in zip(picked, view_seeds)]
+    rendered = [render_subject(subject, sc, vs, resolution, with_mask=True, layout=layout)
+                for sc, vs in zip(picked, view_seeds)]
     images, masks = [r[0] for r in rendered], [r[1] for r in rendered]
     cls = subject["family"]
     captions = [caption_for(cls, sc, rng) for sc in picked]
     meta = {"subject_id": subject_id(subject), "class": cls, "scenes": picked, "generator": "procedural",
             "seed": int(seed), "subject": subject,
-            "views": [{"scene": sc, "seed": vs} for sc, vs in zip(picked, view_seeds)]}
+            "views": [{"scene": sc, "seed": vs} for sc, vs in zip(picked, view_seeds)], "layout": layout}
     return (images, captions, meta, masks) if with_masks else (images, captions, meta)

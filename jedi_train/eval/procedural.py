@@ -68,13 +68,15 @@ class Case:
     target_scenes: list[str]
     distractors: list[dict]
     gt_seed: int  # renders for prototypes / ceiling / oracles are seeded from it
+    layout: str = "varied"  # how subjects sit in the frame (procedural.LAYOUTS), as in the training data
     refs: list[np.ndarray] = field(default_factory=list)
 
     def prompt(self, scene: str) -> str:
         return f"a photo of a {self.cls} {scene}"
 
 
-def make_cases(num_subjects: int, max_refs: int, samples: int, seed: int, resolution: int) -> list[Case]:
+def make_cases(num_subjects: int, max_refs: int, samples: int, seed: int, resolution: int,
+               layout: str = "varied") -> list[Case]:
     cases = []
     for i in range(num_subjects):
         rng = np.random.default_rng([EVAL_TAG, seed, i])
@@ -87,8 +89,10 @@ def make_cases(num_subjects: int, max_refs: int, samples: int, seed: int, resolu
         ref_seeds = [int(x) for x in rng.integers(0, 2**62, size=max_refs)]
         distractors = [procedural.sample_subject(np.random.default_rng([EVAL_TAG, seed, i, 1, j]), family)
                        for j in range(NUM_DISTRACTORS)]
-        case = Case(i, spec, family, ref_scenes, ref_seeds, target_scenes, distractors, int(rng.integers(0, 2**62)))
-        case.refs = [procedural.render_subject(spec, sc, s, resolution) for sc, s in zip(ref_scenes, ref_seeds)]
+        case = Case(i, spec, family, ref_scenes, ref_seeds, target_scenes, distractors, int(rng.integers(0, 2**62)),
+                    layout)
+        case.refs = [procedural.render_subject(spec, sc, s, resolution, layout=layout)
+                     for sc, s in zip(ref_scenes, ref_seeds)]
         cases.append(case)
     return cases
 
@@ -142,8 +146,8 @@ def subject_prototype(renders: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarra
     return soft_histogram(px, w)
 
 
-def _renders(spec: dict, scene: str, base_seed: int, count: int, resolution: int):
-    return [procedural.render_subject(spec, scene, int(base_seed) + k, resolution, with_mask=True)
+def _renders(spec: dict, scene: str, base_seed: int, count: int, resolution: int, layout: str):
+    return [procedural.render_subject(spec, scene, int(base_seed) + k, resolution, with_mask=True, layout=layout)
             for k in range(count)]
 
 
@@ -160,11 +164,11 @@ class Truth:
 
 def build_truth(case: Case, scene: str, resolution: int) -> Truth:
     base = case.gt_seed + 1000 * SCENE_NAMES.index(scene)
-    true = _renders(case.spec, scene, base, PROTO_RENDERS + 2, resolution)  # protos + ceiling + oracle
-    others = [_renders(d, scene, base + 100 * (j + 1), PROTO_RENDERS, resolution)
+    true = _renders(case.spec, scene, base, PROTO_RENDERS + 2, resolution, case.layout)  # protos, ceiling, oracle
+    others = [_renders(d, scene, base + 100 * (j + 1), PROTO_RENDERS, resolution, case.layout)
               for j, d in enumerate(case.distractors)]
     fresh = procedural.sample_subject(np.random.default_rng([EVAL_TAG, case.gt_seed, 2]), case.cls)
-    other_img = procedural.render_subject(fresh, scene, base + 99, resolution)
+    other_img = procedural.render_subject(fresh, scene, base + 99, resolution, layout=case.layout)
     backgrounds = [im[m == 0] for im, m in true + [r for rs in others for r in rs]]
     sm = SceneModel(backgrounds)
     protos = np.stack([subject_prototype(true[:PROTO_RENDERS])] + [subject_prototype(rs) for rs in others])
@@ -177,11 +181,11 @@ def build_truth(case: Case, scene: str, resolution: int) -> Truth:
 class SceneClassifier:
     """Nearest centroid over whole-image colour histograms, one centroid per scene."""
 
-    def __init__(self, resolution: int, per_scene: int = 16, seed: int = 0):
+    def __init__(self, resolution: int, per_scene: int = 16, seed: int = 0, layout: str = "varied"):
         rng = np.random.default_rng([EVAL_TAG, seed, 10**6])
         cents = []
         for sc in SCENE_NAMES:
-            feats = [self.feature(procedural.render(procedural.sample_subject(rng), sc, rng, resolution))
+            feats = [self.feature(procedural.render(procedural.sample_subject(rng), sc, rng, resolution, layout=layout))
                      for _ in range(per_scene)]
             cents.append(np.mean(feats, axis=0))
         self.centroids = np.stack(cents)
@@ -225,6 +229,8 @@ def add_arguments(p) -> None:
     p.add_argument("--resolution", type=int, default=32, help="render size with --oracle (else the pipeline's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--grids", type=int, default=8, help="subjects that get a grid (default 8)")
+    p.add_argument("--layout", choices=list(procedural.LAYOUTS), default="varied",
+                   help="how subjects sit in the frame; use the training data's (generator.layout)")
 
 
 def configs(refs: list[int], guidance: list[float]) -> list[tuple[int, float]]:
@@ -264,7 +270,7 @@ def run(args) -> int:
     settings = {"subjects": args.subjects, "refs": refs, "image_guidance": guid, "guidance": args.guidance,
                 "samples": args.samples, "steps": args.steps, "seed": args.seed, "oracle": args.oracle,
                 "pipeline": os.path.abspath(args.pipeline_dir) if args.pipeline_dir else None,
-                "render_resolution": args.resolution if args.oracle != "none" else None}
+                "render_resolution": args.resolution if args.oracle != "none" else None, "layout": args.layout}
     settings_path = os.path.join(args.out, "settings.json")
     if os.path.exists(settings_path):  # before the model loads: a mismatch is refused at once
         with open(settings_path) as f:
@@ -276,12 +282,12 @@ def run(args) -> int:
     write_json_atomic(settings_path, settings)
     settings = {**settings, "resolution": resolution}
 
-    cases = make_cases(args.subjects, max(refs), args.samples, args.seed, resolution)
+    cases = make_cases(args.subjects, max(refs), args.samples, args.seed, resolution, args.layout)
     keys = list(dict.fromkeys(generation_key(r, s) for r, s in cells))
     images = generate(pipe, cases, keys, args, tqdm) if pipe is not None else None
     truths = {(c.index, sc): build_truth(c, sc, resolution)
               for c in tqdm(cases, desc="ground truth", leave=False) for sc in c.target_scenes}
-    classifier = SceneClassifier(resolution, seed=args.seed)
+    classifier = SceneClassifier(resolution, seed=args.seed, layout=args.layout)
 
     per_image = []
     for r, s in cells:
@@ -347,7 +353,8 @@ def summarize(per_image: list[dict], cells, settings: dict, gt_scene_acc: float)
                      "nearest_subject_acc": float(nearest.mean()), "nearest_subject_acc_ci": [nlo, nhi],
                      "scene_acc": float(np.mean([x["scene_correct"] for x in sel])),
                      "distance": float(per_subject[:, 0].mean()), "chance": float(per_subject[:, 1].mean()),
-                     "ceiling": float(per_subject[:, 2].mean()), "n_images": len(sel), "n_subjects": len(subjects)})
+                     "ceiling": float(per_subject[:, 2].mean()), "n_images": len(sel), "n_subjects": len(subjects),
+                     "per_subject_gap_closed": {int(k): gap_closed(per_subject[i:i + 1]) for i, k in enumerate(subjects)}})
     return {"rows": rows, "pipeline": settings["pipeline"], "settings": settings,
             "ground_truth_scene_acc": gt_scene_acc, "nearest_subject_chance": 1 / (1 + NUM_DISTRACTORS)}
 

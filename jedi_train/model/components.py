@@ -134,14 +134,19 @@ def build_tiny_tokenizer(out_dir: str, model_max_length: int = 32) -> CLIPTokeni
 
 
 def tiny_unet_config(resolution: int = 32, pixel_fold: int = 2, latent_channels: int | None = None,
-                     block_out_channels=(32, 64, 128), cross_attention_dim: int = 64, heads: int = 2) -> dict:
-    """Pixel-space UNet for CPU: a few M parameters, attention at the two coarser levels."""
+                     block_out_channels=(32, 64, 128), cross_attention_dim: int = 64, heads: int = 2,
+                     attention_levels: int | None = None) -> dict:
+    """Pixel-space UNet for CPU: a few M parameters, (coupled) attention at the `attention_levels`
+    coarsest levels (default: all but the finest)."""
     c = latent_channels or 3 * pixel_fold ** 2
     n = len(block_out_channels)
+    a = n - 1 if attention_levels is None else attention_levels
+    if not 0 < a <= n:
+        raise ValueError(f"attention_levels={attention_levels} must be within 1..{n} (the UNet has {n} levels)")
     return {"sample_size": resolution // pixel_fold, "in_channels": c, "out_channels": c,
                 "block_out_channels": tuple(block_out_channels), "layers_per_block": 1,
-                "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-                "up_block_types": ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+                "down_block_types": ("DownBlock2D",) * (n - a) + ("CrossAttnDownBlock2D",) * a,
+                "up_block_types": ("CrossAttnUpBlock2D",) * a + ("UpBlock2D",) * (n - a),
                 "cross_attention_dim": cross_attention_dim, "attention_head_dim": heads, "norm_num_groups": 8}
 
 
