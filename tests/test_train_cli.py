@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ K = 4
 FAST = ["experiment=demo", "data.synthesize_if_missing.num_sets=64", "data.heldout_synthesize_if_missing.num_sets=4",
         "data.batch_size=4", "callbacks.sample_grid.every_n_steps=4", "callbacks.sample_grid.num_sets=2",
         "callbacks.sample_grid.num_inference_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "trainer.log_every_n_steps=1", "callbacks.loss_curve.every_n_steps=2", "model.lr_scheduler.warmup_steps=2"]
+        "trainer.log_every_n_steps=1", "callbacks.loss_curve.every_n_steps=2", "model.lr_scheduler.warmup_steps=2",
+        "callbacks.identity_gain.num_sets=4", "callbacks.identity_gain.train_num_sets=4", "callbacks.identity_gain.seeds=[0]"]
 
 
 def jedi(tool: str, *args: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -52,7 +54,7 @@ def runs(tmp_path_factory):
 
 def test_demo_synthesizes_its_data_once_and_writes_a_run_dir(runs):
     root, run = runs["root"], runs["resumed"]
-    assert len(glob.glob(str(root / "data" / "sets" / "procedural" / "*.tar"))) > 0
+    assert len(glob.glob(str(root / "data" / "sets" / "procedural_v2" / "*.tar"))) > 0
     assert len(glob.glob(str(root / "data" / "sets" / "procedural_v2_heldout" / "*.tar"))) > 0
     assert "synthesizing" not in runs["second"].stderr + runs["second"].stdout  # cached data reused
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -60,6 +62,9 @@ def test_demo_synthesizes_its_data_once_and_writes_a_run_dir(runs):
     assert f"paths.output_dir={run}" in (run / ".hydra" / "overrides.yaml").read_text()
     assert sorted(glob.glob(str(run / "samples" / "samples_step*.png")))  # sample grids as PNG
     assert (run / "loss_curve.png").is_file()
+    with open(run / "samples" / "identity_gain.csv") as f:  # masks travelled from the shards to the metric
+        rows = list(csv.DictReader(f))
+    assert rows[-1]["step"] == str(2 * K) and float(rows[-1]["identity_gain_se"]) > 0
 
 
 def test_second_command_resumes_at_k_and_stops_at_2k(runs):
@@ -178,10 +183,24 @@ def test_demo_summary_points_at_the_run_outputs(runs, monkeypatch, capsys):
     from jedi_train.cli import demo
 
     calls = []
-    monkeypatch.setattr(demo.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+
+    def fake_call(cmd):  # the eval step "writes" its summary, as jedi-eval does
+        calls.append(cmd)
+        if "procedural" in cmd:
+            out_dir = cmd[cmd.index("--out") + 1]
+            os.makedirs(out_dir, exist_ok=True)
+            row = {"refs": 1, "image_guidance": 1.0, "gap_closed": 0.123, "gap_closed_ci": [0.05, 0.2],
+                   "nearest_subject_acc": 0.25, "scene_acc": 0.5}
+            with open(os.path.join(out_dir, "summary.json"), "w") as f:
+                json.dump({"rows": [row]}, f)
+        return 0
+
+    monkeypatch.setattr(demo.subprocess, "call", fake_call)
     assert demo.main([f"paths.output_dir={runs['resumed']}"]) == 0
     out = capsys.readouterr().out
     assert "experiment=demo" in calls[0]
+    assert calls[1][3:5] == ["procedural", f"{runs['resumed']}/pipeline"] and "--out" in calls[1]
+    assert "refs 1 (image guidance 1): gap closed +12.3% (95% CI +5.0 .. +20.0)" in out
     grids = sorted(glob.glob(str(runs["resumed"] / "samples" / "samples_step*.png")))
     assert f"sample grid      {grids[-1]}" in out
     values = [v for _, v, _ in losses(runs["resumed"])]

@@ -79,7 +79,8 @@ def main(argv=None) -> int:
                   f"{r['nearest_subject_acc']:.2f} (chance 0.12), scene {r['scene_acc']:.2f}")
         print(f"eval             {eval_dir}/summary.md, grids {eval_dir}/grids/   (refs | generated | ground truth)")
     else:
-        print(f"eval             failed (exit {eval_rc}); rerun: jedi-eval {' '.join(eval_cmd[3:])}")
+        why = f"failed (exit {eval_rc})" if eval_rc else "wrote no summary"
+        print(f"eval             {why}; rerun: jedi-eval {' '.join(eval_cmd[3:])}")
     print(f"personalize      jedi-sample {run_dir}/pipeline --ref PHOTOS_DIR --prompt 'a toy on the beach' "
           "--num 4 --seed 0 --out OUT_DIR")
     return 0
