@@ -107,6 +107,16 @@ def test_end_to_end_resume_and_bad_input(cli, pipe_dir, tmp_path, monkeypatch):
     # a rerun generates nothing: the images on disk are reused
     calls.clear()
     assert cli(*args)[0] == 0 and calls == [] and summary(out)["rows"] == s["rows"]
+    # a re-exported pipeline in the same place (further training) must not reuse the old images
+    unet = os.path.join(pipe_dir, "unet")
+    weights = next(f for f in os.listdir(unet) if f.endswith(".safetensors"))
+    st = os.stat(os.path.join(unet, weights))
+    os.utime(os.path.join(unet, weights), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        rc, _, err = cli(*args)
+        assert rc == 2 and "other settings" in err
+    finally:
+        os.utime(os.path.join(unet, weights), ns=(st.st_atime_ns, st.st_mtime_ns))
     # other settings into the same --out: refused, nothing mixed
     rc, _, err = cli(pipe_dir, "--out", out, "--subjects", 2, "--refs", "0,1", "--steps", 3)
     assert rc == 2 and err.startswith("jedi-eval: error:") and "other settings" in err and err.count("\n") == 1

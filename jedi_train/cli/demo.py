@@ -10,6 +10,7 @@ Extra arguments are Hydra overrides, e.g. `make train ARGS="trainer.max_steps=30
 import csv
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
         return rc
     train_minutes = (time.time() - t0) / 60
     eval_dir = os.path.join(run_dir, "eval")
+    shutil.rmtree(eval_dir, ignore_errors=True)  # a resumed run exported a new pipeline: measure it afresh
     eval_cmd = [sys.executable, "-m", "jedi_train.cli.eval", "procedural", os.path.join(run_dir, "pipeline"),
                 "--out", eval_dir, *(PROOF_EVAL if proof else DEMO_EVAL)]
     print(f"$ jedi-eval {' '.join(eval_cmd[3:])}", flush=True)

@@ -248,6 +248,17 @@ def generation_key(r: int, s: float) -> tuple[int, float]:
     return (0, 0.0) if r == 0 or s == 0 else (r, s)
 
 
+def weights_fingerprint(pipeline_dir: str | None) -> str | None:
+    """Size and mtime of the UNet's weight files: a re-exported (further trained) pipeline in the same
+    place must not reuse the images of the old one."""
+    folder = os.path.join(pipeline_dir or "", "unet")
+    if not os.path.isdir(folder):
+        return None
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin")))
+    stats = [os.stat(os.path.join(folder, f)) for f in files]
+    return ";".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, stats))
+
+
 def check_args(args) -> tuple[list[int], list[float]]:
     refs = parse_int_list(args.refs, "--refs")
     guid = parse_float_list(args.image_guidance, "--image-guidance")
@@ -270,6 +281,7 @@ def run(args) -> int:
     settings = {"subjects": args.subjects, "refs": refs, "image_guidance": guid, "guidance": args.guidance,
                 "samples": args.samples, "steps": args.steps, "seed": args.seed, "oracle": args.oracle,
                 "pipeline": os.path.abspath(args.pipeline_dir) if args.pipeline_dir else None,
+                "pipeline_weights": weights_fingerprint(args.pipeline_dir) if args.oracle == "none" else None,
                 "render_resolution": args.resolution if args.oracle != "none" else None, "layout": args.layout}
     settings_path = os.path.join(args.out, "settings.json")
     if os.path.exists(settings_path):  # before the model loads: a mismatch is refused at once
