@@ -53,10 +53,9 @@ def load_pipeline(pipeline_dir: str, device: str | None = None):
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from data_pipelines.synth.writer import atomic_write_text  # the project's one atomic text writer
+
+    atomic_write_text(path, text)
 
 
 def write_json_atomic(path: str, obj) -> None:
