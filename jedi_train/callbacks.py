@@ -181,14 +181,13 @@ class IdentityGainCallback(L.Callback):
         self.rows.append(row)
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+        from data_pipelines.synth.writer import atomic_write_text
+
         os.makedirs(self.out_dir, exist_ok=True)
         keys = list(row)
-        text = ",".join(keys) + "\n" + "".join(",".join(f"{r.get(k, float('nan')):.6g}" if k != "step" else str(r[k])
-                                                          for k in keys) + "\n" for r in self.rows)
-        path = os.path.join(self.out_dir, "identity_gain.csv")
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        lines = [",".join(keys)] + [",".join([str(r["step"])] + [f"{r.get(k, float('nan')):.6g}" for k in keys[1:]])
+                                    for r in self.rows]
+        atomic_write_text(os.path.join(self.out_dir, "identity_gain.csv"), "\n".join(lines) + "\n")
         return row
 
 
