@@ -49,3 +49,19 @@ def pipe_dir(tiny_model_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("exported") / "pipeline")
     build_pipeline(c).save_pretrained(out, safe_serialization=True)
     return out
+
+
+@pytest.fixture
+def eval_cli(capsys):
+    """jedi-eval's main in-process: eval_cli(subcommand, *argv) -> (rc, stdout, stderr)."""
+    from jedi_train.cli.eval import main
+
+    def call(bench, *argv):
+        capsys.readouterr()
+        try:
+            rc = main([bench, *map(str, argv)])
+        except SystemExit as e:  # argparse
+            rc = e.code
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+    return call

@@ -1,6 +1,7 @@
 """jedi-eval dreambench: prompts, metrics on fixed vectors, tiny random extractors loaded from disk the way a
 user's real directories are, one end-to-end CLI run on two real DreamBench subjects, and bad input."""
 import csv
+import functools
 import json
 import math
 import os
@@ -63,19 +64,8 @@ def fake_bench(tmp_path_factory):
 
 
 @pytest.fixture
-def cli(capsys):
-    """jedi-eval's main in-process -> (rc, stdout, stderr)."""
-    from jedi_train.cli.eval import main
-
-    def call(*argv):
-        capsys.readouterr()
-        try:
-            rc = main(["dreambench", *map(str, argv)])
-        except SystemExit as e:  # argparse
-            rc = e.code
-        out = capsys.readouterr()
-        return rc, out.out, out.err
-    return call
+def cli(eval_cli):
+    return functools.partial(eval_cli, "dreambench")
 
 
 # -- pieces --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """jedi-eval procedural: the metric validated by its oracles, the pieces, one end-to-end run on a tiny exported
 pipeline (resumed), and bad input."""
 import csv
+import functools
 import json
 import os
 
@@ -12,18 +13,8 @@ from jedi_train.eval import procedural as ev
 
 
 @pytest.fixture
-def cli(capsys):
-    from jedi_train.cli.eval import main
-
-    def call(*argv):
-        capsys.readouterr()
-        try:
-            rc = main(["procedural", *map(str, argv)])
-        except SystemExit as e:
-            rc = e.code
-        out = capsys.readouterr()
-        return rc, out.out, out.err
-    return call
+def cli(eval_cli):
+    return functools.partial(eval_cli, "procedural")
 
 
 def summary(out):
