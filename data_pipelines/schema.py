@@ -10,11 +10,17 @@ json fields (required): ``schema_version``, ``set_id``, ``num_images`` (N), ``im
 ``generator``, ``seed``, ``subject`` (a generator-specific identity spec, e.g. the procedural
 subject's colours, enough to re-render it), ``masks`` (true: every image i has a subject mask
 ``<set_id>.<i>.mask.png``, 8-bit gray, 255 = subject; the procedural generator knows them exactly).
+
+The minimal form, for sets written by other tools: no bookkeeping fields. The images are the keys
+``<i>.<ext>`` present (i = 0..N-1, each of jpg/jpeg/png/webp, mixed allowed), the set id is the
+sample's ``__key__``, the captions are the json's ``captions`` (N strings) or one ``<i>.txt`` per
+image. Caption count vs images present is still checked: a tar cut short loses images or captions.
 """
 from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,8 +28,10 @@ import numpy as np
 from PIL import Image
 
 SCHEMA_VERSION = 1
-IMAGE_EXTS = ("jpg", "png")
+IMAGE_EXTS = ("jpg", "png")  # what encode_set writes
+READ_EXTS = ("jpg", "jpeg", "png", "webp")  # what the minimal form may hold
 REQUIRED_FIELDS = ("set_id", "num_images", "image_ext", "captions")
+_MINIMAL_IMAGE = re.compile(r"(\d+)\.(" + "|".join(READ_EXTS) + ")")  # "3.jpg", not "3.mask.png"
 
 
 def image_key(index: int, ext: str) -> str:
@@ -91,27 +99,73 @@ def parse_meta(raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
+class SkipSet(Exception):
+    """A sample that is not a usable set; the message is the skip counter's key."""
+
+
+def _minimal_image_keys(sample: Mapping[str, Any]) -> list[str]:
+    """Keys of images 0..N-1 in a sample without bookkeeping fields, N from the images present."""
+    found: dict[int, str] = {}
+    for key in sample:
+        m = _MINIMAL_IMAGE.fullmatch(key)
+        if m:
+            if int(m[1]) in found:
+                raise SkipSet("duplicate_image")  # 0.jpg and 0.png: which one is image 0?
+            found[int(m[1])] = key
+    if not found or sorted(found) != list(range(len(found))):
+        raise SkipSet("missing_image")  # a gap: the tar lost an image
+    return [found[i] for i in range(len(found))]
+
+
+def set_meta(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The set's metadata with ``set_id``, ``num_images``, ``image_keys`` (sample key of each image) and
+    ``captions`` (str per image from the json; raw bytes per image from .txt files) filled in, for the
+    full and the minimal form alike. Raises SkipSet(reason) when the sample is not a usable set."""
+    if "json" in sample:
+        try:
+            meta = parse_meta(sample["json"])
+        except ValueError:
+            raise SkipSet("bad_json") from None
+    elif any(k.endswith(".txt") for k in sample):
+        meta = {}  # minimal form with .txt captions: no json needed
+    else:
+        raise SkipSet("missing_json")
+    meta.setdefault("set_id", str(sample.get("__key__", "")))
+    if "num_images" in meta or "image_ext" in meta:  # the full form: the json announces its images
+        for field in ("num_images", "image_ext", "captions"):
+            if field not in meta:
+                raise SkipSet("no_captions" if field == "captions" else f"json_missing_{field}")
+        n = meta["num_images"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SkipSet("bad_num_images")
+        meta["image_keys"] = [image_key(i, meta["image_ext"]) for i in range(n)]
+        if not isinstance(meta["captions"], list) or len(meta["captions"]) != n:
+            raise SkipSet("no_captions")
+    else:
+        meta["image_keys"] = keys = _minimal_image_keys(sample)
+        meta["num_images"] = n = len(keys)
+        if "captions" not in meta:
+            meta["captions"] = [sample.get(f"{i}.txt") for i in range(n)]
+            if any(c is None for c in meta["captions"]):
+                raise SkipSet("no_captions")
+        elif not isinstance(meta["captions"], list):
+            raise SkipSet("no_captions")
+        elif len(meta["captions"]) != n:  # more captions than images: images were lost (truncated tar)
+            raise SkipSet("missing_image" if len(meta["captions"]) > n else "no_captions")
+    if any(k not in sample for k in meta["image_keys"]):
+        raise SkipSet("missing_image")
+    if meta.get("masks") and any(mask_key(i) not in sample for i in range(n)):
+        raise SkipSet("missing_mask")
+    return meta
+
+
 def validate_sample(sample: Mapping[str, Any]) -> str | None:
     """Check a raw (undecoded) sample has every key its json announces. Returns a skip reason or None.
 
     Runs BEFORE decoding: a truncated tar yields samples with only some keys.
     """
-    if "json" not in sample:
-        return "missing_json"
     try:
-        meta = parse_meta(sample["json"])
-    except ValueError:
-        return "bad_json"
-    for field in REQUIRED_FIELDS:
-        if field not in meta:
-            return "no_captions" if field == "captions" else f"json_missing_{field}"
-    n, ext, caps = meta["num_images"], meta["image_ext"], meta["captions"]
-    if not isinstance(n, int) or n < 1:
-        return "bad_num_images"
-    if not isinstance(caps, list) or len(caps) != n:
-        return "no_captions"
-    if any(image_key(i, ext) not in sample for i in range(n)):
-        return "missing_image"
-    if meta.get("masks") and any(mask_key(i) not in sample for i in range(n)):
-        return "missing_mask"
+        set_meta(sample)
+    except SkipSet as e:
+        return str(e)
     return None

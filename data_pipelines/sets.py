@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .images import Unusable, crop_square, decode_rgb, resize_short_side
-from .schema import image_key, mask_key, parse_meta
+from .schema import mask_key, set_meta
 from .skips import Counts
 
 
@@ -55,6 +55,7 @@ def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: C
 
 
 def read_captions(raw_json: Any, meta: dict, counts: Counts) -> list[str]:
+    """meta["captions"] (as set_meta filled it in) -> one str per image, repairs counted."""
     if isinstance(raw_json, bytes):
         try:
             raw_json.decode("utf-8")
@@ -62,7 +63,14 @@ def read_captions(raw_json: Any, meta: dict, counts: Counts) -> list[str]:
             counts.repair("caption_not_utf8")  # parse_meta decoded it with replacement characters
     caps = []
     for c in meta["captions"]:
-        if not isinstance(c, str):
+        if isinstance(c, bytes):  # a <i>.txt caption (minimal form)
+            try:
+                c = c.decode("utf-8")
+            except UnicodeDecodeError:
+                counts.repair("caption_not_utf8")
+                c = c.decode("utf-8", errors="replace")
+            c = c.strip()
+        elif not isinstance(c, str):
             counts.repair("caption_not_string")
             c = "" if c is None else str(c)
         caps.append(c)
@@ -79,19 +87,19 @@ def choose_ref_count(n: int, probs: Sequence[float], rng: np.random.Generator) -
 def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Counts) -> dict | None:
     """A validated raw sample -> {set_id, images: n uint8 (res,res,3) arrays, captions, is_ref[, masks]},
     or None. masks (uint8 (res, res) per image) when the set has subject masks."""
-    meta = parse_meta(sample["json"])
+    meta = set_meta(sample)
     has_masks = bool(meta.get("masks"))
-    n, ext = meta["num_images"], meta["image_ext"]
+    n, keys = meta["num_images"], meta["image_keys"]
     if n < opt.min_set:
         counts.skip("too_few_images", f"{meta['set_id']}: {n} < min_set {opt.min_set}")
         return None
-    captions = read_captions(sample["json"], meta, counts)
+    captions = read_captions(sample.get("json"), meta, counts)
     size = int(rng.integers(opt.min_set, min(n, opt.max_set) + 1))
     images, caps = [], []
     for i in rng.permutation(n):  # decode only what the set needs; a bad image is replaced by the next
         if len(images) == size:
             break
-        arr = load_image(sample[image_key(int(i), ext)], opt, rng, counts,
+        arr = load_image(sample[keys[i]], opt, rng, counts,
                          sample[mask_key(int(i))] if has_masks else None)
         if arr is not None:
             images.append(arr)

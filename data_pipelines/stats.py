@@ -14,8 +14,9 @@ import sys
 from collections import Counter
 
 import numpy as np
+from webdataset.shardlists import expand_urls
 
-from .schema import image_key, parse_meta, validate_sample
+from .schema import SkipSet, set_meta
 from .sets import SetOptions, load_image, read_captions
 from .shards import expand_sources, read_tar
 from .skips import Counts
@@ -31,14 +32,14 @@ def collect(patterns: list[str], min_set: int = 2, resolution: int = 32, allow_p
     sizes, usable, caption_words = Counter(), Counter(), []
     for url in urls:
         for _, sample in read_tar(url, counts):
-            reason = validate_sample(sample)
-            if reason:
-                counts.skip(reason)
+            try:
+                meta = set_meta(sample)
+            except SkipSet as e:
+                counts.skip(str(e))
                 continue
-            meta = parse_meta(sample["json"])
-            captions = read_captions(sample["json"], meta, counts)
-            ok = [i for i in range(meta["num_images"])
-                  if load_image(sample[image_key(i, meta["image_ext"])], opt, rng, counts) is not None]
+            captions = read_captions(sample.get("json"), meta, counts)
+            ok = [i for i, key in enumerate(meta["image_keys"])
+                  if load_image(sample[key], opt, rng, counts) is not None]
             sizes[meta["num_images"]] += 1
             if len(ok) < min_set:
                 counts.skip("too_few_images" if meta["num_images"] < min_set else "too_few_decodable_images")
@@ -76,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--json", action="store_true", help="print the stats as JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    pipes = [u for pattern in args.shards for u in expand_urls(pattern) if u.startswith("pipe:")]
+    if pipes and not args.allow_pipe:  # refused here, so the hint names this tool's flag, not data.allow_pipe
+        print(f"jedi-data: refusing {pipes[0]!r}: pipe: URLs run shell commands; pass --allow-pipe if you trust it",
+              file=sys.stderr)
+        return 2
     try:
         s = collect(args.shards, args.min_set, args.resolution, args.allow_pipe, args.max_image_pixels,
                     args.min_image_size)

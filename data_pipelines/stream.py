@@ -82,6 +82,8 @@ class SetStream(IterableDataset):
         self.tokenize = CachedTokenize(tokenize) if tokenize is not None else None
         self.sources = expand_sources(cfg.sources, cfg.allow_pipe)
         self.shards = [u for s in self.sources for u in s.urls]
+        if cfg.batch_size < 1:  # else a ZeroDivisionError, or "lower data.batch_size" for a negative one
+            raise ValueError(f"data.batch_size={cfg.batch_size} must be >= 1 (sets per step, per rank)")
         if not 1 <= cfg.min_set <= cfg.max_set:
             raise ValueError(f"need 1 <= min_set <= max_set, got {cfg.min_set}, {cfg.max_set}")
         if not cfg.resampled:

@@ -47,7 +47,7 @@ def test_stats_exit_codes_when_nothing_is_usable(tmp_path, capsys):
     rc, _, err = run_stats(capsys, str(tmp_path / "missing-*.tar"))
     assert rc == 2 and "matches no shards" in err
     rc, _, err = run_stats(capsys, "pipe:cat x.tar")
-    assert rc == 2 and "allow_pipe" in err
+    assert rc == 2 and "--allow-pipe" in err
 
 
 def _synth_available() -> bool:
