@@ -1,4 +1,4 @@
-"""jedi-sample PIPELINE_DIR --ref PATH [--ref PATH ...] --prompt TEXT [--prompt TEXT ...] --num N --seed S --out DIR
+"""jedi-sample PIPELINE_DIR --ref PATH [--ref PATH ...] --prompt TEXT [--prompt TEXT ...] --num N [--seed S] --out DIR
 
 Personalize with a trained JeDiPipeline: the photos given by --ref (files, or DreamBench-style subject
 folders) become the references; N images are generated per prompt. --out receives
@@ -41,7 +41,7 @@ def parse_args(argv):
                    help="reference image file or folder of images; repeatable")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="prompt; repeatable")
     p.add_argument("--num", type=int, required=True, help="images per prompt")
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0; printed and kept in settings.json)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, or --overwrite)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     p.add_argument("--guidance", type=float, default=7.5, help="text guidance scale (default 7.5)")
@@ -85,6 +85,27 @@ def check_args(args) -> None:
         raise UsageError(f"--out {args.out} already exists and is not empty; choose a new directory or add --overwrite")
 
 
+def check_reference_sizes(files) -> None:
+    """Refuse photos PIL will not decode (decompression bombs), warn about tiny ones; header reads only."""
+    from PIL import Image, UnidentifiedImageError
+
+    from data_pipelines.sets import SetOptions
+
+    min_size = SetOptions.min_image_size  # training drops images smaller than this
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+        except Image.DecompressionBombError:
+            raise UsageError(f"reference {path} has too many pixels for PIL to decode safely (a possible "
+                             "decompression bomb); give a smaller photo, e.g. scaled to 4096 px or less") from None
+        except (UnidentifiedImageError, OSError):
+            continue  # load_references names it
+        if min(w, h) < min_size:
+            print(f"jedi-sample: warning: reference {path} is only {w}x{h} pixels (training drops images under "
+                  f"{min_size} px); it is upscaled and shows little of the subject", file=sys.stderr)
+
+
 def run(args) -> str:
     import torch
 
@@ -94,6 +115,7 @@ def run(args) -> str:
     from jedi_train.viz import make_grid
 
     ref_files = [os.path.abspath(p) for p in expand_reference_paths(args.ref)]
+    check_reference_sizes(ref_files)
     load_references(ref_files, 8)  # unreadable files fail here, before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = JeDiPipeline.from_pretrained(args.pipeline_dir).to(device)
@@ -159,7 +181,7 @@ def main(argv=None) -> int:
         msg = " ".join(str(e).split())  # one line, whatever the source wrapped
         print(f"jedi-sample: error: {msg}", file=sys.stderr)
         return 2
-    print(f"wrote {out}: {len(args.prompt) * args.num} images, grid {os.path.join(out, 'grid.png')}, "
+    print(f"wrote {out}: {len(args.prompt) * args.num} images (seed {args.seed}), grid {os.path.join(out, 'grid.png')}, "
           f"settings {os.path.join(out, 'settings.json')}")
     return 0
 

@@ -5,6 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 from data_pipelines.hydra_args import config_error
+from jedi_train.config_checks import check_config
 from jedi_train.train import CONF_DIR
 
 
@@ -22,6 +23,7 @@ def _main(cfg: DictConfig) -> float | None:
     from jedi_train.train import train
 
     try:
+        check_config(cfg)  # wrong types/ranges: one line now, not a traceback after the model is built
         result = train(cfg)
     except Exception as e:  # user errors (also when raised inside hydra.utils.instantiate): one line
         cause = user_error(e)

@@ -1,0 +1,110 @@
+"""Bad input to the console scripts: exit 2 and one line naming the key, no traceback (issue 12).
+jedi-train's checks come before the model, the data or W&B: the run dir gets no config.yaml."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BIN = os.path.dirname(sys.executable)
+
+
+def cli(tool, *args, cwd, timeout=300):
+    env = {**os.environ, "JEDI_ROOT": str(cwd), "WANDB_MODE": "offline", "WANDB_API_KEY": "", "HYDRA_FULL_ERROR": "0",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([os.path.join(BIN, tool), *map(str, args)], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def one_line_error(p, tool):
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith((f"{tool}: error:", f"{tool}: refusing")), p.stderr[-3000:]
+    return last
+
+
+def text_file(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    return tmp_path / "notes.ckpt"
+
+
+@pytest.mark.parametrize("override,keys,absent", [
+    ("trainer.max_steps=abc", ["trainer.max_steps", "whole number"], []),
+    ("data.batch_size=0", ["data.batch_size=0", "data.batch_size=1 or more"], []),
+    ("data.batch_size=-3", ["data.batch_size=-3", "data.batch_size=1 or more"], ["lower"]),
+    ("model.resolution=30", ["model.resolution=30", "multiple of 8", "model.resolution=32"], []),
+    ("data.resolution=36", ["data.resolution=36", "model.resolution=32"], []),
+    ("ckpt_path={notes}", ["ckpt_path", "notes.ckpt", "not a checkpoint"], []),
+])
+def test_jedi_train_refuses_bad_values_before_building_anything(tmp_path, override, keys, absent):
+    run = tmp_path / "run"
+    p = cli("jedi-train", override.format(notes=text_file(tmp_path)), f"paths.output_dir={run}", "logger=none",
+            cwd=tmp_path)
+    line = one_line_error(p, "jedi-train")
+    for k in keys:
+        assert k in line, line
+    for k in absent:
+        assert k not in line, line
+    assert not (run / "config.yaml").exists()  # train() never started: no model, data or logger
+
+
+def test_stream_names_the_batch_size_key(tmp_path):
+    from stream_helpers import write_shards
+
+    from data_pipelines.stream import SetStream, StreamConfig
+
+    write_shards(str(tmp_path), num_shards=1, sets_per_shard=2)
+    with pytest.raises(ValueError, match=r"data.batch_size=-1 must be >= 1") as e:
+        SetStream(StreamConfig(sources=str(tmp_path / "*.tar"), batch_size=-1))
+    assert "lower" not in str(e.value)
+
+
+def test_jedi_data_pipe_hint_names_its_flag(tmp_path):
+    line = one_line_error(cli("jedi-data", "stats", "pipe:cat x.tar", cwd=tmp_path), "jedi-data")
+    assert "--allow-pipe" in line and "data.allow_pipe" not in line
+
+
+def bomb_png(path, w, h):
+    """A PNG header announcing w x h pixels (PIL refuses it on open, before reading any pixel data)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def test_jedi_sample_decompression_bomb_is_one_line(pipe_dir, tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png", 15000, 15000)
+    p = cli("jedi-sample", pipe_dir, "--ref", bomb, "--prompt", "a can", "--num", 1, "--steps", 1,
+            "--out", tmp_path / "out", cwd=tmp_path)
+    line = one_line_error(p, "jedi-sample")
+    assert "bomb.png" in line and "too many pixels" in line and not (tmp_path / "out").exists()
+
+
+def test_jedi_sample_seed_defaults_to_0_and_tiny_reference_warns(pipe_dir, tmp_path):
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(tmp_path / "dot.png")
+    out = tmp_path / "out"
+    p = cli("jedi-sample", pipe_dir, "--ref", tmp_path / "dot.png", "--prompt", "a can", "--num", 1, "--steps", 1,
+            "--out", out, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    warnings = [ln for ln in p.stderr.splitlines() if ln.startswith("jedi-sample: warning:")]
+    assert len(warnings) == 1 and "dot.png is only 1x1 pixels" in warnings[0]
+    assert "(seed 0)" in p.stdout
+    with open(out / "settings.json") as f:
+        assert json.load(f)["seed"] == 0
+
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=demo"], ["experiment=proof"], ["experiment=sd15_s3"],
+                                       ["model=sd15", "trainer=gpu"], ["model=sd21", "debug=fast"]])
+def test_shipped_configs_pass_the_checks(tmp_path, overrides):
+    from test_configs import compose_train
+
+    from jedi_train.config_checks import check_config
+
+    check_config(compose_train(overrides, tmp_path))
