@@ -124,3 +124,34 @@ def test_bad_batches_raise(components):
         obj(dict(batch, is_ref=torch.zeros(2, 2, dtype=torch.bool)))
     with pytest.raises(ValueError, match="sets, set_size"):
         obj(dict(batch, pixel_values=batch["pixel_values"].flatten(0, 1)))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_each_parameterisation_has_zero_loss_at_its_own_target(tiny_model_dir, prediction_type):
+    """A UNet that outputs exactly its parameterisation's target scores 0; the other two targets do not."""
+    from types import SimpleNamespace
+
+    comps = load_components(tiny_model_dir, prediction_type=prediction_type)
+    obj = JeDiObjective(comps)
+    batch = _batch(comps)
+    noise = torch.randn(6, 12, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300, 900])
+    t_img = t.repeat_interleave(3)
+    latents = comps.codec.encode(batch["pixel_values"].flatten(0, 1))
+    targets = {"epsilon": noise, "sample": latents,
+               "v_prediction": comps.noise_scheduler.get_velocity(latents, noise, t_img)}
+    assert torch.equal(obj.target(latents, noise, t_img), targets[prediction_type])
+    for name, pred in targets.items():  # the UNet's forward replaced by a fixed prediction
+        comps.unet.forward = lambda *a, pred=pred, **k: SimpleNamespace(sample=pred)
+        loss = obj(batch, noise=noise, timesteps=t, dropout=_no_dropout(batch))["loss"].item()
+        assert loss == 0 if name == prediction_type else loss > 1e-3, (name, loss)
+    del comps.unet.forward
+
+def test_min_snr_weighting_for_sample_prediction(tiny_model_dir):
+    from diffusers.training_utils import compute_snr
+
+    comps = load_components(tiny_model_dir, prediction_type="sample")
+    t = torch.tensor([1, 500, 999])
+    snr = compute_snr(comps.noise_scheduler, t)
+    assert torch.allclose(JeDiObjective(comps, ObjectiveConfig(snr_gamma=5.0)).loss_weights(t),
+                          torch.minimum(snr, torch.tensor(5.0)))  # x0 space: min(snr, gamma)

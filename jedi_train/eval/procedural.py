@@ -229,8 +229,9 @@ def add_arguments(p) -> None:
     p.add_argument("--resolution", type=int, default=32, help="render size with --oracle (else the pipeline's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--grids", type=int, default=8, help="subjects that get a grid (default 8)")
-    p.add_argument("--layout", choices=list(procedural.LAYOUTS), default="varied",
-                   help="how subjects sit in the frame; use the training data's (generator.layout)")
+    p.add_argument("--layout", choices=list(procedural.LAYOUTS), default=None,
+                   help="how subjects sit in the frame, as in the training data (default: the run's "
+                        "procedural_layout from PIPELINE_DIR/../config.yaml, else varied)")
 
 
 def configs(refs: list[int], guidance: list[float]) -> list[tuple[int, float]]:
@@ -259,7 +260,23 @@ def weights_fingerprint(pipeline_dir: str | None) -> str | None:
     return ";".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, stats))
 
 
+def run_layout(pipeline_dir: str | None) -> str:
+    """The procedural world a run trained on: `procedural_layout` in the run dir's config.yaml (the
+    exported pipeline sits in RUN_DIR/pipeline), else "varied" (jedi-synth's default)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(pipeline_dir or ".")), "config.yaml")
+    if not pipeline_dir or not os.path.exists(path):
+        return "varied"
+    from omegaconf import OmegaConf
+
+    layout = OmegaConf.load(path).get("procedural_layout") or "varied"
+    if layout not in procedural.LAYOUTS:
+        raise EvalError(f"{path} names procedural_layout={layout!r}; known: {', '.join(procedural.LAYOUTS)}")
+    return str(layout)
+
+
 def check_args(args) -> tuple[list[int], list[float]]:
+    if args.layout is None:
+        args.layout = run_layout(args.pipeline_dir)
     refs = parse_int_list(args.refs, "--refs")
     guid = parse_float_list(args.image_guidance, "--image-guidance")
     for name, value, low in (("--subjects", args.subjects, 1), ("--samples", args.samples, 1), ("--steps", args.steps, 1)):

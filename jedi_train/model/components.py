@@ -77,7 +77,7 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 def check_model_dir(model_dir: str) -> None:
     """One clear error naming the missing path and component."""
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir} does not exist; set model.path to a diffusers "
+        raise FileNotFoundError(f"model directory {model_dir} does not exist; set model.model_dir to a diffusers "
                                 "Stable Diffusion directory (unet/ text_encoder/ tokenizer/ scheduler/ [vae/])")
     for comp in REQUIRED:
         if not os.path.isdir(os.path.join(model_dir, comp)):

@@ -107,7 +107,7 @@ def load_joint_unet(path: str, subfolder: str | None = "unet", conditioning: str
     """
     where = os.path.join(path, subfolder) if subfolder else path
     if not os.path.isdir(where):
-        raise FileNotFoundError(f"UNet folder {where} does not exist; point model.path at a diffusers model "
+        raise FileNotFoundError(f"UNet folder {where} does not exist; point model.model_dir at a diffusers model "
                                 "directory with a unet/ subfolder")
     if not os.path.isfile(os.path.join(where, "config.json")):
         raise FileNotFoundError(f"UNet folder {where} has no config.json; is it a diffusers UNet?")

@@ -72,7 +72,8 @@ class JeDiObjective:
             return None
         snr = compute_snr(self.c.noise_scheduler, timesteps)
         clipped = torch.clamp(snr, max=self.cfg.snr_gamma)
-        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+        # min-SNR-gamma expressed for each parameterisation (x0-space weight min(snr, gamma))
+        return {"v_prediction": clipped / (snr + 1), "sample": clipped}.get(self.prediction_type, clipped / snr)
 
     def sample_timesteps(self, b: int, device, generator=None) -> torch.Tensor:
         T = self.c.noise_scheduler.config.num_train_timesteps
@@ -82,6 +83,19 @@ class JeDiObjective:
             pick = torch.rand(b, generator=generator, device=device) < self.cfg.high_timestep_prob
             t = torch.where(pick, high, t)
         return t
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t_img: torch.Tensor) -> torch.Tensor:
+        """What the UNet predicts. "sample" (x0): the UNet never has to reproduce the noise, which a small
+        pixel-space model with large patches (pixel_fold 4: 48 values per token) cannot do early in training
+        (with epsilon/v it leaves part of the noise in every sampling step: docs/experiments.md)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.c.noise_scheduler.get_velocity(latents, noise, t_img)
+        if self.prediction_type == "sample":
+            return latents
+        raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; use epsilon, v_prediction "
+                         "or sample")
 
     # -- the step ------------------------------------------------------------------------------
     def __call__(self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
@@ -120,7 +134,7 @@ class JeDiObjective:
         model_in = unet.assemble_input(noisy, latents, ref_visible)
 
         pred = unet(model_in, t_img, text, set_layout=layout).sample
-        target = noise if self.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t_img)
+        target = self.target(latents, noise, t_img)
         error = F.mse_loss(pred.float(), target.float(), reduction="none")
         if self.cfg.subject_loss_weight != 1.0 and "subject_mask" in batch:
             m = latent_mask(batch["subject_mask"].flatten(0, 1).to(error), error.shape[-2:])
