@@ -54,8 +54,8 @@ def runs(tmp_path_factory):
 
 def test_demo_synthesizes_its_data_once_and_writes_a_run_dir(runs):
     root, run = runs["root"], runs["resumed"]
-    assert len(glob.glob(str(root / "data" / "sets" / "procedural_v2" / "*.tar"))) > 0
-    assert len(glob.glob(str(root / "data" / "sets" / "procedural_v2_heldout" / "*.tar"))) > 0
+    assert len(glob.glob(str(root / "data" / "sets" / "procedural_centered" / "*.tar"))) > 0
+    assert len(glob.glob(str(root / "data" / "sets" / "procedural_centered_heldout" / "*.tar"))) > 0
     assert "synthesizing" not in runs["second"].stderr + runs["second"].stdout  # cached data reused
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "config.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-DEMO_EVAL = ["--subjects", "32", "--refs", "0,1", "--image-guidance", "1,3", "--samples", "2"]
+DEMO_EVAL = ["--subjects", "32", "--refs", "0,1", "--image-guidance", "1,3", "--guidance", "3", "--samples", "2"]
 PROOF_EVAL = ["--subjects", "64", "--refs", "0,1,3", "--image-guidance", "0,1,3", "--samples", "2"]
 
 
