@@ -16,7 +16,7 @@ import sys
 import time
 
 DEMO_EVAL = ["--subjects", "32", "--refs", "0,1", "--image-guidance", "1,3", "--guidance", "3", "--samples", "2"]
-PROOF_EVAL = ["--subjects", "64", "--refs", "0,1,3", "--image-guidance", "0,1,3", "--samples", "2"]
+PROOF_EVAL = ["--subjects", "64", "--refs", "0,1,3", "--image-guidance", "0,1,3", "--guidance", "3", "--samples", "2"]
 
 
 def main(argv=None) -> int:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         why = f"failed (exit {eval_rc})" if eval_rc else "wrote no summary"
         print(f"eval             {why}; rerun: jedi-eval {' '.join(eval_cmd[3:])}")
     print(f"personalize      jedi-sample {run_dir}/pipeline --ref PHOTOS_DIR --prompt 'a toy on the beach' "
-          "--num 4 --seed 0 --out OUT_DIR")
+          "--num 4 --guidance 3 --image-guidance 3 --out OUT_DIR   (the demo's eval settings)")
     return 0
 
 
