@@ -2,11 +2,14 @@
 
 Accepts a Lightning checkpoint file or a DeepSpeed ZeRO checkpoint directory (consolidated with
 Lightning's converter). EMA weights are exported unless use_ema=False. The frozen components come
-from the model directory the run trained from (or --model-dir when it moved).
+from the model directory the run trained from (or --model-dir when it moved). Checkpoints are read
+with weights_only=True (checkpoints.safe_load); an existing output directory is replaced only when
+asked to and only if it is a previous export.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +18,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 
+from .checkpoints import DEEPSPEED_GLOBALS, deepspeed_files, safe_load
 from .model.components import Components, load_components
 
 
@@ -40,8 +44,36 @@ def publish_dir(tmp: str, out_dir: str) -> None:
         os.replace(tmp, out_dir)
 
 
-def save_pipeline_atomically(pipe, out_dir: str) -> str:
-    out_dir = os.path.abspath(out_dir)
+def check_export_target(out_dir: str, overwrite: bool = False) -> None:
+    """An export never deletes what it did not write: a non-empty out_dir is replaced only with
+    overwrite=True and only if it holds nothing but a previous export (model_index.json + its components)."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} exists and is not a directory; give a new output directory")
+    entries = set(os.listdir(out_dir))
+    if not entries:
+        return
+    index = os.path.join(out_dir, "model_index.json")
+    if not os.path.isfile(index):
+        raise ValueError(f"{out_dir} is not empty and is not a previous export (no model_index.json); "
+                         "give a new or empty output directory")
+    if not overwrite:
+        raise ValueError(f"{out_dir} holds a previous export; pass --overwrite to replace it, or give a new directory")
+    try:
+        with open(index) as f:
+            ours = {"model_index.json", *(k for k in json.load(f) if not k.startswith("_"))}
+    except (OSError, ValueError, AttributeError):
+        ours = {"model_index.json"}
+    other = sorted(entries - ours)
+    if other:
+        raise ValueError(f"{out_dir} holds a previous export and other files ({', '.join(other[:3])}); "
+                         "move them out or give a new directory (--overwrite replaces only an export)")
+
+
+def save_pipeline_atomically(pipe, out_dir: str, overwrite: bool = False) -> str:
+    out_dir = os.path.realpath(out_dir)  # a symlinked out_dir: replace its target, not the link
+    check_export_target(out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -53,28 +85,31 @@ def save_pipeline_atomically(pipe, out_dir: str) -> str:
     return out_dir
 
 
-def export_module(module, out_dir: str, use_ema: bool = True) -> str:
-    """From a live JeDiModule (end of training)."""
+def export_module(module, out_dir: str, use_ema: bool = True, overwrite: bool = True) -> str:
+    """From a live JeDiModule (end of training; replaces the run's previous export on resume)."""
     unet = copy.deepcopy(module.unet).to("cpu", torch.float32)
     if use_ema and module.ema is not None:
         ema = copy.deepcopy(module.ema)
         ema.to("cpu")
         ema.copy_to(unet.parameters())
     components = copy.copy(module.components)
-    return save_pipeline_atomically(build_pipeline(components, unet), out_dir)
+    return save_pipeline_atomically(build_pipeline(components, unet), out_dir, overwrite)
 
 
 def load_checkpoint(path: str) -> dict:
     if os.path.isdir(path):  # DeepSpeed ZeRO checkpoint directory: consolidate shards to one fp32 state
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
+        # the converter unpickles the shards with weights_only=False: first prove that each one loads safely
+        for shard in deepspeed_files(path):
+            safe_load(shard, mmap=True, extra_globals=DEEPSPEED_GLOBALS)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "consolidated.ckpt")
             convert_zero_checkpoint_to_fp32_state_dict(path, out)
-            return torch.load(out, map_location="cpu", weights_only=False)
+            return safe_load(out, extra_globals=DEEPSPEED_GLOBALS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; give a .ckpt file or a DeepSpeed checkpoint dir")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)
 
 
 def unet_state_from_checkpoint(ckpt: dict) -> dict:
@@ -96,7 +131,9 @@ def load_unet_weights(unet, state: dict, source: str) -> None:
     unet.load_state_dict(state)
 
 
-def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_dir: str | None = None) -> str:
+def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_dir: str | None = None,
+                      overwrite: bool = False) -> str:
+    check_export_target(os.path.realpath(out_dir), overwrite)  # before the slow part
     ckpt = load_checkpoint(ckpt_path)
     hp = ckpt.get("hyper_parameters", {})
     model_dir = model_dir or hp.get("model_dir")
@@ -111,4 +148,4 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
         ema = EMAModel(components.unet.parameters())
         ema.load_state_dict(ckpt["ema"])
         ema.copy_to(components.unet.parameters())
-    return save_pipeline_atomically(build_pipeline(components), out_dir)
+    return save_pipeline_atomically(build_pipeline(components), out_dir, overwrite)

@@ -1,19 +1,26 @@
 """train(cfg): compose everything a Hydra config names and fit. The entry point (cli/train.py) is thin.
 
 Order of events: seed -> data ready (synthesized if the config asks and shards are missing) ->
-model -> datamodule -> logger (W&B offline without a key; run id kept in the run dir) ->
-callbacks -> strategy -> Trainer.fit (resuming from the run dir's last checkpoint) -> export.
+model -> datamodule -> resume checkpoint (the run dir's newest complete one) -> logger (W&B offline
+without a key; run id kept in the run dir) -> callbacks -> strategy -> Trainer.fit -> export.
+SIGTERM / SIGINT during fit: checkpoint at the current step (callbacks.Checkpoint), exit 128 + signal.
 """
 from __future__ import annotations
 
+import csv
 import os
 import uuid
 from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
+
+from .checkpoints import AtomicCheckpointIO, checkpoint_step, newest_complete, remove_partials
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -25,10 +32,61 @@ def wandb_key_configured() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def make_logger(cfg: DictConfig, output_dir: str):
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing metrics.csv; this one keeps the rows from before the
+    checkpoint the run resumes from and appends after them (one history per run dir)."""
+
+    def __init__(self, log_dir: str, resume_step: int | None):
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # called by __init__
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if self.resume_step is not None and not self._redone(r)]
+        tmp = self.metrics_file_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=reader.fieldnames or [])
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+        self.metrics_keys = list(reader.fieldnames or [])  # save() appends under this header (or rewrites it)
+
+    def _redone(self, row: dict) -> bool:
+        """Logged after the checkpoint, so logged again by the resumed run: training-step rows carry the
+        number of steps before them (Lightning), callback rows the global step they measured at."""
+        try:
+            step = int(float(row.get("step") or -1))
+        except ValueError:
+            return False
+        return step > self.resume_step or (step == self.resume_step and bool(row.get("train/loss")))
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives resumes. resume_step: the global step of the checkpoint the
+    run resumes from; None = a fresh start (earlier rows are dropped, as Lightning does)."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(self.log_dir, self.resume_step)
+        return self._experiment
+
+
+def make_logger(cfg: DictConfig, output_dir: str, resume_step: int | None = None):
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return False
     kwargs = {}
+    if cfg.logger._target_ in ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger"):
+        kwargs.update(_target_=f"{__name__}.ContinuedCSVLogger", resume_step=resume_step)
     if cfg.logger._target_.endswith("WandbLogger"):
         if cfg.logger.get("offline") is None:  # automatic: no key, no network use
             kwargs["offline"] = not wandb_key_configured() or os.environ.get("WANDB_MODE") == "offline"
@@ -45,23 +103,38 @@ def make_logger(cfg: DictConfig, output_dir: str):
     return logger
 
 
-def find_resume_checkpoint(cfg: DictConfig, output_dir: str) -> str | None:
-    """ckpt_path: a path, 'last', or null (= newest of the run dir's last.ckpt and the hpc_ckpt_*.ckpt
-    Lightning writes when SLURM pre-empts a job)."""
-    ckpt_dir = Path(output_dir) / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if cfg.get("ckpt_path") in (None, "last"):
-        found = [p for p in [last, *Path(output_dir).glob("hpc_ckpt_*.ckpt"), *ckpt_dir.glob("hpc_ckpt_*.ckpt")]
-                 if p.exists()]
-        if found:
-            return str(max(found, key=lambda p: p.stat().st_mtime))
-        if cfg.get("ckpt_path") == "last":
-            rank_zero_info(f"ckpt_path=last but {last} does not exist yet: starting fresh")
-        return None
-    if not Path(cfg.ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path {cfg.ckpt_path} does not exist; give a checkpoint file, a DeepSpeed "
-                                "checkpoint dir, 'last', or null")
-    return str(cfg.ckpt_path)
+def checkpoint_dir(cfg: DictConfig, output_dir: str) -> Path:
+    return Path(OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
+                or Path(output_dir) / "checkpoints")
+
+
+def find_resume_checkpoint(cfg: DictConfig, output_dir: str) -> tuple[str | None, int | None]:
+    """(path, global step) to resume from. ckpt_path: a path, or null / 'last' = the newest checkpoint
+    of the run dir that loads, whatever its name (last.ckpt, stepNNNNNNN.ckpt, SLURM's hpc_ckpt_*.ckpt,
+    DeepSpeed dirs); a truncated or unreadable one is skipped with a message saying why."""
+    if cfg.get("ckpt_path") not in (None, "last"):
+        if not Path(cfg.ckpt_path).exists():
+            raise FileNotFoundError(f"ckpt_path {cfg.ckpt_path} does not exist; give a checkpoint file, a DeepSpeed "
+                                    "checkpoint dir, 'last', or null")
+        return str(cfg.ckpt_path), checkpoint_step(str(cfg.ckpt_path))
+    ckpt_dir = checkpoint_dir(cfg, output_dir)
+    candidates = [*ckpt_dir.glob("*.ckpt"), *Path(output_dir).glob("hpc_ckpt_*.ckpt")]
+    path, step, skipped = newest_complete(candidates)
+    for why in skipped:
+        rank_zero_warn(f"{why}; " + (f"resuming from {Path(path).name}" if path else "trying an older checkpoint"),
+                       category=UserWarning)
+    if path is None and candidates:  # never train from scratch over checkpoints that exist but do not load
+        raise ValueError(f"no checkpoint in {ckpt_dir} loads ({skipped[0]}); pass ckpt_path=PATH, or move them "
+                         "away to start fresh")
+    if path is None and cfg.get("ckpt_path") == "last":
+        rank_zero_info(f"ckpt_path=last but {ckpt_dir} holds no checkpoint yet: starting fresh")
+    return path, (step if path else None)
+
+
+@rank_zero_only
+def clean_unfinished_saves(cfg: DictConfig, output_dir: str) -> None:
+    for p in remove_partials(checkpoint_dir(cfg, output_dir), output_dir):
+        rank_zero_info(f"removed {p}: an unfinished save of a run that was killed")
 
 
 def make_strategy(cfg: DictConfig):
@@ -92,19 +165,30 @@ def train(cfg: DictConfig) -> dict:
     OmegaConf.save(cfg, tmp, resolve=True)
     os.replace(tmp, os.path.join(output_dir, "config.yaml"))  # atomic: a reader never sees half a config
 
+    pipeline_dir = os.path.join(output_dir, "pipeline")
+    if cfg.get("export_after_fit"):
+        from .export import check_export_target
+
+        check_export_target(pipeline_dir, overwrite=True)  # refused now, not after hours of training
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
     datamodule = build_datamodule(cfg.data, module.components.tokenizer, resolution=cfg.model.resolution,
                                   seed=cfg.seed)
+    clean_unfinished_saves(cfg, output_dir)
+    ckpt_path, resume_step = find_resume_checkpoint(cfg, output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
                  if c is not None and "_target_" in c]
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=make_logger(cfg, output_dir), callbacks=callbacks,
-                                      strategy=make_strategy(cfg))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=find_resume_checkpoint(cfg, output_dir))
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=make_logger(cfg, output_dir, resume_step),
+                                      callbacks=callbacks, strategy=make_strategy(cfg),
+                                      plugins=[AtomicCheckpointIO()])  # DeepSpeed writes its dirs itself
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    stopped_by = next((cb.stopped_by for cb in trainer.checkpoint_callbacks if getattr(cb, "stopped_by", None)), None)
+    if stopped_by:  # SIGTERM / Ctrl+C: the Checkpoint callback saved the step it stopped at; no export
+        raise SystemExit(128 + stopped_by)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = {"output_dir": output_dir, "global_step": trainer.global_step, "metrics": metrics}
     if cfg.get("export_after_fit") and trainer.is_global_zero:
         from .export import export_module
 
-        result["pipeline_dir"] = export_module(module, os.path.join(output_dir, "pipeline"))
+        result["pipeline_dir"] = export_module(module, pipeline_dir)  # replaces the previous export
     return result

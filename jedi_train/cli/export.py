@@ -1,4 +1,4 @@
-"""jedi-export CHECKPOINT OUT_DIR [--no-ema] [--model-dir DIR]"""
+"""jedi-export CHECKPOINT OUT_DIR [--no-ema] [--model-dir DIR] [--overwrite]"""
 import argparse
 import sys
 
@@ -10,11 +10,14 @@ def main(argv=None) -> None:
     p.add_argument("out_dir")
     p.add_argument("--no-ema", action="store_true", help="export the raw training weights instead of EMA")
     p.add_argument("--model-dir", default=None, help="base model directory, if it moved since training")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds a previous export (model_index.json); nothing else is replaced")
     args = p.parse_args(argv)
     from jedi_train.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, use_ema=not args.no_ema, model_dir=args.model_dir)
+        out = export_checkpoint(args.checkpoint, args.out_dir, use_ema=not args.no_ema, model_dir=args.model_dir,
+                                overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as e:
         print(f"jedi-export: error: {e}", file=sys.stderr)
         sys.exit(2)
