@@ -126,3 +126,19 @@ def test_bad_input_is_one_line(cli, pipe_dir, tiny_model_dir, tmp_path, argv, wo
     rc, _, err = cli(*[a.format(**fill) for a in argv])
     assert rc == 2 and err.startswith("jedi-eval: error:") and words in err and err.count("\n") == 1
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_layout_defaults_to_the_runs_procedural_world(tmp_path):
+    from jedi_train.eval.common import EvalError
+    from jedi_train.eval.procedural import run_layout
+
+    pipe = tmp_path / "run" / "pipeline"
+    pipe.mkdir(parents=True)
+    assert run_layout(str(pipe)) == "varied"  # no run config beside the pipeline: jedi-synth's default
+    (tmp_path / "run" / "config.yaml").write_text("procedural_layout: centered\nseed: 0\n")
+    assert run_layout(str(pipe)) == "centered"
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    assert run_layout(str(pipe)) == "varied"
+    (tmp_path / "run" / "config.yaml").write_text("procedural_layout: sideways\n")
+    with pytest.raises(EvalError, match="sideways"):
+        run_layout(str(pipe))
