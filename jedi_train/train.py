@@ -8,6 +8,7 @@ SIGTERM / SIGINT during fit: checkpoint at the current step (callbacks.Checkpoin
 from __future__ import annotations
 
 import csv
+import io
 import os
 import uuid
 from pathlib import Path
@@ -19,6 +20,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
+
+from data_pipelines.synth.writer import atomic_write_text
 
 from .checkpoints import AtomicCheckpointIO, checkpoint_step, newest_complete, remove_partials
 
@@ -46,12 +49,11 @@ class _ContinuedWriter(ExperimentWriter):
         with open(self.metrics_file_path, newline="") as f:
             reader = csv.DictReader(f)
             rows = [r for r in reader if self.resume_step is not None and not self._redone(r)]
-        tmp = self.metrics_file_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=reader.fieldnames or [])
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
+        kept = io.StringIO(newline="")
+        writer = csv.DictWriter(kept, fieldnames=reader.fieldnames or [])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.metrics_file_path, kept.getvalue())  # the project's one atomic writer
         self.metrics_keys = list(reader.fieldnames or [])  # save() appends under this header (or rewrites it)
 
     def _redone(self, row: dict) -> bool:
