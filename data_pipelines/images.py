@@ -13,8 +13,12 @@ import io
 import warnings
 
 import numpy as np
-import simplejpeg
 from PIL import Image
+
+try:  # optional where this file ships inside an exported pipeline (bundle.py): PIL decodes everything
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
 
 # our own max_pixels check replaces PIL's warning (PIL still raises past twice its limit)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -78,7 +82,7 @@ def to_rgb(img: Image.Image, counts=None) -> Image.Image:
 
 def _fast_jpeg(data: bytes, resolution: int, max_pixels: int, min_size: int) -> np.ndarray | None:
     """simplejpeg for a 3-channel JPEG; None: not one (or corrupt), PIL takes it from here."""
-    if data[:2] != b"\xff\xd8":
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
         return None
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)

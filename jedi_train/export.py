@@ -18,8 +18,10 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 
+from .bundle import MODULES as BUNDLE_MODULES
 from .checkpoints import DEEPSPEED_GLOBALS, deepspeed_files, safe_load
 from .model.components import Components, load_components
+from .model_card import find_run_dir, write_model_card
 
 
 def build_pipeline(components: Components, unet=None):
@@ -65,13 +67,15 @@ def check_export_target(out_dir: str, overwrite: bool = False) -> None:
             ours = {"model_index.json", *(k for k in json.load(f) if not k.startswith("_"))}
     except (OSError, ValueError, AttributeError):
         ours = {"model_index.json"}
+    ours |= {"README.md", "samples.png", *(f"{name}.py" for name in BUNDLE_MODULES)}  # card, bundle.py
     other = sorted(entries - ours)
     if other:
         raise ValueError(f"{out_dir} holds a previous export and other files ({', '.join(other[:3])}); "
                          "move them out or give a new directory (--overwrite replaces only an export)")
 
 
-def save_pipeline_atomically(pipe, out_dir: str, overwrite: bool = False) -> str:
+def save_pipeline_atomically(pipe, out_dir: str, overwrite: bool = False, card: dict | None = None) -> str:
+    """card: {hparams, step, run_dir} of the training run, for the model card (README.md)."""
     out_dir = os.path.realpath(out_dir)  # a symlinked out_dir: replace its target, not the link
     check_export_target(out_dir, overwrite)
     parent = os.path.dirname(out_dir)
@@ -79,6 +83,8 @@ def save_pipeline_atomically(pipe, out_dir: str, overwrite: bool = False) -> str
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if card is not None:
+            write_model_card(tmp, pipe, **card)
         publish_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +99,8 @@ def export_module(module, out_dir: str, use_ema: bool = True, overwrite: bool = 
         ema.to("cpu")
         ema.copy_to(unet.parameters())
     components = copy.copy(module.components)
-    return save_pipeline_atomically(build_pipeline(components, unet), out_dir, overwrite)
+    card = {"hparams": dict(module.hparams), "step": module.global_step, "run_dir": find_run_dir(out_dir)}
+    return save_pipeline_atomically(build_pipeline(components, unet), out_dir, overwrite, card)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -148,4 +155,5 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
         ema = EMAModel(components.unet.parameters())
         ema.load_state_dict(ckpt["ema"])
         ema.copy_to(components.unet.parameters())
-    return save_pipeline_atomically(build_pipeline(components), out_dir, overwrite)
+    card = {"hparams": hp, "step": ckpt.get("global_step"), "run_dir": find_run_dir(ckpt_path)}
+    return save_pipeline_atomically(build_pipeline(components), out_dir, overwrite, card)

@@ -30,7 +30,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .model.attention import ReferenceKVCache, SetLayout, reference_attention
 from .model.components import LatentCodec, tokenize
-from .model.joint_unet import JointUNet2DConditionModel
+from .model.joint_unet import JointUNet2DConditionModel, as_joint_unet
 from .references import load_references
 from .set_plan import Branch, SetPlan, guidance_branches
 
@@ -38,12 +38,14 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def _export_unet_class():
-    """model_index.json names the UNet ["jedi_train", "JointUNet2DConditionModel"]. diffusers resolves that
-    library from sys.modules and finds the loader by looking up its base classes (ModelMixin, ...) on the
-    same module, so `jedi_train` must expose both names; its lazy __init__ does not expose ModelMixin."""
+    """Exports before bundle.py named the UNet ["jedi_train", "JointUNet2DConditionModel"]. diffusers resolves
+    that library from sys.modules and finds the loader by looking up its base classes (ModelMixin, ...) on
+    the same module, so `jedi_train` must expose both names; its lazy __init__ does not expose ModelMixin."""
+    try:
+        import jedi_train
+    except ImportError:  # running from an export's bundle: such exports name a plain diffusers UNet
+        return
     from diffusers import ModelMixin
-
-    import jedi_train
 
     for name, obj in (("JointUNet2DConditionModel", JointUNet2DConditionModel), ("ModelMixin", ModelMixin)):
         if getattr(jedi_train, name, None) is None:
@@ -63,6 +65,7 @@ class JeDiPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  scheduler, vae: AutoencoderKL | None = None):
         super().__init__()
+        unet = as_joint_unet(unet)  # saved as a plain UNet2DConditionModel (see bundle.py)
         if not isinstance(unet, JointUNet2DConditionModel) or unet.jedi is None:
             raise ValueError(f"the pipeline's unet is a plain {type(unet).__name__} without JeDi settings (_jedi), "
                              "not a joint UNet; export the trained model with jedi-export (or convert it with "
@@ -85,10 +88,28 @@ class JeDiPipeline(DiffusionPipeline):
             self._register_unet_library()
 
     def _register_unet_library(self):
-        # model_index.json names the stable public import (jedi_train.JointUNet2DConditionModel), not the
-        # module it happens to live in, so exports survive refactors
-        if type(getattr(self, "unet", None)) is JointUNet2DConditionModel:
-            self.register_to_config(unet=("jedi_train", "JointUNet2DConditionModel"))
+        # the joint UNet is saved as what it loads as without jedi_train: a diffusers UNet2DConditionModel
+        # whose config keeps the JeDi settings (as_joint_unet restores the joint class)
+        if isinstance(getattr(self, "unet", None), JointUNet2DConditionModel):
+            self.register_to_config(unet=("diffusers", "UNet2DConditionModel"))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save_pretrained plus the pipeline's code (bundle.py): the directory then loads with
+        JeDiPipeline.from_pretrained and with DiffusionPipeline.from_pretrained(..., trust_remote_code=True)."""
+        from .bundle import write_bundle  # imported here: bundle.py reads this file
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_bundle(os.fspath(save_directory), type(self).__name__)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        # model_index.json names the bundled code (["jedi_pipeline", "JeDiPipeline"]) for generic loading;
+        # JeDiPipeline.from_pretrained uses the installed class instead, so drop that pointer here
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config.get("_class_name"), list) and issubclass(cls, JeDiPipeline):
+            config["_class_name"] = config["_class_name"][1]
+        return out
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

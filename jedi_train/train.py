@@ -193,4 +193,9 @@ def train(cfg: DictConfig) -> dict:
         from .export import export_module
 
         result["pipeline_dir"] = export_module(module, pipeline_dir)  # replaces the previous export
+        if cfg.get("log_pipeline_artifact", True):
+            from .artifacts import log_pipeline_artifact
+
+            result["artifact_aliases"] = log_pipeline_artifact(trainer.logger, pipeline_dir, trainer.global_step,
+                                                               metrics, cfg.get("optimized_metric"), output_dir)
     return result

@@ -76,7 +76,7 @@ def test_round_trip_offline_safetensors(with_vae, tiny_model_dir, tiny_vae_model
     first = make_pipeline_dir(tiny_vae_model_dir if with_vae else tiny_model_dir, str(tmp_path / "a"))
     with open(os.path.join(first, "model_index.json")) as f:
         index = json.load(f)
-    assert index["unet"] == ["jedi_train", "JointUNet2DConditionModel"]
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]  # generic loading: bundle.py
     assert (index["vae"][0] is not None) == with_vae
     assert os.path.isfile(os.path.join(first, "unet", "diffusion_pytorch_model.safetensors"))
     assert not any(f.endswith(".bin") for _, _, files in os.walk(first) for f in files)

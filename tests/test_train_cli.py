@@ -100,6 +100,38 @@ def test_wandb_offline_run_is_continued_and_readable(runs):
     assert images, "sample grids were not logged to W&B"
 
 
+def test_each_export_is_a_wandb_model_artifact_with_aliases(runs):
+    run = runs["resumed"]
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    files = sorted(glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb")))
+    arts = [a for f in files for a in read_run(f)["artifacts"]]
+    assert [a["name"] for a in arts] == [f"pipeline-{run_id}"] * 2  # one per export: the run and its resume
+    assert all(a["type"] == "model" for a in arts)
+    assert [a["metadata"]["step"] for a in arts] == [K, 2 * K]
+    # (W&B gives every new version "latest" itself; the record keeps the other aliases)
+    assert {f"step-{K}", "best"} <= set(arts[0]["aliases"]) and f"step-{2 * K}" in arts[1]["aliases"]
+    assert "model_index.json" in arts[1]["files"] and "unet/diffusion_pytorch_model.safetensors" in arts[1]["files"]
+    assert "README.md" in arts[1]["files"] and "jedi_pipeline.py" in arts[1]["files"]
+    best = json.loads((run / "artifacts.json").read_text())
+    # "best" moves to the second export only if its train/loss is lower than the first's
+    assert ("best" in arts[1]["aliases"]) == (best["step"] == 2 * K)
+    assert best["metric"] == "train/loss" and best["best"] == arts[best["step"] // K - 1]["metadata"]["value"]
+
+
+def check_model_card(out: Path, step: int, run_id: str):
+    import yaml
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])  # the metadata block the Hub reads
+    assert front["library_name"] == "diffusers" and front["pipeline_tag"] == "text-to-image"
+    assert "jedi" in front["tags"] and "base_model" not in front  # trained from a local tiny model
+    assert "JointUNet2DConditionModel" in card and "pixel space (pixels folded 4x4)" in card
+    assert f"| steps | {step} |" in card and run_id in card and "procedural_centered" in card
+    assert "trust_remote_code=True" in card and "image_guidance_scale" in card
+    assert "![samples](samples.png)" in card and (out / "samples.png").is_file()
+
+
 def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path):
     from jedi_train import JeDiPipeline
     from jedi_train.model.attention import SetLayout
@@ -112,6 +144,7 @@ def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path)
     assert (out / "model_index.json").is_file()
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not glob.glob(str(tmp_path / "*tmp*"))  # the temp dir was renamed, not left behind
+    check_model_card(out, step=2 * K, run_id=(runs["resumed"] / "wandb_id.txt").read_text().strip())
     pipe = JeDiPipeline.from_pretrained(out)
     assert pipe.reference_cache_supported()  # the demo trains references->references attention at t=0
     module = JeDiModule.load_from_checkpoint(str(ckpt), map_location="cpu")
@@ -208,3 +241,51 @@ def test_demo_summary_points_at_the_run_outputs(runs, monkeypatch, capsys):
     assert f"first {half} steps {sum(values[:half]) / half:.4f} -> last {half} steps " \
            f"{sum(values[-half:]) / half:.4f} (steps 1..{2 * K})" in out
     assert "identity gain" in out and f"jedi-sample {runs['resumed']}/pipeline" in out
+
+
+def test_push_to_hub_offline_fails_in_one_line_after_a_complete_local_export(runs, tmp_path, monkeypatch):
+    # no network here: the upload itself is not testable beyond this line (huggingface_hub's upload_folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "pipe"
+    p = jedi("jedi-export", str(runs["resumed"] / "checkpoints" / "last.ckpt"), str(out),
+             "--push-to-hub", "someone/jedi-demo", root=runs["root"], check=False)
+    assert p.returncode == 3
+    errors = [line for line in p.stderr.splitlines() if "jedi-export: error" in line]
+    assert len(errors) == 1 and "Hub" in errors[0] and str(out) in errors[0] and "Traceback" not in p.stderr
+    assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
+
+
+def test_jedi_eval_puts_its_table_into_the_model_card(runs, tmp_path):
+    out = tmp_path / "pipe"
+    jedi("jedi-export", str(runs["resumed"] / "checkpoints" / "last.ckpt"), str(out), root=runs["root"])
+    jedi("jedi-eval", "procedural", str(out), "--out", str(tmp_path / "eval"), "--subjects", "2", "--refs", "0,1",
+         "--image-guidance", "1", "--samples", "1", "--steps", "2", "--layout", "centered", root=runs["root"])
+    card = (out / "README.md").read_text()
+    assert card.count("<!-- jedi-eval:begin -->") == 1 and "| refs | image guidance |" in card
+    jedi("jedi-eval", "procedural", str(out), "--out", str(tmp_path / "eval2"), "--subjects", "2", "--refs", "0",
+         "--samples", "1", "--steps", "2", "--layout", "centered", root=runs["root"])
+    card = (out / "README.md").read_text()
+    assert card.count("<!-- jedi-eval:begin -->") == 1  # replaced, not appended
+    assert "| 1 | 1 |" not in card.split("<!-- jedi-eval:begin -->")[1]
+
+
+def test_jedi_eval_logs_its_table_to_the_training_run(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"  # a copy: the other tests count the original run's W&B files
+    shutil.copytree(runs["resumed"] / "pipeline", run / "pipeline")
+    for name in ("wandb_id.txt", "config.yaml"):
+        shutil.copy(runs["resumed"] / name, run / name)
+    p = jedi("jedi-eval", "procedural", str(run / "pipeline"), "--out", str(tmp_path / "eval"), "--subjects", "2",
+             "--refs", "0,1", "--image-guidance", "1", "--samples", "1", "--steps", "2", "--grids", "2",
+             root=runs["root"])
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    assert f"logged to the training run {run_id}" in p.stdout
+    files = glob.glob(str(run / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
+    assert len(files) == 1
+    logged = read_run(files[0])
+    assert logged["run_id"] == run_id
+    row = next(r for r in logged["history"] if "eval_procedural/table/_type" in r)
+    assert row["eval_procedural/table/_type"] == "table-file" and row["eval_procedural/table/nrows"] == 2
+    assert row["eval_procedural/grids/count"] == 2  # --grids 2
+    assert "eval_procedural/refs1_ig1.0/gap_closed" in logged["summary"]

@@ -41,13 +41,14 @@ def _payloads(data: bytes):
 
 
 def read_run(run_dir_or_file: str) -> dict:
-    """-> {"history": [row dicts], "config": {key: value}, "summary": {...}, "files": [paths], "run_id": str}"""
+    """-> {"history": [row dicts], "config": {key: value}, "summary": {...}, "files": [paths], "run_id": str,
+    "artifacts": [{"name", "type", "aliases", "files", "metadata"}]}"""
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = run_dir_or_file
     if os.path.isdir(path):
         path = glob.glob(os.path.join(path, "run-*.wandb"))[0]
-    out = {"history": [], "config": {}, "summary": {}, "files": [], "run_id": None}
+    out = {"history": [], "config": {}, "summary": {}, "files": [], "run_id": None, "artifacts": []}
     with open(path, "rb") as f:
         data = f.read()
     for payload in _payloads(data):
@@ -65,6 +66,11 @@ def read_run(run_dir_or_file: str) -> dict:
                 out["summary"][i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
         elif kind == "files":
             out["files"] += [f.path for f in rec.files.files]
+        elif kind == "artifact":
+            a = rec.artifact
+            out["artifacts"].append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                                     "files": [e.path for e in a.manifest.contents],
+                                     "metadata": json.loads(a.metadata or "{}")})
         elif kind == "run":
             out["run_id"] = rec.run.run_id
     return out

@@ -44,6 +44,8 @@ def load_pipeline(pipeline_dir: str, device: str | None = None):
                         "jedi-export CHECKPOINT OUT_DIR")
     with open(index) as f:
         cls = json.load(f).get("_class_name")
+    if isinstance(cls, list) and len(cls) == 2:  # ["jedi_pipeline", "JeDiPipeline"]: bundled code (bundle.py)
+        cls = cls[1]
     if cls != "JeDiPipeline":
         raise EvalError(f"{pipeline_dir} holds a {cls}, not a JeDiPipeline; give a directory jedi-export wrote")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

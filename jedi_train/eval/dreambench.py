@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 
 from jedi_train.eval import common, extractors
 from jedi_train.eval.common import EvalError
+from jedi_train.model_card import update_eval_section
 
 LIVE_CLASSES = ("cat", "dog")
 METRICS = ("dino", "clip_i", "clip_t", "mdino")
@@ -444,6 +445,7 @@ def run(args) -> int:
     metrics = [m for m in METRICS if m in summary["rows"][0]]
     common.write_text_atomic(os.path.join(args.out, "summary.md"), _markdown(summary, metrics))
     common.write_json_atomic(os.path.join(args.out, "summary.json"), summary)  # last: marks the run complete
+    update_eval_section(args.pipeline_dir, _markdown(summary, metrics))  # the export's model card
     for r in summary["rows"]:
         print(f"refs {r['refs']}: " + ", ".join(f"{m} {_fmt(r[m], r[f'{m}_ci'])}" for m in metrics))
     print(f"{generated} images generated, {reused} reused; results in {args.out}")

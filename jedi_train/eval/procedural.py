@@ -26,6 +26,7 @@ refs 0 (or image guidance 0) is the true no-reference baseline: no references in
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from scipy.spatial import cKDTree
 from data_pipelines.synth import procedural
 from data_pipelines.synth.scenes import SCENE_NAMES
 
+from ..artifacts import log_eval_to_run
+from ..model_card import update_eval_section
 from .common import (
     EvalError,
     bootstrap_ci,
@@ -229,6 +232,9 @@ def add_arguments(p) -> None:
     p.add_argument("--resolution", type=int, default=32, help="render size with --oracle (else the pipeline's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--grids", type=int, default=8, help="subjects that get a grid (default 8)")
+    p.add_argument("--wandb", choices=("auto", "off"), default="auto",
+                   help="auto: log the table and grids to the W&B run that trained the pipeline (its run dir's "
+                        "wandb_id.txt; offline without an API key); off: never")
     p.add_argument("--layout", choices=list(procedural.LAYOUTS), default=None,
                    help="how subjects sit in the frame, as in the training data (default: the run's "
                         "procedural_layout from PIPELINE_DIR/../config.yaml, else varied)")
@@ -335,8 +341,19 @@ def run(args) -> int:
         {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in per_image])
     write_text_atomic(os.path.join(args.out, "summary.md"), summary_markdown(summary))
     write_json_atomic(os.path.join(args.out, "summary.json"), summary)  # last: its presence means complete
+    if args.oracle == "none" and update_eval_section(args.pipeline_dir, summary_markdown(summary)):
+        print(f"model card {os.path.join(args.pipeline_dir, 'README.md')}: evaluation section updated")
+    if args.oracle == "none" and args.wandb == "auto":
+        grids = sorted(glob.glob(os.path.join(args.out, "grids", "*.png")))
+        run_id = log_eval_to_run(args.pipeline_dir, "eval_procedural", summary["rows"], WANDB_COLUMNS, grids)
+        if run_id:
+            print(f"W&B: table and {len(grids)} grids logged to the training run {run_id}")
     print(summary_markdown(summary))
     return 0
+
+
+WANDB_COLUMNS = ["refs", "image_guidance", "gap_closed", "nearest_subject_acc", "scene_acc", "distance", "chance",
+                 "ceiling", "n_images"]
 
 
 def generate(pipe, cases: list[Case], keys: list[tuple[int, float]], args, tqdm) -> dict:

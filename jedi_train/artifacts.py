@@ -1,0 +1,91 @@
+"""The exported pipeline as a W&B model artifact, so a sweep's best model is found from the W&B UI.
+
+One artifact per run (`pipeline-<run id>`), a new version per export (a resumed run exports again),
+aliases `latest`, `step-N` and `best` (the version with the best `optimized_metric` so far in this
+run; the best value is kept in RUN_DIR/artifacts.json so resumes continue the comparison). Offline
+runs stage the artifact in their offline files; `wandb sync` uploads it with the run. The last
+checkpoint can be logged too, by Lightning itself: `logger.log_model=true`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from data_pipelines.synth.writer import atomic_write_text
+
+
+def log_pipeline_artifact(logger, pipeline_dir: str, step: int, metrics: dict, metric: str | None,
+                          run_dir: str, mode: str = "min") -> list[str] | None:
+    """Log pipeline_dir as a model artifact of the logger's W&B run; the aliases given, or None when the
+    logger is not a WandbLogger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return None
+    import wandb
+
+    run = logger.experiment
+    value = metrics.get(metric) if metric else None
+    state_file = os.path.join(run_dir, "artifacts.json")
+    try:
+        with open(state_file) as f:
+            best = json.load(f).get("best")
+    except (OSError, ValueError):
+        best = None
+    aliases = ["latest", f"step-{step}"]
+    if value is not None and (best is None or (value < best if mode == "min" else value > best)):
+        aliases.append("best")
+        atomic_write_text(state_file, json.dumps({"metric": metric, "best": value, "step": step}) + "\n")
+    artifact = wandb.Artifact(f"pipeline-{run.id}", type="model",
+                              description="JeDi pipeline exported by jedi-train (diffusers format)",
+                              metadata={"step": step, "metric": metric, "value": value})
+    artifact.add_dir(pipeline_dir)
+    run.log_artifact(artifact, aliases=aliases)
+    return aliases
+
+
+def eval_run_id(pipeline_dir: str | None) -> tuple[str, str] | None:
+    """(run dir, W&B run id) of the training run an export belongs to (RUN/pipeline, RUN/wandb_id.txt)."""
+    if not pipeline_dir:
+        return None
+    run_dir = os.path.dirname(os.path.abspath(pipeline_dir))
+    id_file = os.path.join(run_dir, "wandb_id.txt")
+    if not os.path.isfile(id_file):
+        return None
+    with open(id_file) as f:
+        run_id = f.read().strip()
+    return (run_dir, run_id) if run_id else None
+
+
+def log_eval_to_run(pipeline_dir: str | None, name: str, rows: list[dict], columns: list[str],
+                    grids: list[str]) -> str | None:
+    """Log a jedi-eval summary (a table and its grids) to the W&B run that trained the evaluated export,
+    resuming it (offline without an API key, like training). The run id, or None if there is no run."""
+    found = eval_run_id(pipeline_dir)
+    if found is None:
+        return None
+    import wandb
+
+    from .train import wandb_key_configured
+
+    run_dir, run_id = found
+    offline = not wandb_key_configured() or os.environ.get("WANDB_MODE") == "offline"
+    project = "jedi-train"
+    try:
+        import yaml
+
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            project = ((yaml.safe_load(f) or {}).get("logger") or {}).get("project") or project
+    except OSError:
+        pass
+    run = wandb.init(id=run_id, resume="allow", project=project, dir=run_dir,
+                     mode="offline" if offline else "online", settings=wandb.Settings(silent=True))
+    try:
+        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        run.log({f"{name}/table": table, f"{name}/grids": [wandb.Image(p) for p in grids]})
+        for r in rows:
+            key = f"{name}/refs{r.get('refs')}_ig{r.get('image_guidance')}"
+            run.summary.update({f"{key}/{c}": r[c] for c in columns if isinstance(r.get(c), (int, float))})
+    finally:
+        run.finish()
+    return run_id

@@ -1,0 +1,166 @@
+"""README.md of an exported pipeline: the model card the Hugging Face Hub reads (YAML front matter),
+how to load and call the model, how it was trained, its sample grid and its latest jedi-eval table.
+
+Written by jedi-export into the export's temp directory (published atomically with the rest);
+jedi-eval replaces the evaluation section when it measures that export.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+
+import yaml
+
+from data_pipelines.synth.writer import atomic_write_text
+
+EVAL_BEGIN, EVAL_END = "<!-- jedi-eval:begin -->", "<!-- jedi-eval:end -->"
+TAGS = ["jedi", "joint-image-diffusion", "personalization", "subject-driven-generation", "text-to-image",
+        "jedi-train"]
+
+
+def find_run_dir(path: str | None) -> str | None:
+    """The training run a checkpoint or export belongs to: the nearest folder up with config.yaml."""
+    d = os.path.abspath(path) if path else None
+    for _ in range(3):
+        if not d:
+            return None
+        if os.path.isfile(os.path.join(d, "config.yaml")):
+            return d
+        d = os.path.dirname(d)
+    return None
+
+
+def _run_info(run_dir: str | None) -> dict:
+    if not run_dir:
+        return {}
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            cfg = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    run_id = None
+    id_file = os.path.join(run_dir, "wandb_id.txt")
+    if os.path.isfile(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip() or None
+    return {"run_name": cfg.get("run_name"), "run_id": run_id,
+            "sources": [s.get("url") for s in data.get("sources") or [] if isinstance(s, dict)],
+            "batch_size": data.get("batch_size"), "devices": trainer.get("devices"),
+            "num_nodes": trainer.get("num_nodes"), "strategy": (cfg.get("strategy") or {}).get("name")}
+
+
+def _base_model(model_dir: str | None) -> str | None:
+    """A Hub id ("org/name") the run started from; local paths are not Hub models."""
+    if model_dir and not os.path.exists(model_dir) and re.fullmatch(r"[\w.-]+/[\w.-]+", model_dir):
+        return model_dir
+    return None
+
+
+def _backbone(pipe) -> str:
+    u, jedi = pipe.unet.config, pipe.unet.jedi
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    space = (f"pixel space (pixels folded {jedi['pixel_fold']}x{jedi['pixel_fold']})" if pipe.vae is None
+             else f"latent space ({type(pipe.vae).__name__}, /{pipe.codec.downsample})")
+    return (f"{type(pipe.unet).__name__} ({params / 1e6:.1f} M parameters, blocks {list(u.block_out_channels)}), "
+            f"{space}, {pipe.resolution} px")
+
+
+def latest_eval_table(run_dir: str | None) -> str | None:
+    """The newest jedi-eval summary.md under the run (eval*/summary.md), without its title line."""
+    if not run_dir:
+        return None
+    found = sorted(glob.glob(os.path.join(run_dir, "eval*", "summary.md")), key=os.path.getmtime)
+    if not found:
+        return None
+    with open(found[-1]) as f:
+        return _eval_section(f.read())
+
+
+def _eval_section(summary_md: str) -> str:
+    lines = summary_md.strip().splitlines()
+    title = lines[0].lstrip("# ").strip() if lines and lines[0].startswith("#") else "jedi-eval"
+    return f"{EVAL_BEGIN}\n## Evaluation ({title})\n\n" + "\n".join(lines[1:]).strip() + f"\n{EVAL_END}"
+
+
+def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: str | None,
+           grid_file: str | None) -> str:
+    info = _run_info(run_dir)
+    jedi = pipe.unet.jedi
+    front = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": TAGS}
+    base = _base_model(hparams.get("model_dir"))
+    if base:
+        front["base_model"] = base
+    opt = hparams.get("optimizer") or {}
+    world = (info.get("devices") or 1) if isinstance(info.get("devices"), int) else 1
+    world *= info.get("num_nodes") or 1
+    rows = [("backbone", _backbone(pipe)),
+            ("base model", base or f"local `{hparams.get('model_dir', '?')}`"),
+            ("JeDi", (f"conditioning {jedi['conditioning']}, reference timestep {jedi['reference_timestep']}, "
+                      f"reference attention {jedi.get('reference_attention', 'set')}, "
+                      f"reference cache {'on' if pipe.reference_cache_supported() else 'off'}")),
+            ("prediction", pipe.scheduler.config.prediction_type),
+            ("data", ", ".join(f"`{s}`" for s in info.get("sources") or []) or "?"),
+            ("steps", step if step is not None else "?"),
+            ("batch", f"{info.get('batch_size', '?')} sets per device x {world} device(s)"
+                      + (f", {info['strategy']}" if info.get("strategy") else "")),
+            ("learning rate", opt.get("lr", "?")),
+            ("run", f"{info.get('run_name') or '?'}" + (f" (W&B id `{info['run_id']}`)" if info.get("run_id") else ""))]
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    snippet = (
+        "```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
+        "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_REPO\", trust_remote_code=True)  # code ships here\n"
+        "# or, with jedi-train installed: from jedi_train.pipeline import JeDiPipeline; "
+        "JeDiPipeline.from_pretrained(...)\n"
+        "images = pipe(reference_images=[\"ref1.jpg\", \"ref2.jpg\"],  # 1..K photos of one subject\n"
+        "              prompt=[\"a photo of it on the beach\"], num_images_per_prompt=4,\n"
+        "              guidance_scale=3.0, image_guidance_scale=3.0,  # text / identity strength\n"
+        "              generator=torch.Generator().manual_seed(0)).images\n```\n")
+    parts = ["---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n",
+             f"# JeDi personalized text-to-image ({pipe.resolution} px)\n",
+             ("A Joint-Image Diffusion (JeDi) model trained with jedi-train (the `jedi-train` package): give "
+              "it a few photos of a subject and prompts; it generates the subject in new scenes without "
+              "finetuning (the references join the set of images it denoises jointly).\n"),
+             "## Use\n", snippet,
+             ("From the shell, with jedi-train installed: `jedi-sample PATH --ref PHOTOS_DIR --prompt \"a photo of "
+              "it on the beach\" --num 4 --guidance 3 --image-guidance 3 --out OUT_DIR`.\n"),
+             "## Training\n", table + "\n"]
+    if grid_file:
+        parts += ["## Samples during training\n", f"![samples]({grid_file})\n"]
+    if eval_md:
+        parts.append(eval_md + "\n")
+    return "\n".join(parts)
+
+
+def write_model_card(out_dir: str, pipe, hparams: dict, step: int | None, run_dir: str | None) -> str:
+    """README.md (and samples.png, the run's newest sample grid) into a pipeline directory."""
+    grid = None
+    grids = sorted(glob.glob(os.path.join(run_dir, "samples", "*.png"))) if run_dir else []
+    if grids:
+        shutil.copyfile(grids[-1], os.path.join(out_dir, "samples.png"))
+        grid = "samples.png"
+    path = os.path.join(out_dir, "README.md")
+    atomic_write_text(path, render(pipe, hparams, step, run_dir, latest_eval_table(run_dir), grid))
+    return path
+
+
+def update_eval_section(pipeline_dir: str, summary_md: str) -> bool:
+    """Put a jedi-eval summary into an export's model card (replacing the previous one); False if the
+    directory has no card written by jedi-export."""
+    path = os.path.join(pipeline_dir, "README.md")
+    try:
+        with open(path) as f:
+            card = f.read()
+    except OSError:
+        return False
+    if not card.startswith("---\n"):
+        return False
+    section = _eval_section(summary_md)
+    if EVAL_BEGIN in card and EVAL_END in card:
+        card = card[:card.index(EVAL_BEGIN)] + section + card[card.index(EVAL_END) + len(EVAL_END):]
+    else:
+        card = card.rstrip("\n") + "\n\n" + section + "\n"
+    atomic_write_text(path, card)
+    return True
