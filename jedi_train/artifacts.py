@@ -4,7 +4,8 @@ One artifact per run (`pipeline-<run id>`), a new version per export (a resumed 
 aliases `latest`, `step-N` and `best` (the version with the best `optimized_metric` so far in this
 run; the best value is kept in RUN_DIR/artifacts.json so resumes continue the comparison). Offline
 runs stage the artifact in their offline files; `wandb sync` uploads it with the run. The last
-checkpoint can be logged too, by Lightning itself: `logger.log_model=true`.
+checkpoint can be logged too (`log_checkpoint_artifact=true`: `checkpoint-<run id>`, aliases `latest` and
+`step-N`); Lightning's own `logger.log_model` refuses offline runs, this works in both.
 """
 from __future__ import annotations
 
@@ -42,6 +43,25 @@ def log_pipeline_artifact(logger, pipeline_dir: str, step: int, metrics: dict, m
     artifact.add_dir(pipeline_dir)
     run.log_artifact(artifact, aliases=aliases)
     return aliases
+
+
+def log_checkpoint_artifact(logger, ckpt_path: str, step: int) -> bool:
+    """Log one checkpoint file (or DeepSpeed checkpoint dir) as `checkpoint-<run id>`; False without W&B."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger) or not os.path.exists(ckpt_path):
+        return False
+    import wandb
+
+    run = logger.experiment
+    artifact = wandb.Artifact(f"checkpoint-{run.id}", type="model", metadata={"step": step},
+                              description="jedi-train Lightning checkpoint (resume with ckpt_path=...)")
+    if os.path.isdir(ckpt_path):
+        artifact.add_dir(ckpt_path, name=os.path.basename(ckpt_path))
+    else:
+        artifact.add_file(ckpt_path)
+    run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
+    return True
 
 
 def eval_run_id(pipeline_dir: str | None) -> tuple[str, str] | None:
@@ -84,7 +104,7 @@ def log_eval_to_run(pipeline_dir: str | None, name: str, rows: list[dict], colum
         table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
         run.log({f"{name}/table": table, f"{name}/grids": [wandb.Image(p) for p in grids]})
         for r in rows:
-            key = f"{name}/refs{r.get('refs')}_ig{r.get('image_guidance')}"
+            key = f"{name}/refs{r.get('refs')}" + (f"_ig{r['image_guidance']}" if "image_guidance" in r else "")
             run.summary.update({f"{key}/{c}": r[c] for c in columns if isinstance(r.get(c), (int, float))})
     finally:
         run.finish()

@@ -53,8 +53,14 @@ def _run_info(run_dir: str | None) -> dict:
 
 
 def _base_model(model_dir: str | None) -> str | None:
-    """A Hub id ("org/name") the run started from; local paths are not Hub models."""
-    if model_dir and not os.path.exists(model_dir) and re.fullmatch(r"[\w.-]+/[\w.-]+", model_dir):
+    """A Hub id ("org/name") the run started from: the id itself, or a Hub cache snapshot path
+    (.../models--org--name/snapshots/<rev>); other local paths are not Hub models."""
+    if not model_dir:
+        return None
+    cached = re.search(r"models--([\w.-]+?)--([\w.-]+)/snapshots/", model_dir)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    if not os.path.exists(model_dir) and re.fullmatch(r"[\w.-]+/[\w.-]+", model_dir):
         return model_dir
     return None
 

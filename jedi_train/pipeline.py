@@ -3,7 +3,7 @@
 The references join each set as known images, exactly as training showed them to the UNet
 (objective.py): clean latent in the reference slot, mask 1, timestep 0 (reference_timestep 'zero')
 or re-noised to the set's timestep ('target'); the targets start from noise and are sampled with
-whatever diffusers scheduler is installed. Image guidance (METHOD.md) runs its three branches
+whatever diffusers scheduler is installed. Image guidance (docs/method.md) runs its three branches
 (no text + references hidden, no text + references, text + references) in one batched UNet call
 per step; image_guidance_scale = 0 is plain text-to-image (references hidden in every branch).
 How targets are grouped into sets when K + M is large: see set_plan.py.

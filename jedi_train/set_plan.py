@@ -29,7 +29,7 @@ class Branch:
 
 
 def guidance_branches(guidance_scale: float, image_guidance_scale: float, use_refs: bool) -> list[Branch]:
-    """METHOD.md: eps = e(none,none) + s_img (e(none,refs) - e(none,none)) + s_txt (e(text,refs) - e(none,refs)),
+    """docs/method.md: eps = e(none,none) + s_img (e(none,refs) - e(none,none)) + s_txt (e(text,refs) - e(none,refs)),
     rewritten as a weighted sum; without references (s_img = 0) plain text CFG with targets decoupled from
     the references in EVERY branch. Branches of weight 0 are skipped."""
     s_txt, s_img = float(guidance_scale), float(image_guidance_scale)

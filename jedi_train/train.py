@@ -198,4 +198,10 @@ def train(cfg: DictConfig) -> dict:
 
             result["artifact_aliases"] = log_pipeline_artifact(trainer.logger, pipeline_dir, trainer.global_step,
                                                                metrics, cfg.get("optimized_metric"), output_dir)
+    if cfg.get("log_checkpoint_artifact") and trainer.is_global_zero:
+        from .artifacts import log_checkpoint_artifact
+
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        log_checkpoint_artifact(trainer.logger, last or str(checkpoint_dir(cfg, output_dir) / "last.ckpt"),
+                                trainer.global_step)
     return result

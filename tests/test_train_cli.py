@@ -45,7 +45,8 @@ def losses(run_dir: Path) -> list[tuple[int, float, str]]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("jedi_root")
     full, resumed = root / "full", root / "resumed"
-    jedi("jedi-train", *FAST, f"trainer.max_steps={2 * K}", f"paths.output_dir={full}", root=root)
+    jedi("jedi-train", *FAST, f"trainer.max_steps={2 * K}", f"paths.output_dir={full}", "log_checkpoint_artifact=true",
+         root=root)
     first = jedi("jedi-train", *FAST, f"trainer.max_steps={K}", f"paths.output_dir={resumed}", root=root)
     at_k = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
     second = jedi("jedi-train", *FAST, f"trainer.max_steps={2 * K}", f"paths.output_dir={resumed}", root=root)
@@ -112,6 +113,12 @@ def test_each_export_is_a_wandb_model_artifact_with_aliases(runs):
     assert {f"step-{K}", "best"} <= set(arts[0]["aliases"]) and f"step-{2 * K}" in arts[1]["aliases"]
     assert "model_index.json" in arts[1]["files"] and "unet/diffusion_pytorch_model.safetensors" in arts[1]["files"]
     assert "README.md" in arts[1]["files"] and "jedi_pipeline.py" in arts[1]["files"]
+    # log_checkpoint_artifact=true (the uninterrupted run): the last checkpoint is an artifact too
+    full = [a for f in glob.glob(str(runs["full"] / "wandb" / "offline-run-*" / "run-*.wandb"))
+            for a in read_run(f)["artifacts"]]
+    ckpts = [a for a in full if a["name"].startswith("checkpoint-")]
+    assert len(ckpts) == 1 and ckpts[0]["files"] == ["last.ckpt"] and ckpts[0]["metadata"]["step"] == 2 * K
+    assert not any(a["name"].startswith("checkpoint-") for a in arts)  # off by default
     best = json.loads((run / "artifacts.json").read_text())
     # "best" moves to the second export only if its train/loss is lower than the first's
     assert ("best" in arts[1]["aliases"]) == (best["step"] == 2 * K)

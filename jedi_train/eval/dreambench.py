@@ -27,6 +27,7 @@ are over prompts.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from jedi_train.artifacts import log_eval_to_run
 from jedi_train.eval import common, extractors
 from jedi_train.eval.common import EvalError
 from jedi_train.model_card import update_eval_section
@@ -176,6 +178,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=4, help="images per (subject, prompt, K) (default 4)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (a rerun reuses its images)")
     p.add_argument("--subjects", default=None, help="comma-separated subset (default: every subject folder)")
+    p.add_argument("--wandb", choices=("auto", "off"), default="auto",
+                   help="auto: log the table and grids to the W&B run that trained the pipeline; off: never")
     p.add_argument("--prompts-per-subject", type=int, default=25, metavar="N",
                    help="use the first N of the 25 prompts (default 25, the protocol; fewer for smoke tests)")
     p.add_argument("--batch-prompts", type=int, default=5, metavar="N", help="prompts per pipeline call (default 5)")
@@ -446,6 +450,9 @@ def run(args) -> int:
     common.write_text_atomic(os.path.join(args.out, "summary.md"), _markdown(summary, metrics))
     common.write_json_atomic(os.path.join(args.out, "summary.json"), summary)  # last: marks the run complete
     update_eval_section(args.pipeline_dir, _markdown(summary, metrics))  # the export's model card
+    grids = sorted(glob.glob(os.path.join(args.out, "grids", "*.png")))
+    if args.wandb == "auto" and log_eval_to_run(args.pipeline_dir, "eval_dreambench", summary["rows"], ["refs", *metrics], grids):
+        print(f"W&B: table and {len(grids)} grids logged to the training run")
     for r in summary["rows"]:
         print(f"refs {r['refs']}: " + ", ".join(f"{m} {_fmt(r[m], r[f'{m}_ci'])}" for m in metrics))
     print(f"{generated} images generated, {reused} reused; results in {args.out}")
