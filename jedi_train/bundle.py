@@ -20,23 +20,28 @@ import os
 import re
 
 ENTRY = "jedi_pipeline"
-# file in the export -> module of this project it is copied from (the pipeline's import closure)
+# file in the export (prefixed: diffusers imports every local custom pipeline's files into one shared
+# package, diffusers_modules.local, so a plain "attention.py" could meet another pipeline's) -> the module
+# of this project it is copied from (the pipeline's import closure)
 MODULES = {
     ENTRY: "jedi_train.pipeline",
-    "attention": "jedi_train.model.attention",
-    "components": "jedi_train.model.components",
-    "joint_unet": "jedi_train.model.joint_unet",
-    "references": "jedi_train.references",
-    "set_plan": "jedi_train.set_plan",
-    "images": "data_pipelines.images",
-    "bundle": "jedi_train.bundle",  # so that a pipeline loaded from an export saves a loadable export too
+    "jedi_attention": "jedi_train.model.attention",
+    "jedi_components": "jedi_train.model.components",
+    "jedi_joint_unet": "jedi_train.model.joint_unet",
+    "jedi_references": "jedi_train.references",
+    "jedi_set_plan": "jedi_train.set_plan",
+    "jedi_images": "data_pipelines.images",
+    "jedi_bundle": "jedi_train.bundle",  # so that a pipeline loaded from an export saves a loadable export too
 }
+_FILE_OF = {module.rsplit(".", 1)[1]: name for name, module in MODULES.items()}  # "attention" -> "jedi_attention"
 _PROJECT_IMPORT = re.compile(r"^[ \t]*(from|import)[ \t]+(\.|jedi_train\b|data_pipelines\b)", re.MULTILINE)
+_RELATIVE = re.compile(r"^([ \t]*)from \.(?:model\.)?(\w+) import", re.MULTILINE)
 
 
 def _flatten(source: str) -> str:
-    source = re.sub(r"^(\s*)from \.model\.(\w+) import", r"\1from .\2 import", source, flags=re.MULTILINE)
-    return re.sub(r"^(\s*)from data_pipelines\.images import", r"\1from .images import", source, flags=re.MULTILINE)
+    source = _RELATIVE.sub(lambda m: f"{m.group(1)}from .{_FILE_OF.get(m.group(2), m.group(2))} import", source)
+    return re.sub(r"^([ \t]*)from data_pipelines\.images import", r"\1from .jedi_images import", source,
+                  flags=re.MULTILINE)
 
 
 def bundle_sources() -> dict[str, str]:
