@@ -76,8 +76,14 @@ class JeDiDataModule(L.LightningDataModule):
         try:
             expand_sources(sources, self.cfg.allow_pipe)
             return
-        except FileNotFoundError:
-            pass
+        except FileNotFoundError as e:
+            out_dir = os.path.abspath(str(synth_args.get("out_dir", "")))
+            patterns = [str(x) if isinstance(x, (str, os.PathLike)) else str(x["url"])
+                        for x in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)]
+            if not all(os.path.abspath(u).startswith(out_dir + os.sep) for u in patterns):
+                # the user's own data: synthesizing into the demo's folder would not make it match
+                raise FileNotFoundError(f"{e}; check the path (synthesis on first use fills only "
+                                        f"{out_dir}, which this source is not in)") from None
         exe = shutil.which("jedi-synth", path=os.path.dirname(sys.executable)) or shutil.which("jedi-synth")
         cmd = [exe] if exe else [sys.executable, "-c",
                                  "import sys; from data_pipelines.synth.cli import main; sys.exit(main())"]

@@ -29,6 +29,9 @@ def prepare_model_dir(model_dir: str, create_tiny_if_missing: dict | None = None
             os.replace(tmp, model_dir)  # atomic: another rank may have won the race, which is fine
         except OSError:
             pass
+        rank_zero_info(f"model.model_dir {model_dir} held no model: created the embedded tiny random-init model "
+                       "there (model.create_tiny_if_missing); set model.model_dir to a diffusers model directory "
+                       "to train a real one")
     return model_dir
 
 

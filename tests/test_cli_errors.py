@@ -108,3 +108,14 @@ def test_shipped_configs_pass_the_checks(tmp_path, overrides):
     from jedi_train.config_checks import check_config
 
     check_config(compose_train(overrides, tmp_path))
+
+
+def test_a_data_url_matching_nothing_is_refused_without_running_the_demo_synthesizer(tmp_path):
+    # the model is created (tiny, cheap) before the data; the synthesizer must not run for a path outside
+    # its out_dir, since its shards could never make the user's pattern match
+    p = cli("jedi-train", "experiment=demo", "logger=none", f"paths.output_dir={tmp_path / 'run'}",
+            f"data.sources=[{{url: {tmp_path}/mine/*.tar, weight: 1.0}}]", "trainer.max_steps=1", cwd=tmp_path)
+    line = one_line_error(p, "jedi-train")
+    assert "matches no shards" in line and "mine/*.tar" in line and "synthesis on first use" in line, line
+    assert not (tmp_path / "data" / "sets" / "procedural_centered").exists()  # no synthesis happened
+    assert "created the embedded tiny random-init model" in p.stdout + p.stderr  # and it said so
