@@ -11,8 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from data_pipelines.synth.writer import atomic_write_text
+
+
+def wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def wandb_offline() -> bool:
+    """Offline-first, like every W&B use here: no API key (or WANDB_MODE=offline) means no network."""
+    return not wandb_key_configured() or os.environ.get("WANDB_MODE") == "offline"
 
 
 def log_pipeline_artifact(logger, pipeline_dir: str, step: int, metrics: dict, metric: str | None,
@@ -86,10 +99,8 @@ def log_eval_to_run(pipeline_dir: str | None, name: str, rows: list[dict], colum
         return None
     import wandb
 
-    from .train import wandb_key_configured
-
     run_dir, run_id = found
-    offline = not wandb_key_configured() or os.environ.get("WANDB_MODE") == "offline"
+    offline = wandb_offline()
     project = "jedi-train"
     try:
         import yaml

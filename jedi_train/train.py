@@ -23,16 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.synth.writer import atomic_write_text
 
+from .artifacts import wandb_offline
 from .checkpoints import AtomicCheckpointIO, checkpoint_step, newest_complete, remove_partials
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def wandb_key_configured() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 class _ContinuedWriter(ExperimentWriter):
@@ -91,13 +85,11 @@ def make_logger(cfg: DictConfig, output_dir: str, resume_step: int | None = None
         kwargs.update(_target_=f"{__name__}.ContinuedCSVLogger", resume_step=resume_step)
     if cfg.logger._target_.endswith("WandbLogger"):
         if cfg.logger.get("offline") is None:  # automatic: no key, no network use
-            kwargs["offline"] = not wandb_key_configured() or os.environ.get("WANDB_MODE") == "offline"
+            kwargs["offline"] = wandb_offline()
         id_file = Path(output_dir) / "wandb_id.txt"  # resumed / requeued runs continue the same W&B run
         if not id_file.exists():
             id_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = id_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(uuid.uuid4().hex[:12])
-            os.replace(tmp, id_file)
+            atomic_write_text(id_file, uuid.uuid4().hex[:12])
         kwargs.update(id=id_file.read_text().strip(), resume="allow")
     logger = hydra.utils.instantiate(cfg.logger, **kwargs)
     if hasattr(logger, "log_hyperparams"):
@@ -163,9 +155,7 @@ def train(cfg: DictConfig) -> dict:
         cfg.paths.output_dir = output_dir  # callbacks' dirs interpolate it
     os.makedirs(output_dir, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    tmp = os.path.join(output_dir, f".config.yaml.tmp{os.getpid()}")
-    OmegaConf.save(cfg, tmp, resolve=True)
-    os.replace(tmp, os.path.join(output_dir, "config.yaml"))  # atomic: a reader never sees half a config
+    atomic_write_text(os.path.join(output_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))  # never half
 
     pipeline_dir = os.path.join(output_dir, "pipeline")
     if cfg.get("export_after_fit"):
