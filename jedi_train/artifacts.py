@@ -77,40 +77,21 @@ def log_checkpoint_artifact(logger, ckpt_path: str, step: int) -> bool:
     return True
 
 
-def eval_run_id(pipeline_dir: str | None) -> tuple[str, str] | None:
-    """(run dir, W&B run id) of the training run an export belongs to (RUN/pipeline, RUN/wandb_id.txt)."""
-    if not pipeline_dir:
-        return None
-    run_dir = os.path.dirname(os.path.abspath(pipeline_dir))
-    id_file = os.path.join(run_dir, "wandb_id.txt")
-    if not os.path.isfile(id_file):
-        return None
-    with open(id_file) as f:
-        run_id = f.read().strip()
-    return (run_dir, run_id) if run_id else None
-
-
 def log_eval_to_run(pipeline_dir: str | None, name: str, rows: list[dict], columns: list[str],
                     grids: list[str]) -> str | None:
     """Log a jedi-eval summary (a table and its grids) to the W&B run that trained the evaluated export,
     resuming it (offline without an API key, like training). The run id, or None if there is no run."""
-    found = eval_run_id(pipeline_dir)
-    if found is None:
+    from .model_card import find_run_dir, run_config, run_wandb_id
+
+    run_dir = find_run_dir(pipeline_dir)
+    run_id = run_wandb_id(run_dir)
+    if run_id is None:
         return None
     import wandb
 
-    run_dir, run_id = found
-    offline = wandb_offline()
-    project = "jedi-train"
-    try:
-        import yaml
-
-        with open(os.path.join(run_dir, "config.yaml")) as f:
-            project = ((yaml.safe_load(f) or {}).get("logger") or {}).get("project") or project
-    except OSError:
-        pass
+    project = (run_config(run_dir).get("logger") or {}).get("project") or "jedi-train"
     run = wandb.init(id=run_id, resume="allow", project=project, dir=run_dir,
-                     mode="offline" if offline else "online", settings=wandb.Settings(silent=True))
+                     mode="offline" if wandb_offline() else "online", settings=wandb.Settings(silent=True))
     try:
         table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
         run.log({f"{name}/table": table, f"{name}/grids": [wandb.Image(p) for p in grids]})

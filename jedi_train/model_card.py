@@ -32,21 +32,32 @@ def find_run_dir(path: str | None) -> str | None:
     return None
 
 
-def _run_info(run_dir: str | None) -> dict:
+def run_config(run_dir: str | None) -> dict:
+    """The run's resolved config (RUN/config.yaml, written by jedi-train); {} when absent or unreadable."""
     if not run_dir:
         return {}
     try:
         with open(os.path.join(run_dir, "config.yaml")) as f:
-            cfg = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError):
         return {}
+
+
+def run_wandb_id(run_dir: str | None) -> str | None:
+    """The run's W&B id (RUN/wandb_id.txt, kept across resumes), or None."""
+    try:
+        with open(os.path.join(run_dir or "", "wandb_id.txt")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _run_info(run_dir: str | None) -> dict:
+    cfg = run_config(run_dir)
+    if not cfg:
+        return {}
     data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
-    run_id = None
-    id_file = os.path.join(run_dir, "wandb_id.txt")
-    if os.path.isfile(id_file):
-        with open(id_file) as f:
-            run_id = f.read().strip() or None
-    return {"run_name": cfg.get("run_name"), "run_id": run_id,
+    return {"run_name": cfg.get("run_name"), "run_id": run_wandb_id(run_dir),
             "sources": [s.get("url") for s in data.get("sources") or [] if isinstance(s, dict)],
             "batch_size": data.get("batch_size"), "devices": trainer.get("devices"),
             "num_nodes": trainer.get("num_nodes"), "strategy": (cfg.get("strategy") or {}).get("name")}
