@@ -21,7 +21,19 @@ from diffusers.training_utils import EMAModel
 from .bundle import MODULES as BUNDLE_MODULES
 from .checkpoints import DEEPSPEED_GLOBALS, deepspeed_files, safe_load
 from .model.components import Components, load_components
+from .model.lora import (
+    LoraSettings,
+    add_lora,
+    base_fingerprint,
+    fuse_lora,
+    has_lora,
+    lora_layers,
+    trained_names,
+    trained_parameters,
+)
 from .model_card import find_run_dir, write_model_card
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights(DIR) finds it
 
 
 def build_pipeline(components: Components, unet=None):
@@ -97,7 +109,9 @@ def export_module(module, out_dir: str, use_ema: bool = True, overwrite: bool = 
     if use_ema and module.ema is not None:
         ema = copy.deepcopy(module.ema)
         ema.to("cpu")
-        ema.copy_to(unet.parameters())
+        ema.copy_to(trained_parameters(unet))
+    if has_lora(unet):
+        fuse_lora(unet)
     components = copy.copy(module.components)
     card = {"hparams": dict(module.hparams), "step": module.global_step, "run_dir": find_run_dir(out_dir)}
     return save_pipeline_atomically(build_pipeline(components, unet), out_dir, overwrite, card)
@@ -138,9 +152,65 @@ def load_unet_weights(unet, state: dict, source: str) -> None:
     unet.load_state_dict(state)
 
 
+def check_lora_checkpoint(ckpt: dict, fingerprint: str, names: list[str], source: str) -> None:
+    """A LoRA checkpoint holds the trained weights only: it needs the base it was trained on and all of them."""
+    if ckpt.get("lora_base") and ckpt["lora_base"] != fingerprint:
+        raise ValueError(f"{source} holds a LoRA trained on another base model (base fingerprint "
+                         f"{ckpt['lora_base']}, this one {fingerprint}); point model.model_dir (or --model-dir) at "
+                         "the base model it was trained from")
+    state = unet_state_from_checkpoint(ckpt)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} of the {len(names)} LoRA-trained weights (e.g. "
+                         f"{missing[0]!r}); use the model.lora settings it was trained with")
+
+
+def copy_ema(unet, ckpt: dict) -> None:
+    """The checkpoint's EMA weights into the UNet: the EMA follows ckpt['trained_names'] (all weights in
+    checkpoints written before that key existed)."""
+    params = dict(unet.named_parameters())
+    names = ckpt.get("trained_names") or list(params)
+    ema = EMAModel([params[n] for n in names])
+    ema.load_state_dict(ckpt["ema"])
+    if len(ema.shadow_params) != len(names):
+        raise ValueError(f"the checkpoint's EMA holds {len(ema.shadow_params)} tensors for {len(names)} trained "
+                         "weights; export with --no-ema")
+    ema.copy_to([params[n] for n in names])
+
+
+def check_lora_target(out_dir: str, overwrite: bool) -> None:
+    if not os.path.lexists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        return
+    entries = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+    if entries != {LORA_WEIGHTS}:
+        raise ValueError(f"{out_dir} exists and is not a previous --lora-only export; give a new or empty directory")
+    if not overwrite:
+        raise ValueError(f"{out_dir} holds a previous LoRA export; pass --overwrite to replace it")
+
+
+def save_lora_atomically(unet, out_dir: str) -> str:
+    """The adapter alone in diffusers' format (pipe.load_lora_weights(out_dir) on a JeDiPipeline of the base)."""
+    from .pipeline import JeDiPipeline
+
+    out_dir = os.path.realpath(out_dir)
+    state, metadata = lora_layers(unet.to("cpu", torch.float32))
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out_dir))
+    try:
+        JeDiPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
+                                       weight_name=LORA_WEIGHTS)
+        publish_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_dir: str | None = None,
-                      overwrite: bool = False) -> str:
-    check_export_target(os.path.realpath(out_dir), overwrite)  # before the slow part
+                      overwrite: bool = False, lora_only: bool = False) -> str:
+    """lora_only: write the LoRA adapter alone (pytorch_lora_weights.safetensors); else the whole pipeline,
+    with a LoRA fused into the UNet."""
+    # before the slow part
+    (check_lora_target if lora_only else check_export_target)(os.path.realpath(out_dir), overwrite)
     ckpt = load_checkpoint(ckpt_path)
     hp = ckpt.get("hyper_parameters", {})
     model_dir = model_dir or hp.get("model_dir")
@@ -150,10 +220,21 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
                                  hp.get("reference_timestep", "zero"), hp.get("prediction_type"),
                                  reference_attention=hp.get("reference_attention", "set"),
                                  noise_schedule=hp.get("noise_schedule"))
-    load_unet_weights(components.unet, unet_state_from_checkpoint(ckpt), ckpt_path)
+    unet, lora = components.unet, LoraSettings(**(hp.get("lora") or {}))
+    if lora.enabled:
+        add_lora(unet, lora)
+        check_lora_checkpoint(ckpt, base_fingerprint(unet), trained_names(unet), ckpt_path)
+        unet.load_state_dict(unet_state_from_checkpoint(ckpt), strict=False)
+    elif lora_only:
+        raise ValueError(f"{ckpt_path} was trained without LoRA (model.lora.rank 0); --lora-only needs a LoRA run "
+                         "(export the whole pipeline without --lora-only)")
+    else:
+        load_unet_weights(unet, unet_state_from_checkpoint(ckpt), ckpt_path)
     if use_ema and ckpt.get("ema"):
-        ema = EMAModel(components.unet.parameters())
-        ema.load_state_dict(ckpt["ema"])
-        ema.copy_to(components.unet.parameters())
+        copy_ema(unet, ckpt)
+    if lora_only:
+        return save_lora_atomically(unet, out_dir)
+    if lora.enabled:
+        fuse_lora(unet)
     card = {"hparams": hp, "step": ckpt.get("global_step"), "run_dir": find_run_dir(ckpt_path)}
     return save_pipeline_atomically(build_pipeline(components), out_dir, overwrite, card)

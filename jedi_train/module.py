@@ -16,6 +16,7 @@ from diffusers.training_utils import EMAModel
 from lightning.pytorch.utilities import rank_zero_info
 
 from .model.components import Components, create_tiny_model_dir, load_components
+from .model.lora import LoraSettings, add_lora, base_fingerprint, trained_names, trained_parameters
 from .model.objective import JeDiObjective, ObjectiveConfig
 
 
@@ -42,7 +43,7 @@ class JeDiModule(L.LightningModule):
                  ema: dict | None = None, gradient_checkpointing: bool = False, trainable: list[str] | None = None,
                  max_nonfinite_steps: int = 10, seed: int = 0, frozen_dtype: str | None = None,
                  resolution: int | None = None, reference_attention: str = "set",
-                 noise_schedule: dict | None = None):
+                 noise_schedule: dict | None = None, lora: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         prepare_model_dir(model_dir, create_tiny_if_missing)
@@ -61,13 +62,24 @@ class JeDiModule(L.LightningModule):
         # frozen parts live outside the module tree: not in the optimizer, checkpoints or ZeRO-3 partitions
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        self.lora = LoraSettings(**(lora or {}))
+        if self.lora.enabled and trainable:
+            raise ValueError("model.trainable and model.lora are exclusive; with LoRA name fully trained modules "
+                             "in model.lora.train_fully")
+        if self.lora.enabled:  # base frozen; adapter + joint-specific input weights train
+            add_lora(self.unet, self.lora, seed)
+            self.lora_base = base_fingerprint(self.unet)
+            self.strict_loading = False  # LoRA checkpoints hold the trained weights only
         if trainable:  # only parameters whose names start with one of these prefixes train
             for name, p in self.unet.named_parameters():
                 p.requires_grad_(any(name.startswith(pre) for pre in trainable))
+        self.trained_names = trained_names(self.unet)
+        if not self.trained_names:
+            raise ValueError("no UNet parameter trains (model.trainable matches nothing); fix model.trainable")
         self.objective = JeDiObjective(self.components, ObjectiveConfig(**(objective or {})))
         ema = dict(ema or {})
-        self.ema = (EMAModel(self.unet.parameters(), decay=ema.get("decay", 0.9999),
-                             model_cls=type(self.unet), model_config=self.unet.config)
+        # EMA of what trains (all of the UNet unless LoRA / model.trainable freeze parts of it)
+        self.ema = (EMAModel(trained_parameters(self.unet), decay=ema.get("decay", 0.9999))
                     if ema.get("enabled", True) else None)
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -131,15 +143,15 @@ class JeDiModule(L.LightningModule):
         if getattr(self.trainer.strategy, "zero_stage_3", False):
             import deepspeed  # ZeRO-3 shards parameters: gather them for the (full-size) EMA update
 
-            with deepspeed.zero.GatheredParameters(list(self.unet.parameters())):
-                self.ema.step(self.unet.parameters())
+            with deepspeed.zero.GatheredParameters(trained_parameters(self.unet)):
+                self.ema.step(trained_parameters(self.unet))
         else:
-            self.ema.step(self.unet.parameters())
+            self.ema.step(trained_parameters(self.unet))
 
     # -- optimizer ------------------------------------------------------------------------------
     def configure_optimizers(self):
         opt_cfg = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8} | dict(self.hparams.optimizer or {})
-        params = [p for p in self.unet.parameters() if p.requires_grad]
+        params = trained_parameters(self.unet)
         optimizer = torch.optim.AdamW(params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
                                       weight_decay=opt_cfg["weight_decay"], eps=opt_cfg["eps"],
                                       foreach=True)  # torch only picks the multi-tensor kernel by itself on GPU
@@ -154,12 +166,20 @@ class JeDiModule(L.LightningModule):
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         checkpoint["nonfinite_total"] = self.nonfinite_total
+        checkpoint["trained_names"] = self.trained_names  # which parameters the EMA's shadow list follows
+        if self.lora.enabled:  # the base comes from model_dir: keep only what trained (a few MB, not GB)
+            keep = {f"unet.{n}" for n in self.trained_names}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("unet.") or k in keep}
+            checkpoint["lora_base"] = self.lora_base
 
     def on_load_checkpoint(self, checkpoint):
-        from .export import load_unet_weights  # the same shape check jedi-export uses
+        from .export import check_lora_checkpoint, load_unet_weights  # the checks jedi-export uses
 
         state = {k[len("unet."):]: v for k, v in (checkpoint.get("state_dict") or {}).items() if k.startswith("unet.")}
-        if state:
+        if self.lora.enabled:
+            check_lora_checkpoint(checkpoint, self.lora_base, self.trained_names, "the checkpoint being resumed")
+        elif state:
             own = self.unet.state_dict()
             bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
             if bad or len(state) != len(own):
@@ -177,12 +197,12 @@ class JeDiModule(L.LightningModule):
         class _Swap:
             def __enter__(self):
                 if module.ema is not None:
-                    module.ema.store(module.unet.parameters())
-                    module.ema.copy_to(module.unet.parameters())
+                    module.ema.store(trained_parameters(module.unet))
+                    module.ema.copy_to(trained_parameters(module.unet))
                 return module.unet
 
             def __exit__(self, *exc):
                 if module.ema is not None:
-                    module.ema.restore(module.unet.parameters())
+                    module.ema.restore(trained_parameters(module.unet))
 
         return _Swap()

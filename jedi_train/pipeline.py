@@ -24,6 +24,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -58,7 +59,7 @@ class JeDiPipelineOutput(BaseOutput):
     reference_images: list[PIL.Image.Image]  # the references as the model saw them (resized, cropped)
 
 
-class JeDiPipeline(DiffusionPipeline):
+class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components: ClassVar[list[str]] = ["vae"]  # None for pixel-space models
 
@@ -100,6 +101,22 @@ class JeDiPipeline(DiffusionPipeline):
 
         super().save_pretrained(save_directory, *args, **kwargs)
         write_bundle(os.fspath(save_directory), type(self).__name__)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """diffusers' LoRA loading, plus the full weights a jedi-train LoRA export carries beside the adapter
+        (the joint UNet's widened conv_in trains in full: `unet.<name>` keys without 'lora')."""
+        state, alphas, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict,
+                                                       return_lora_metadata=True, **kwargs)
+        full = {k[len("unet."):]: state.pop(k) for k in list(state) if k.startswith("unet.") and "lora" not in k}
+        if full:
+            own = self.unet.state_dict()
+            bad = [k for k, v in full.items() if k not in own or own[k].shape != v.shape]
+            if bad:
+                raise ValueError(f"the LoRA file's full weight {bad[0]!r} does not fit this pipeline's UNet; load it "
+                                 "into a JeDiPipeline of the base model it was trained on (same conditioning)")
+            self.unet.load_state_dict(full, strict=False)
+        self.load_lora_into_unet(state, network_alphas=alphas, unet=self.unet, adapter_name=adapter_name,
+                                 metadata=metadata, _pipeline=self)
 
     @classmethod
     def load_config(cls, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""jedi-export CHECKPOINT OUT_DIR [--no-ema] [--model-dir DIR] [--overwrite] [--push-to-hub REPO_ID [--public]]"""
+"""jedi-export CHECKPOINT OUT_DIR [--no-ema] [--model-dir DIR] [--overwrite] [--lora-only] [--push-to-hub REPO_ID [--public]]"""
 import argparse
 import sys
 
@@ -25,6 +25,10 @@ def main(argv=None) -> None:
     p.add_argument("--model-dir", default=None, help="base model directory, if it moved since training")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it holds a previous export (model_index.json); nothing else is replaced")
+    p.add_argument("--lora-only", action="store_true",
+                   help="LoRA runs: write only the adapter (pytorch_lora_weights.safetensors, diffusers' format; "
+                        "pipe.load_lora_weights(OUT_DIR) on a JeDiPipeline of the base model) instead of the "
+                        "pipeline with the LoRA fused")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                    help="after the local export, upload it to this Hugging Face Hub model repo (private)")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public")
@@ -33,11 +37,11 @@ def main(argv=None) -> None:
 
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, use_ema=not args.no_ema, model_dir=args.model_dir,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, lora_only=args.lora_only)
     except (FileNotFoundError, ValueError) as e:
         print(f"jedi-export: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported pipeline: {out}")
+    print(f"exported {'LoRA adapter' if args.lora_only else 'pipeline'}: {out}")
     if args.push_to_hub:
         try:
             url = push_to_hub(out, args.push_to_hub, private=not args.public)

@@ -1,0 +1,123 @@
+"""LoRA on the joint UNet (peft, through diffusers' PeftAdapterMixin on UNet2DConditionModel).
+
+- `add_lora(unet, settings)`: a LoRA adapter on the attention projections (coupled attn1 and the
+  cross-attention attn2 alike); every base weight frozen; the joint-specific weights that the base never
+  had (the widened conv_in under 'channels' conditioning) train in full next to the adapter.
+- `trained_names(unet)`: what trains, hence what the EMA and a LoRA checkpoint hold.
+- `lora_layers(unet)`: the adapter in diffusers' LoRA format plus those full weights, for
+  `JeDiPipeline.save_lora_weights` (and back through `JeDiPipeline.load_lora_weights`).
+- `fuse_lora(unet)`: adapter merged into the base weights and removed: a plain joint UNet.
+- `base_fingerprint(unet)`: LoRA checkpoints hold no base weights; this names the base they need.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 0                      # 0: no LoRA (the whole UNet trains, or model.trainable's part)
+    alpha: float | None = None         # None: = rank (scale 1)
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    dropout: float = 0.0
+    train_fully: list[str] | None = None  # module names trained in full; None: the joint-specific new ones
+
+    @property
+    def enabled(self) -> bool:
+        return int(self.rank) > 0
+
+
+def joint_specific_modules(unet) -> list[str]:
+    """Weights the base model never had: the widened input convolution under 'channels' conditioning."""
+    return ["conv_in"] if (unet.jedi or {}).get("conditioning") == "channels" else []
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def add_lora(unet, settings: LoraSettings, seed: int = 0):
+    """Install the adapter in place; afterwards only the adapter and `train_fully` modules require grad."""
+    from peft import LoraConfig
+
+    if int(settings.rank) < 0:
+        raise ValueError(f"model.lora.rank={settings.rank} is negative; use 0 (off) or e.g. model.lora.rank=16")
+    names = [n for n, _ in unet.named_modules()]
+    targets = list(settings.target_modules or [])
+    if not targets:
+        raise ValueError("model.lora.target_modules is empty; use e.g. [to_q, to_k, to_v, to_out.0]")
+    for t in targets:
+        if not any(_matches(n, t) for n in names):
+            raise ValueError(f"model.lora.target_modules entry {t!r} matches no module of the UNet; use module "
+                             f"names such as {', '.join(DEFAULT_TARGETS)} (attention) or ff.net.2 (feed-forward)")
+    full = joint_specific_modules(unet) if settings.train_fully is None else list(settings.train_fully)
+    for m in full:
+        if m not in names:
+            raise ValueError(f"model.lora.train_fully entry {m!r} is not a module of the UNet; give module names "
+                             "as in unet.named_modules(), e.g. conv_in")
+    unet.requires_grad_(False)
+    alpha = settings.alpha if settings.alpha is not None else settings.rank
+    with torch.random.fork_rng(devices=[]):  # the same adapter init in every run of a seed, whatever ran before
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=int(settings.rank), lora_alpha=float(alpha),
+                                    lora_dropout=float(settings.dropout), init_lora_weights="gaussian",
+                                    target_modules=targets))
+    for m in full:
+        unet.get_submodule(m).requires_grad_(True)
+    return unet
+
+
+def trained_names(unet) -> list[str]:
+    return [n for n, p in unet.named_parameters() if p.requires_grad]
+
+
+def trained_parameters(unet) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def has_lora(unet) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+def full_weights(unet) -> dict[str, torch.Tensor]:
+    """The trained non-adapter weights (names as in a plain UNet, without peft's base_layer)."""
+    out = {}
+    for name, p in unet.named_parameters():
+        if p.requires_grad and "lora_" not in name:
+            out[name.replace(".base_layer.", ".")] = p.detach()
+    return out
+
+
+def lora_layers(unet) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state, metadata) in diffusers' format: peft's adapter state + the full weights; metadata is the
+    LoraConfig (rank, alpha, targets) that diffusers rebuilds the adapter from."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    state.update({k: v.contiguous() for k, v in full_weights(unet).items()})
+    return state, unet.peft_config["default"].to_dict()
+
+
+def fuse_lora(unet):
+    """Merge the adapter into the base weights and drop peft's layers (diffusers' fuse_lora + unload_lora)."""
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet
+
+
+def base_fingerprint(unet) -> str:
+    """Config + per-tensor sums of the frozen base weights: cheap, and different for another base."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in unet.config.items() if not k.startswith("_")},
+                                  sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if not p.requires_grad and "lora_" not in name:
+                h.update(name.encode())
+                h.update(f"{p.double().sum().item():.6e}".encode())
+    return h.hexdigest()[:16]
