@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.stamp-install
 export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install train proof eval test bench lint clean
+.PHONY: install train proof eval app test bench lint clean
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ RUN ?= $(lastword $(sort $(wildcard runs/demo-*)))
 eval: install
 	@test -n "$(RUN)" || { echo "no runs/demo-* yet: run make train first (or make eval RUN=DIR)"; exit 2; }
 	$(BIN)/python -m jedi_train.cli.eval procedural $(RUN)/pipeline --out $(RUN)/eval-full $(ARGS)
+
+# jedi-app (the web demo) on the newest `make train` run's pipeline: http://127.0.0.1:7860 (RUN=runs/... for another)
+app: install
+	@test -n "$(RUN)" || { echo "no runs/demo-* yet: run make train first (or make app RUN=DIR)"; exit 2; }
+	$(BIN)/python -c "import gradio" 2>/dev/null || $(BIN)/pip install -q -e '.[app]'
+	$(BIN)/python -m jedi_train.cli.app $(RUN)/pipeline $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

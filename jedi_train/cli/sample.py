@@ -9,6 +9,9 @@ folders) become the references; N images are generated per prompt. --out receive
 The directory is written under a temporary name next to --out and renamed at the end, so a
 crashed or interrupted run never leaves a --out that looks complete.
 Bad input: one line on stderr naming the input and the fix, exit code 2.
+
+The steps shared with jedi-app (the web demo, app/): DEFAULTS, prepare_references, load_pipeline,
+generate, settings_dict and write_results.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import tempfile
 import time
 
 SCHEDULERS = ("ddim", "dpm")
+# sampling defaults of jedi-sample and jedi-app alike (scheduler None: the pipeline's own)
+DEFAULTS = {"seed": 0, "steps": 30, "guidance": 7.5, "image_guidance": 1.5, "scheduler": None, "max_set_size": 8}
 
 
 class UsageError(Exception):
@@ -34,6 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
+    d = DEFAULTS
     p = _Parser(prog="jedi-sample", description="Generate images of the subject in the reference "
                                 "photos from prompts, with a JeDiPipeline (no finetuning).")
     p.add_argument("pipeline_dir", help="pipeline directory written by jedi-export (model_index.json inside)")
@@ -41,28 +47,35 @@ def parse_args(argv):
                    help="reference image file or folder of images; repeatable")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="prompt; repeatable")
     p.add_argument("--num", type=int, required=True, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0; printed and kept in settings.json)")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help=f"random seed (default {d['seed']}; printed and kept in settings.json)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, or --overwrite)")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5, help="text guidance scale (default 7.5)")
-    p.add_argument("--image-guidance", type=float, default=1.5,
-                   help="image (reference) guidance scale; 0 = plain text-to-image (default 1.5)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+    p.add_argument("--steps", type=int, default=d["steps"], help=f"sampling steps (default {d['steps']})")
+    p.add_argument("--guidance", type=float, default=d["guidance"],
+                   help=f"text guidance scale (default {d['guidance']})")
+    p.add_argument("--image-guidance", type=float, default=d["image_guidance"],
+                   help=f"image (reference) guidance scale; 0 = plain text-to-image (default {d['image_guidance']})")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"],
                    help="sampler: ddim or dpm (DPM-Solver++); default: the pipeline's own")
     p.add_argument("--no-cache", action="store_true", help="never use the reference key/value cache")
-    p.add_argument("--max-set-size", type=int, default=8, help="images per set (references + targets; default 8)")
+    p.add_argument("--max-set-size", type=int, default=d["max_set_size"],
+                   help=f"images per set (references + targets; default {d['max_set_size']})")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once done)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p.parse_args(argv)
 
 
+def check_pipeline_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise UsageError(f"pipeline directory {path} does not exist; give the folder jedi-export wrote")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise UsageError(f"pipeline directory {path} has no model_index.json, so it is not a saved "
+                         "pipeline; export one with jedi-export CHECKPOINT OUT_DIR")
+
+
 def check_args(args) -> None:
     """Everything that can be checked before the model loads."""
-    if not os.path.isdir(args.pipeline_dir):
-        raise UsageError(f"pipeline directory {args.pipeline_dir} does not exist; give the folder jedi-export wrote")
-    if not os.path.isfile(os.path.join(args.pipeline_dir, "model_index.json")):
-        raise UsageError(f"pipeline directory {args.pipeline_dir} has no model_index.json, so it is not a saved "
-                         "pipeline; export one with jedi-export CHECKPOINT OUT_DIR")
+    check_pipeline_dir(args.pipeline_dir)
     for name, value, low in (("--num", args.num, 1), ("--steps", args.steps, 1), ("--max-set-size", args.max_set_size, 2)):
         if value < low:
             raise UsageError(f"{name} {value} is too small; use {name} {low} or more")
@@ -85,57 +98,131 @@ def check_args(args) -> None:
         raise UsageError(f"--out {args.out} already exists and is not empty; choose a new directory or add --overwrite")
 
 
-def check_reference_sizes(files) -> None:
-    """Refuse photos PIL will not decode (decompression bombs), warn about tiny ones; header reads only."""
+def check_reference_sizes(files, max_pixels: int | None = None) -> list[str]:
+    """Refuse photos PIL will not decode (decompression bombs) or over max_pixels; header reads only.
+    Returns warnings: tiny photos, CMYK (converted to RGB), animations (first frame used)."""
     from PIL import Image, UnidentifiedImageError
 
     from data_pipelines.sets import SetOptions
 
     min_size = SetOptions.min_image_size  # training drops images smaller than this
+    warnings = []
     for path in files:
         try:
             with Image.open(path) as img:
-                w, h = img.size
+                (w, h), mode, frames = img.size, img.mode, getattr(img, "n_frames", 1)
         except Image.DecompressionBombError:
             raise UsageError(f"reference {path} has too many pixels for PIL to decode safely (a possible "
                              "decompression bomb); give a smaller photo, e.g. scaled to 4096 px or less") from None
         except (UnidentifiedImageError, OSError):
             continue  # load_references names it
+        if max_pixels is not None and w * h > max_pixels:
+            raise UsageError(f"reference {path} is {w}x{h} pixels, over the limit of {max_pixels / 1e6:.0f} M "
+                             "pixels; give a smaller photo, e.g. scaled to 4096 px or less")
         if min(w, h) < min_size:
-            print(f"jedi-sample: warning: reference {path} is only {w}x{h} pixels (training drops images under "
-                  f"{min_size} px); it is upscaled and shows little of the subject", file=sys.stderr)
+            warnings.append(f"reference {path} is only {w}x{h} pixels (training drops images under {min_size} px); "
+                            "it is upscaled and shows little of the subject")
+        if mode == "CMYK":
+            warnings.append(f"reference {path} is CMYK; it was converted to RGB (colours may shift: save it as "
+                            "RGB for exact colours)")
+        if frames > 1:
+            warnings.append(f"reference {path} is animated ({frames} frames); only its first frame is used")
+    return warnings
+
+
+def prepare_references(refs, max_pixels: int | None = None) -> tuple[list[str], list[str]]:
+    """--ref items (files, folders) -> (absolute image files, warnings). Raises UsageError / ValueError
+    (unreadable image) / FileNotFoundError: all before the model runs."""
+    from jedi_train.references import expand_reference_paths, load_references
+
+    ref_files = [os.path.abspath(p) for p in expand_reference_paths(list(refs))]
+    warnings = check_reference_sizes(ref_files, max_pixels)
+    load_references(ref_files, 8)  # unreadable files fail here, before the model loads
+    return ref_files, warnings
+
+
+def load_pipeline(pipeline_dir: str, device: str | None = None):
+    """The JeDiPipeline on `device` (default: cuda if available, else cpu)."""
+    import torch
+
+    from jedi_train.pipeline import JeDiPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return JeDiPipeline.from_pretrained(pipeline_dir).to(device)
+
+
+def make_scheduler(base, name: str | None):
+    """`base` (the pipeline's own scheduler) for None, else a DDIM / DPM-Solver++ from its config."""
+    if name is None:
+        return base
+    if name == "ddim":
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(base.config)
+    if name == "dpm":
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(base.config, algorithm_type="dpmsolver++")
+    raise UsageError(f"scheduler {name!r} is unknown; use one of {', '.join(SCHEDULERS)}")
+
+
+def generate(pipe, ref_files, prompts, num: int, seed: int, steps: int, guidance: float, image_guidance: float,
+             max_set_size: int, no_cache: bool = False):
+    """One sampling call with pipe's current scheduler -> (JeDiPipelineOutput, seconds)."""
+    import torch
+
+    t0 = time.perf_counter()
+    result = pipe(reference_images=ref_files, prompt=list(prompts), num_images_per_prompt=num,
+                  num_inference_steps=steps, guidance_scale=guidance, image_guidance_scale=image_guidance,
+                  max_set_size=max_set_size, generator=torch.Generator(device="cpu").manual_seed(seed),
+                  output_type="pil", use_reference_cache=False if no_cache else None)  # None: when trained for it
+    return result, time.perf_counter() - t0
+
+
+def output_names(prompts, num: int) -> list[dict]:
+    return [{"file": f"{i // num:02d}_{i % num:02d}.png", "prompt": prompts[i // num], "index": i % num}
+            for i in range(len(prompts) * num)]
+
+
+def settings_dict(pipe, pipeline_dir, ref_files, prompts, num, seed, steps, guidance, image_guidance,
+                  max_set_size, no_cache, seconds, command) -> dict:
+    """What settings.json holds: every setting, the files written, the timing."""
+    return {
+        "pipeline_dir": os.path.abspath(pipeline_dir), "references": list(ref_files), "prompts": list(prompts),
+        "num_images_per_prompt": num, "seed": seed, "steps": steps,
+        "guidance_scale": guidance, "image_guidance_scale": image_guidance,
+        "scheduler": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
+        "reference_cache": bool(not no_cache and pipe.reference_cache_supported() and image_guidance != 0),
+        "max_set_size": max_set_size, "resolution": pipe.resolution, "device": str(pipe.device),
+        "jedi": dict(pipe.unet.jedi), "outputs": output_names(prompts, num), "grid": "grid.png",
+        "sampling_seconds": round(seconds, 3), "command": list(command),
+    }
+
+
+def write_results(out_dir: str, result, settings: dict) -> None:
+    """The outputs, references/, grid.png and settings.json into an existing directory."""
+    from jedi_train.viz import make_grid
+
+    for img, o in zip(result.images, settings["outputs"]):
+        img.save(os.path.join(out_dir, o["file"]))
+    os.makedirs(os.path.join(out_dir, "references"), exist_ok=True)
+    for i, img in enumerate(result.reference_images):
+        img.save(os.path.join(out_dir, "references", f"{i:02d}.png"))
+    make_grid(result.reference_images, result.images, settings["prompts"]).save(os.path.join(out_dir, "grid.png"))
+    with open(os.path.join(out_dir, "settings.json"), "w") as f:
+        json.dump(settings, f, indent=2, default=str)  # default=str: tuples/dtypes in scheduler configs
 
 
 def run(args) -> str:
-    import torch
-
     from jedi_train.export import publish_dir
-    from jedi_train.pipeline import JeDiPipeline
-    from jedi_train.references import expand_reference_paths, load_references
-    from jedi_train.viz import make_grid
 
-    ref_files = [os.path.abspath(p) for p in expand_reference_paths(args.ref)]
-    check_reference_sizes(ref_files)
-    load_references(ref_files, 8)  # unreadable files fail here, before the model loads
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = JeDiPipeline.from_pretrained(args.pipeline_dir).to(device)
-    if args.scheduler == "ddim":
-        from diffusers import DDIMScheduler
-
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif args.scheduler == "dpm":
-        from diffusers import DPMSolverMultistepScheduler
-
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    use_cache = False if args.no_cache else None  # None: used when the model was trained for it
-
-    t0 = time.perf_counter()
-    result = pipe(reference_images=ref_files, prompt=args.prompt, num_images_per_prompt=args.num,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  image_guidance_scale=args.image_guidance, max_set_size=args.max_set_size,
-                  generator=torch.Generator(device="cpu").manual_seed(args.seed), output_type="pil",
-                  use_reference_cache=use_cache)
-    seconds = time.perf_counter() - t0
+    ref_files, warnings = prepare_references(args.ref)
+    for w in warnings:
+        print(f"jedi-sample: warning: {w}", file=sys.stderr)
+    pipe = load_pipeline(args.pipeline_dir, args.device)
+    pipe.scheduler = make_scheduler(pipe.scheduler, args.scheduler)
+    result, seconds = generate(pipe, ref_files, args.prompt, args.num, args.seed, args.steps, args.guidance,
+                               args.image_guidance, args.max_set_size, args.no_cache)
 
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -144,28 +231,10 @@ def run(args) -> str:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
     try:
-        outputs = []
-        for i, img in enumerate(result.images):
-            name = f"{i // args.num:02d}_{i % args.num:02d}.png"
-            img.save(os.path.join(tmp, name))
-            outputs.append({"file": name, "prompt": args.prompt[i // args.num], "index": i % args.num})
-        os.makedirs(os.path.join(tmp, "references"))
-        for i, img in enumerate(result.reference_images):
-            img.save(os.path.join(tmp, "references", f"{i:02d}.png"))
-        make_grid(result.reference_images, result.images, args.prompt).save(os.path.join(tmp, "grid.png"))
-        settings = {
-            "pipeline_dir": os.path.abspath(args.pipeline_dir), "references": ref_files, "prompts": args.prompt,
-            "num_images_per_prompt": args.num, "seed": args.seed, "steps": args.steps,
-            "guidance_scale": args.guidance, "image_guidance_scale": args.image_guidance,
-            "scheduler": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
-            "reference_cache": bool(not args.no_cache and pipe.reference_cache_supported()
-                                    and args.image_guidance != 0),
-            "max_set_size": args.max_set_size, "resolution": pipe.resolution, "device": device,
-            "jedi": dict(pipe.unet.jedi), "outputs": outputs, "grid": "grid.png",
-            "sampling_seconds": round(seconds, 3), "command": ["jedi-sample", *sys.argv[1:]],
-        }
-        with open(os.path.join(tmp, "settings.json"), "w") as f:
-            json.dump(settings, f, indent=2, default=str)  # default=str: tuples/dtypes in scheduler configs
+        settings = settings_dict(pipe, args.pipeline_dir, ref_files, args.prompt, args.num, args.seed, args.steps,
+                                 args.guidance, args.image_guidance, args.max_set_size, args.no_cache, seconds,
+                                 ["jedi-sample", *sys.argv[1:]])
+        write_results(tmp, result, settings)
         publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
