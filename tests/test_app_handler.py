@@ -73,7 +73,9 @@ def test_defaults_are_jedi_samples(app, pipe_dir):
     args = sample.parse_args([pipe_dir, "--num", "1", "--out", "x"])
     d = {k: getattr(args, k) for k in sample.DEFAULTS}
     assert d == sample.DEFAULTS
-    ui = {b.elem_id: b.value for b in build_ui(app).blocks.values() if getattr(b, "elem_id", None)}
+    demo = build_ui(app, max_queue=3)
+    assert (demo._queue.max_size, demo._queue.default_concurrency_limit) == (3, 1)  # queued, one at a time
+    ui = {b.elem_id: b.value for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     assert (ui["steps"], ui["guidance"], ui["image-guidance"], ui["seed"], ui["scheduler"]) == (
         d["steps"], d["guidance"], d["image_guidance"], str(d["seed"]), "default")
     info = app.model_info()

@@ -168,7 +168,7 @@ class JeDiApp:
         archive = shutil.make_archive(os.path.join(request, f"jedi-app-seed{seed}"), "zip", root_dir=out)
         gallery = [(os.path.join(out, o["file"]), o["prompt"]) for o in settings["outputs"]]
         refs = [os.path.join(out, "references", f) for f in sorted(os.listdir(os.path.join(out, "references")))]
-        status = (f"{len(gallery)} images from {len(ref_files)} reference(s) in {seconds:.1f} s: seed {seed}, "
+        status = (f"{len(gallery)} image{'s' if len(gallery) != 1 else ''} from {len(ref_files)} reference(s) in {seconds:.1f} s: seed {seed}, "
                   f"{steps} steps, {settings['scheduler']}, reference cache "
                   f"{'on' if settings['reference_cache'] else 'off'}")
         if warnings:

@@ -57,9 +57,10 @@ def build_ui(app: JeDiApp, max_queue: int = 16) -> gr.Blocks:
             ex = app.examples[name]
             return None, ex.prompts, app.preview([], name)
 
-        example.change(pick_example, example, [files, prompts, seen])
-        files.upload(lambda f: (NO_EXAMPLE, app.preview(f)), files, [example, seen])
-        files.clear(list, None, seen)
+        quiet = {"show_progress": "hidden"}  # a failed preview: the error toast, no badge on every output
+        example.change(pick_example, example, [files, prompts, seen], **quiet)
+        files.upload(lambda f: (NO_EXAMPLE, app.preview(f)), files, [example, seen], **quiet)
+        files.clear(list, None, seen, **quiet)
         go.click(app.generate, [files, example, prompts, num, steps, guidance, image_guidance, scheduler, seed],
                  [gallery, used, download, status], concurrency_limit=1)
     return demo.queue(max_size=max_queue, default_concurrency_limit=1)
