@@ -8,6 +8,7 @@ asked to and only if it is a previous export.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -58,6 +59,19 @@ def publish_dir(tmp: str, out_dir: str) -> None:
         os.replace(tmp, out_dir)
 
 
+@contextlib.contextmanager
+def staged_dir(out_dir: str):
+    """A temp dir beside out_dir (same filesystem), published as out_dir when the block ends without error."""
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        yield tmp
+        publish_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def check_export_target(out_dir: str, overwrite: bool = False) -> None:
     """An export never deletes what it did not write: a non-empty out_dir is replaced only with
     overwrite=True and only if it holds nothing but a previous export (model_index.json + its components)."""
@@ -90,16 +104,10 @@ def save_pipeline_atomically(pipe, out_dir: str, overwrite: bool = False, card: 
     """card: {hparams, step, run_dir} of the training run, for the model card (README.md)."""
     out_dir = os.path.realpath(out_dir)  # a symlinked out_dir: replace its target, not the link
     check_export_target(out_dir, overwrite)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with staged_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if card is not None:
             write_model_card(tmp, pipe, **card)
-        publish_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -194,14 +202,9 @@ def save_lora_atomically(unet, out_dir: str) -> str:
 
     out_dir = os.path.realpath(out_dir)
     state, metadata = lora_layers(unet.to("cpu", torch.float32))
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out_dir))
-    try:
+    with staged_dir(out_dir) as tmp:
         JeDiPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
                                        weight_name=LORA_WEIGHTS)
-        publish_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
