@@ -181,7 +181,9 @@ class JeDiDataModule(L.LightningDataModule):
 
     # -- helpers -----------------------------------------------------------------------------------
     def _tokenize_fn(self):
-        from jedi_train.model.components import tokenize
+        """captions -> token ids: the given tokenizer (or list of them: SDXL has two), else those in model_dir.
+        Only tokenizers go to the loader workers, never the text encoders."""
+        from jedi_train.model.text import token_ids
 
         if self.tokenizer is None:
             if self.model_dir is None:
@@ -189,8 +191,12 @@ class JeDiDataModule(L.LightningDataModule):
                                  "with a tokenizer/ subfolder)")
             from transformers import CLIPTokenizer
 
-            self.tokenizer = CLIPTokenizer.from_pretrained(self.model_dir, subfolder="tokenizer")
-        return functools.partial(tokenize, self.tokenizer)
+            from jedi_train.model.components import model_family
+
+            subfolders = ("tokenizer", "tokenizer_2") if model_family(self.model_dir) == "sdxl" else ("tokenizer",)
+            self.tokenizer = [CLIPTokenizer.from_pretrained(self.model_dir, subfolder=s) for s in subfolders]
+        tokenizers = self.tokenizer if isinstance(self.tokenizer, list) else [self.tokenizer]
+        return functools.partial(token_ids, tokenizers)
 
     def heldout_batch(self, num_sets: int) -> dict | None:
         """The first `num_sets` sets of `heldout_sources` (center crop, fixed refs), or None if not configured."""

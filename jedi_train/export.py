@@ -44,7 +44,7 @@ def build_pipeline(components: Components, unet=None):
     # same betas / prediction type; "trailing" spacing so that sampling starts at t = 999, not 960 ("leading")
     scheduler = DDIMScheduler.from_config(c.noise_scheduler.config, timestep_spacing="trailing")
     return JeDiPipeline(unet=unet or c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                        scheduler=scheduler)
+                        scheduler=scheduler, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2)
 
 
 def publish_dir(tmp: str, out_dir: str) -> None:

@@ -87,7 +87,8 @@ class JeDiModule(L.LightningModule):
 
     # -- devices: the frozen parts follow the module ---------------------------------------------
     def on_fit_start(self):
-        self.components.text_encoder.to(self.device)
+        self.unet.train()  # from_pretrained returns eval mode, which Lightning keeps (LoRA dropout would be off)
+        self.components.text.to(self.device)
         if self.components.vae is not None:
             self.components.vae.to(self.device)
         if self.ema is not None:

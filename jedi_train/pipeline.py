@@ -27,11 +27,12 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .model.attention import ReferenceKVCache, SetLayout, reference_attention
-from .model.components import LatentCodec, tokenize
+from .model.components import LatentCodec
 from .model.joint_unet import JointUNet2DConditionModel, as_joint_unet
+from .model.text import PromptEncoder, TextEmbeddings
 from .references import load_references
 from .set_plan import Branch, SetPlan, guidance_branches
 
@@ -60,11 +61,13 @@ class JeDiPipelineOutput(BaseOutput):
 
 
 class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["vae"]  # None for pixel-space models
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    # vae: None for pixel-space models; the second text encoder + tokenizer: SDXL only
+    _optional_components: ClassVar[list[str]] = ["vae", "text_encoder_2", "tokenizer_2"]
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 scheduler, vae: AutoencoderKL | None = None):
+                 scheduler, vae: AutoencoderKL | None = None,
+                 text_encoder_2: CLIPTextModelWithProjection | None = None, tokenizer_2: CLIPTokenizer | None = None):
         super().__init__()
         unet = as_joint_unet(unet)  # saved as a plain UNet2DConditionModel (see bundle.py)
         if not isinstance(unet, JointUNet2DConditionModel) or unet.jedi is None:
@@ -74,8 +77,15 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if vae is None and unet.latent_channels != 3 * unet.jedi["pixel_fold"] ** 2:
             raise ValueError(f"no vae, but the unet has {unet.latent_channels} channels (not pixels folded by "
                              f"{unet.jedi['pixel_fold']}); the pipeline directory is missing its vae/")
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("an SDXL pipeline needs both text_encoder_2 and tokenizer_2; one of them is missing")
+        wants_pooled = unet.config.get("addition_embed_type") == "text_time"
+        if wants_pooled != (text_encoder_2 is not None):
+            raise ValueError("the unet takes SDXL's pooled text embeddings and time ids but the pipeline has no "
+                             "text_encoder_2/tokenizer_2" if wants_pooled else
+                             "text_encoder_2 is given but the unet is not an SDXL UNet (no text_time embedding)")
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                              vae=vae)
+                              vae=vae, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.codec.downsample)
 
     # -- persistence -----------------------------------------------------------------------------
@@ -153,9 +163,14 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return self.unet.jedi["reference_timestep"] == "zero" and reference_attention(self.unet) == "references"
 
     # -- pieces ----------------------------------------------------------------------------------
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        ids = tokenize(self.tokenizer, texts).to(self._execution_device)
-        return self.text_encoder(ids)[0].to(self.unet.dtype)
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        return PromptEncoder.of(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2)
+
+    def encode_text(self, texts: list[str]) -> TextEmbeddings:
+        """Prompts -> per-prompt text conditioning (with SDXL's pooled embeddings and time ids)."""
+        text = self.prompt_encoder
+        return text.embed(text.token_ids(texts).to(self._execution_device), self.resolution).to(self.unet.dtype)
 
     def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self._execution_device)
@@ -275,7 +290,7 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 model_in = self.unet.assemble_input(noisy.repeat(n_b, 1, 1, 1),
                                                     (clean if clean is not None else noisy).repeat(n_b, 1, 1, 1),
                                                     visible)
-                out = self.unet(model_in, t_img.repeat(n_b), torch.cat([branch_text[b] for b in sel]),
+                out = self.unet(model_in, t_img.repeat(n_b), TextEmbeddings.cat([branch_text[b] for b in sel]),
                                 set_layout=layout).sample
                 preds += [plan.unstack(o) for o in out.chunk(n_b)]
             pred = sum(b.weight * p for b, p in zip(branches, preds))

@@ -78,7 +78,10 @@ class SetPlan:
     def stack(self, refs: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
         """Per-image tensors -> one flat batch of S sets: [K refs | T target slots] per set.
 
-        refs: (K, ...) or None; targets: (M, ...). Returns (S * N, ...)."""
+        refs: (K, ...) or None; targets: (M, ...). Returns (S * N, ...). TextEmbeddings: field by field."""
+        if hasattr(targets, "apply"):  # TextEmbeddings
+            return targets.apply(lambda t, r: self.stack(r, t), refs) if self.num_refs else targets.apply(
+                lambda t: self.stack(None, t))
         sets = targets[self.target_index.to(targets.device)]  # (S, T, ...)
         if self.num_refs:
             sets = torch.cat([refs.unsqueeze(0).expand(self.num_sets, *refs.shape), sets], dim=1)

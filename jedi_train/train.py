@@ -163,7 +163,7 @@ def train(cfg: DictConfig) -> dict:
 
         check_export_target(pipeline_dir, overwrite=True)  # refused now, not after hours of training
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
-    datamodule = build_datamodule(cfg.data, module.components.tokenizer, resolution=cfg.model.resolution,
+    datamodule = build_datamodule(cfg.data, module.components.text.tokenizers, resolution=cfg.model.resolution,
                                   seed=cfg.seed)
     clean_unfinished_saves(cfg, output_dir)
     ckpt_path, resume_step = find_resume_checkpoint(cfg, output_dir)

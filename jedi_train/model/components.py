@@ -1,9 +1,10 @@
-"""The frozen parts around the joint UNet: tokenizer, text encoder, VAE (or pixel codec), scheduler.
+"""The frozen parts around the joint UNet: tokenizer(s), text encoder(s), VAE (or pixel codec), scheduler.
 
-One loader, `load_components(model_dir)`, reads a diffusers Stable-Diffusion directory
-(unet/, text_encoder/, tokenizer/, scheduler/, vae/ optional). A real SD 1.x/2.x download and the
-tiny offline model that `create_tiny_model_dir` writes use the same path: tests exercise exactly
-what a user's real model directory goes through.
+One loader, `load_components(model_dir)`, reads a diffusers Stable-Diffusion directory of either family:
+  * SD 1.x/2.x: unet/, text_encoder/, tokenizer/, scheduler/, vae/ (optional: pixel-space tiny models);
+  * SDXL: the same plus text_encoder_2/ and tokenizer_2/ (its UNet takes pooled text + time ids).
+The family is read from the UNet's config. A real download and the tiny offline models that
+`create_tiny_model_dir` writes use the same path: tests exercise exactly what a user's directory goes through.
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .attention import configure_reference_attention
 from .joint_unet import JointUNet2DConditionModel, load_joint_unet
+from .text import PromptEncoder, tokenize  # noqa: F401  (tokenize: re-exported for callers)
 
-REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+REQUIRED = {"sd": ("unet", "text_encoder", "tokenizer", "scheduler"),
+            "sdxl": ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
 
 
 class LatentCodec:
@@ -62,27 +66,70 @@ class Components:
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     vae: AutoencoderKL | None
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL
+    tokenizer_2: CLIPTokenizer | None = None
 
     @property
     def codec(self) -> LatentCodec:
         return LatentCodec(self.vae, self.unet.jedi["pixel_fold"])
 
+    @property
+    def resolution(self) -> int:
+        """Pixel size the model works at: the UNet's sample size times the codec's downsampling."""
+        return self.unet.config.sample_size * self.codec.downsample
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Captions -> (len, T) input ids, padded/truncated to the tokenizer's model_max_length."""
-    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    @property
+    def text(self) -> PromptEncoder:
+        return PromptEncoder.of(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2)
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
 
 
-def check_model_dir(model_dir: str) -> None:
-    """One clear error naming the missing path and component."""
+def model_family(model_dir: str) -> str:
+    """'sd' or 'sdxl', read from the UNet's config; one clear error for anything else."""
+    unet_cfg = os.path.join(model_dir, "unet", "config.json")
+    if not os.path.isfile(unet_cfg):
+        found = _pipeline_class(model_dir)
+        if os.path.isdir(os.path.join(model_dir, "transformer")):
+            raise ValueError(f"model directory {model_dir} holds a diffusion transformer ({found or 'transformer/'}), "
+                             f"not a UNet; jedi-train supports {', '.join(FAMILIES.values())}: point model.model_dir "
+                             "at one of those")
+        return "sd"  # check_model_dir names the missing unet/
+    with open(unet_cfg) as f:
+        cfg = json.load(f)
+    added = cfg.get("addition_embed_type")
+    if added == "text_time":
+        return "sdxl"
+    if added is not None or cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise ValueError(f"model directory {model_dir} holds a {cfg.get('_class_name')} with addition_embed_type="
+                         f"{added!r} ({_pipeline_class(model_dir) or 'unknown pipeline'}); jedi-train supports "
+                         f"{', '.join(FAMILIES.values())}")
+    return "sd"
+
+
+def _pipeline_class(model_dir: str) -> str | None:
+    try:
+        with open(os.path.join(model_dir, "model_index.json")) as f:
+            return json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def check_model_dir(model_dir: str) -> str:
+    """The model's family; one clear error naming the missing path and component."""
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir} does not exist; set model.model_dir to a diffusers "
-                                "Stable Diffusion directory (unet/ text_encoder/ tokenizer/ scheduler/ [vae/])")
-    for comp in REQUIRED:
+                                "Stable Diffusion directory (unet/ text_encoder/ tokenizer/ scheduler/ [vae/]; "
+                                "SDXL also text_encoder_2/ tokenizer_2/)")
+    family = model_family(model_dir)
+    for comp in REQUIRED[family]:
         if not os.path.isdir(os.path.join(model_dir, comp)):
-            raise FileNotFoundError(f"model directory {model_dir} lacks the '{comp}' component "
-                                    f"({os.path.join(model_dir, comp)} is missing)")
+            why = " (its UNet takes SDXL's pooled text embeddings and time ids)" if family == "sdxl" else ""
+            raise FileNotFoundError(f"model directory {model_dir} is a {FAMILIES[family]} model{why} but lacks the "
+                                    f"'{comp}' component ({os.path.join(model_dir, comp)} is missing)")
+    return family
 
 
 def load_components(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
@@ -92,7 +139,7 @@ def load_components(model_dir: str, conditioning: str = "channels", reference_ti
     reference_attention: 'set' | 'references' (None keeps what a joint UNet's config says, else 'set').
     noise_schedule: DDPMScheduler config overrides, e.g. {"rescale_betas_zero_snr": True} (zero terminal
     SNR: at t = 999 the noisy image holds nothing of the image, as sampling from pure noise assumes)."""
-    check_model_dir(model_dir)
+    family = check_model_dir(model_dir)
     has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
     unet = load_joint_unet(model_dir, "unet", conditioning, reference_timestep,
                            pixel_fold=None if not has_vae else 1)
@@ -100,16 +147,20 @@ def load_components(model_dir: str, conditioning: str = "channels", reference_ti
         configure_reference_attention(unet, reference_attention)
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    text_encoder_2 = tokenizer_2 = None
+    if family == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")
+        tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
     sched_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
     sched_kwargs.update(noise_schedule or {})
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **sched_kwargs)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae") if has_vae else None
-    for frozen in (text_encoder, vae):
+    for frozen in (text_encoder, text_encoder_2, vae):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
             if dtype is not None:
                 frozen.to(dtype)
-    return Components(unet, text_encoder, tokenizer, noise_scheduler, vae)
+    return Components(unet, text_encoder, tokenizer, noise_scheduler, vae, text_encoder_2, tokenizer_2)
 
 
 # -- a tiny model that needs no download ------------------------------------------------------------
@@ -152,23 +203,43 @@ def tiny_unet_config(resolution: int = 32, pixel_fold: int = 2, latent_channels:
 
 def create_tiny_model_dir(out_dir: str, resolution: int = 32, pixel_fold: int = 2, with_vae: bool = False,
                           prediction_type: str = "v_prediction", seed: int = 0,
-                          unet_kwargs: dict | None = None) -> str:
-    """Write a randomly initialised, SD-layout model directory (a BASE model, not yet joint)."""
+                          unet_kwargs: dict | None = None, family: str = "sd") -> str:
+    """Write a randomly initialised model directory in the real layout (a BASE model, not yet joint).
+    family 'sdxl': two text encoders (the second with a projection) and a UNet taking pooled text + time ids."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is unknown; use one of {tuple(FAMILIES)}")
     torch.manual_seed(seed)
-    hidden = (unet_kwargs or {}).get("cross_attention_dim", 64)
+    unet_kwargs = dict(unet_kwargs or {})
+    hidden = unet_kwargs.pop("cross_attention_dim", 64)
     tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                                 num_hidden_layers=2, num_attention_heads=2,
-                                 max_position_embeddings=tokenizer.model_max_length,
-                                 projection_dim=hidden)).save_pretrained(os.path.join(out_dir, "text_encoder"))
+
+    def clip_config(width: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
+                              num_hidden_layers=2, num_attention_heads=2,
+                              max_position_embeddings=tokenizer.model_max_length, projection_dim=width)
+
+    if family == "sdxl":  # SDXL: cross-attention over both encoders' features side by side
+        widths = (hidden // 2, hidden - hidden // 2)
+        CLIPTextModel(clip_config(widths[0])).save_pretrained(os.path.join(out_dir, "text_encoder"))
+        CLIPTextModelWithProjection(clip_config(widths[1])).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
+        build_tiny_tokenizer(os.path.join(out_dir, "tokenizer_2"))
+        time_dim = 8
+        unet_kwargs |= {"addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+                        "projection_class_embeddings_input_dim": 6 * time_dim + widths[1]}
+    else:
+        CLIPTextModel(clip_config(hidden)).save_pretrained(os.path.join(out_dir, "text_encoder"))
+    extra = {k: unet_kwargs.pop(k) for k in list(unet_kwargs) if k not in _TINY_UNET_ARGS}
     if with_vae:
         AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                       up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
                       sample_size=resolution).save_pretrained(os.path.join(out_dir, "vae"))
-        cfg = tiny_unet_config(resolution, pixel_fold=2, latent_channels=4, **(unet_kwargs or {}))
+        cfg = tiny_unet_config(resolution, pixel_fold=2, latent_channels=4, cross_attention_dim=hidden, **unet_kwargs)
     else:
-        cfg = tiny_unet_config(resolution, pixel_fold, **(unet_kwargs or {}))
-    UNet2DConditionModel(**cfg).save_pretrained(os.path.join(out_dir, "unet"))
+        cfg = tiny_unet_config(resolution, pixel_fold, cross_attention_dim=hidden, **unet_kwargs)
+    UNet2DConditionModel(**cfg, **extra).save_pretrained(os.path.join(out_dir, "unet"))
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                   prediction_type=prediction_type, clip_sample=False).save_pretrained(os.path.join(out_dir, "scheduler"))
     return out_dir
+
+
+_TINY_UNET_ARGS = ("block_out_channels", "heads", "attention_levels")  # tiny_unet_config's own; the rest: UNet config

@@ -20,6 +20,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .attention import SetLayout, joint_attn_processors
+from .text import TextEmbeddings
 
 CONDITIONING_MODES = ("channels", "replacement")
 REFERENCE_TIMESTEPS = ("zero", "target")
@@ -91,6 +92,11 @@ class JointUNet2DConditionModel(UNet2DConditionModel):
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, set_layout: SetLayout | None = None,
                 cross_attention_kwargs=None, **kwargs):
+        """encoder_hidden_states: a tensor, or TextEmbeddings (which carry SDXL's pooled text and time ids)."""
+        if isinstance(encoder_hidden_states, TextEmbeddings):
+            text = encoder_hidden_states.unet_kwargs()
+            encoder_hidden_states = text["encoder_hidden_states"]
+            kwargs.setdefault("added_cond_kwargs", text.get("added_cond_kwargs"))
         if set_layout is not None:
             cross_attention_kwargs = dict(cross_attention_kwargs or {}, set_layout=set_layout)
         return super().forward(sample, timestep, encoder_hidden_states, *args,

@@ -3,7 +3,7 @@
 Plain PyTorch: the LightningModule and the benchmarks call it; it knows nothing of Lightning.
 
 batch (from the data stream, see data_pipelines/stream.py):
-    pixel_values (B, N, 3, H, W) in [-1, 1]; input_ids (B, N, T); is_ref (B, N); valid (B, N);
+    pixel_values (B, N, 3, H, W) in [-1, 1]; input_ids (B, N, T) [(B, N, 2, T) for SDXL]; is_ref (B, N); valid (B, N);
     optional subject_mask (B, N, 1, H, W) in [0, 1] (procedural shards carry it)
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from .attention import SetLayout
-from .components import Components, tokenize
+from .components import Components
+from .text import TextEmbeddings
 
 
 @dataclass
@@ -49,7 +50,8 @@ class JeDiObjective:
     def __init__(self, components: Components, config: ObjectiveConfig | None = None):
         self.c = components
         self.cfg = config or ObjectiveConfig()
-        self.empty_ids = tokenize(components.tokenizer, [""])[0]
+        self.text = components.text
+        self.empty_ids = self.text.token_ids([""])[0]  # (T,) or (2, T) for SDXL
         self.prediction_type = components.noise_scheduler.config.prediction_type
 
     # -- pieces --------------------------------------------------------------------------------
@@ -63,9 +65,8 @@ class JeDiObjective:
         reference = (u[:, n] < self.cfg.reference_dropout) & (is_ref & valid).any(1)
         return Dropout(caption, reference)
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.c.text_encoder(input_ids.to(self.c.text_encoder.device))[0]
+    def encode_text(self, input_ids: torch.Tensor) -> TextEmbeddings:
+        return self.text.embed(input_ids, self.c.resolution)
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.snr_gamma is None:
@@ -117,7 +118,8 @@ class JeDiObjective:
         layout = SetLayout.build(is_ref, valid, coupled=~dropout.reference)  # raises if a set has no target
 
         latents = self.c.codec.encode(pixels.flatten(0, 1), generator)  # (B*N, C, h, w), frozen
-        ids = torch.where(dropout.caption[..., None], self.empty_ids.to(ids.device), ids)
+        drop = dropout.caption.view(*dropout.caption.shape, *[1] * (ids.dim() - 2))
+        ids = torch.where(drop, self.empty_ids.to(ids.device), ids)
         text = self.encode_text(ids.flatten(0, 1))
 
         if noise is None:

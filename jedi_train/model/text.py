@@ -1,0 +1,141 @@
+"""Captions -> what the denoiser is conditioned on, for each text-encoder layout.
+
+* SD 1.x/2.x: one CLIP text encoder; its last hidden states.
+* SDXL: two (CLIP ViT-L and OpenCLIP ViT-bigG with projection): the penultimate hidden states of both,
+  concatenated, plus the second one's pooled projection and the size/crop micro-conditioning
+  ("time_ids": original size, crop top-left, target size), as diffusers' SDXL pipeline builds them.
+
+Token ids travel through the data stream as one tensor per caption, (T,) for one tokenizer or (E, T)
+for E tokenizers, so the stream, its caption cache and the caption dropout stay one code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class TextEmbeddings:
+    """Per-image text conditioning: hidden (M, T, D) [+ pooled (M, P) and time_ids (M, 6) for SDXL].
+
+    Indexes, concatenates and stacks like one tensor of M rows (every field row-aligned), so the
+    objective and the pipeline treat it as they treat image latents."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def apply(self, fn, *others: TextEmbeddings) -> TextEmbeddings:
+        """fn over each field (with the same field of `others`); absent fields stay absent."""
+        out = {}
+        for f in fields(self):
+            mine = getattr(self, f.name)
+            out[f.name] = None if mine is None else fn(mine, *(getattr(o, f.name) for o in others))
+        return TextEmbeddings(**out)
+
+    def __getitem__(self, index) -> TextEmbeddings:
+        return self.apply(lambda x: x[index])
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hidden.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def to(self, *args, **kwargs) -> TextEmbeddings:
+        return self.apply(lambda x: x.to(*args, **kwargs))
+
+    def repeat(self, n: int) -> TextEmbeddings:
+        return self.apply(lambda x: x.repeat(n, *[1] * (x.dim() - 1)))
+
+    @staticmethod
+    def cat(items: list[TextEmbeddings]) -> TextEmbeddings:
+        return items[0].apply(lambda *xs: torch.cat(xs), *items[1:])
+
+    def unet_kwargs(self) -> dict:
+        """encoder_hidden_states (+ added_cond_kwargs for SDXL) of a diffusers UNet2DConditionModel call."""
+        kwargs = {"encoder_hidden_states": self.hidden}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions -> (len, T) input ids, padded/truncated to the tokenizer's model_max_length."""
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def token_ids(tokenizers: list, captions: list[str]) -> torch.Tensor:
+    """(len, T) for one tokenizer, (len, E, T) for E of them (SDXL: E = 2)."""
+    ids = [tokenize(t, captions) for t in tokenizers]
+    return ids[0] if len(ids) == 1 else torch.stack(ids, dim=1)
+
+
+class PromptEncoder:
+    """The frozen tokenizer(s) and text encoder(s) of one model: token ids for the data stream, embeddings
+    for the denoiser. One pair = SD 1.x/2.x; two pairs = SDXL (the second encoder has the projection)."""
+
+    def __init__(self, tokenizers: list, text_encoders: list):
+        if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+            raise ValueError(f"{len(tokenizers)} tokenizers / {len(text_encoders)} text encoders: expected one pair "
+                             "(SD 1.x/2.x) or two (SDXL)")
+        lengths = {t.model_max_length for t in tokenizers}
+        if len(lengths) != 1:
+            raise ValueError(f"the tokenizers pad to different lengths {sorted(lengths)}; SDXL's two tokenizers "
+                             "must share model_max_length")
+        self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+
+    @classmethod
+    def of(cls, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None) -> PromptEncoder:
+        """From a model's named components (the SDXL pair present or both None)."""
+        if text_encoder_2 is None:
+            return cls([tokenizer], [text_encoder])
+        return cls([tokenizer, tokenizer_2], [text_encoder, text_encoder_2])
+
+    @property
+    def dual(self) -> bool:
+        return len(self.tokenizers) == 2
+
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        return token_ids(self.tokenizers, captions)
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor, resolution: int | None = None) -> TextEmbeddings:
+        """ids from `token_ids` (any leading shape flattened to M rows) -> TextEmbeddings of M rows.
+        resolution: pixel size of the images (SDXL's time_ids: uncropped, original = target size)."""
+        enc = self.text_encoders[0]
+        if not self.dual:
+            return TextEmbeddings(enc(ids.reshape(-1, ids.shape[-1]).to(enc.device))[0])
+        ids = ids.reshape(-1, 2, ids.shape[-1])
+        hidden, pooled = [], None
+        for i, enc in enumerate(self.text_encoders):
+            out = enc(ids[:, i].to(enc.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both
+            pooled = out[0]  # the last encoder's pooled projection (text_embeds)
+        if resolution is None:
+            raise ValueError("SDXL text conditioning needs the image resolution (time_ids)")
+        m = pooled.shape[0]
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype,
+                                device=pooled.device).expand(m, 6)
+        return TextEmbeddings(torch.cat(hidden, dim=-1), pooled, time_ids)
+
+    def requires_grad_(self, flag: bool) -> PromptEncoder:
+        for enc in self.text_encoders:
+            enc.requires_grad_(flag)
+        return self
+
+    def to(self, *args, **kwargs) -> PromptEncoder:
+        for enc in self.text_encoders:
+            enc.to(*args, **kwargs)
+        return self
+
+    def parameters(self):
+        for enc in self.text_encoders:
+            yield from enc.parameters()
