@@ -24,6 +24,23 @@ def tiny_vae_model_dir(tmp_path_factory):
     return create_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_sd_vae")), resolution=32, with_vae=True)
 
 
+def tiny_model_from_config(model: str, out_dir: str) -> str:
+    """The tiny model `model=<model>` creates on first use (its create_tiny_if_missing), written to out_dir."""
+    from omegaconf import OmegaConf
+
+    from jedi_train.model.components import create_tiny_model_dir
+
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", f"{model}.yaml"))
+    spec = OmegaConf.to_container(OmegaConf.create({"model": cfg}).model.create_tiny_if_missing, resolve=True)
+    return create_tiny_model_dir(out_dir, **spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory):
+    """The tiny SDXL of conf/model/tiny_sdxl.yaml: two text encoders, pooled text + time ids, a tiny VAE."""
+    return tiny_model_from_config("tiny_sdxl", str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: two threads on a shared 2-core machine mostly spin (measured 2-5x slower).

@@ -1,26 +1,41 @@
-"""The joint UNet: exact reduction to the base model, set equivariance, isolation, masks, persistence."""
+"""The joint UNet, for each UNet family (SD 1.x/2.x and SDXL, tiny models in the real layouts): exact
+reduction to the base model, set equivariance, isolation, masks, persistence."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
 from jedi_train.model.attention import SetLayout
 from jedi_train.model.joint_unet import JointUNet2DConditionModel, load_joint_unet
+from jedi_train.model.text import TextEmbeddings
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def model_dir(request):
+    return request.getfixturevalue({"sd": "tiny_model_dir", "sdxl": "tiny_sdxl_model_dir"}[request.param])
 
 
 @pytest.fixture(scope="module")
-def base(tiny_model_dir):
-    return UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+def base(model_dir):
+    return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval()
 
 
 @pytest.fixture(scope="module")
-def joint(tiny_model_dir):
-    return load_joint_unet(tiny_model_dir).eval()
+def joint(model_dir):
+    return load_joint_unet(model_dir).eval()
 
 
-def _inputs(bn, seed=0, c=12, s=16, tokens=8, dim=64):
+def _inputs(bn, seed=0, unet=None, tokens=8):
+    """Random (latents, timesteps, text) for `unet`'s family; SDXL text carries pooled embeddings + time ids."""
+    cfg = unet.config
+    c, s = unet.latent_channels, cfg.sample_size
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(bn, c, s, s, generator=g), torch.randint(0, 1000, (bn,), generator=g),
-            torch.randn(bn, tokens, dim, generator=g))
+    x, t = torch.randn(bn, c, s, s, generator=g), torch.randint(0, 1000, (bn,), generator=g)
+    text = TextEmbeddings(torch.randn(bn, tokens, cfg.cross_attention_dim, generator=g))
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        text = TextEmbeddings(text.hidden, torch.randn(bn, pooled, generator=g),
+                              torch.tensor([32.0, 32, 0, 0, 32, 32]).expand(bn, 6))
+    return x, t, text
 
 
 def _run(unet, x, t, e, layout, ref_visible=None):
@@ -30,16 +45,16 @@ def _run(unet, x, t, e, layout, ref_visible=None):
 
 
 def test_single_image_sets_equal_base_model(base, joint):
-    x, t, e = _inputs(3)
+    x, t, e = _inputs(3, unet=joint)
     with torch.no_grad():
-        want = base(x, t, e).sample
+        want = base(x, t, **e.unet_kwargs()).sample
     got = _run(joint, x, t, e, SetLayout.independent(3))
-    assert joint.config.in_channels == 2 * 12 + 1
+    assert joint.config.in_channels == 2 * joint.latent_channels + 1
     assert (got - want).abs().max() <= 1e-5
 
 
 def test_coupling_changes_outputs_and_permutation_equivariance(joint):
-    x, t, e = _inputs(4)
+    x, t, e = _inputs(4, unet=joint)
     t = torch.full((4,), 500)  # one timestep per set
     layout = SetLayout.build(torch.zeros(1, 4, dtype=torch.bool))
     out = _run(joint, x, t, e, layout)
@@ -51,7 +66,7 @@ def test_coupling_changes_outputs_and_permutation_equivariance(joint):
 
 
 def test_sets_in_one_batch_do_not_interact(joint):
-    x, t, e = _inputs(6)
+    x, t, e = _inputs(6, unet=joint)
     layout = SetLayout.build(torch.zeros(2, 3, dtype=torch.bool))
     out = _run(joint, x, t, e, layout)
     x2 = x.clone()
@@ -63,7 +78,7 @@ def test_sets_in_one_batch_do_not_interact(joint):
 
 def test_mixed_set_sizes_padding_is_invisible(joint):
     """A set of 2 padded to 3 gives the same outputs as the set of 2 on its own."""
-    x, t, e = _inputs(3)
+    x, t, e = _inputs(3, unet=joint)
     t = torch.full((3,), 300)
     is_ref = torch.tensor([[True, False, False]])
     pad = SetLayout.build(is_ref, valid=torch.tensor([[True, True, False]]))
@@ -78,7 +93,7 @@ def test_mixed_set_sizes_padding_is_invisible(joint):
 
 
 def test_decoupled_targets_ignore_reference_content(joint):
-    x, t, e = _inputs(3)
+    x, t, e = _inputs(3, unet=joint)
     is_ref = torch.tensor([[True, False, False]])
     coupled = SetLayout.build(is_ref)
     decoupled = coupled.decoupled()
@@ -95,24 +110,24 @@ def test_decoupled_targets_ignore_reference_content(joint):
 
 def test_widened_conv_in_starts_equal_and_reference_channels_matter_after_training(joint):
     # zero-initialised new input channels: the reference slot has no effect before training
-    x, t, e = _inputs(2)
+    x, t, e = _inputs(2, unet=joint)
     layout = SetLayout.independent(2)
     with torch.no_grad():
         a = joint(joint.assemble_input(x, x, torch.zeros(2, dtype=torch.bool)), t, e, set_layout=layout).sample
         b = joint(joint.assemble_input(x, torch.randn_like(x), torch.ones(2, dtype=torch.bool)), t, e,
                   set_layout=layout).sample
     assert torch.equal(a, b)
-    assert joint.conv_in.weight[:, 12:].abs().sum() == 0
+    assert joint.conv_in.weight[:, joint.latent_channels:].abs().sum() == 0
 
 
 def test_save_load_round_trip(joint, tmp_path):
     joint.save_pretrained(tmp_path / "unet")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
     again = JointUNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
-    assert again.jedi == joint.jedi and again.config.in_channels == 25
+    assert again.jedi == joint.jedi and again.config.in_channels == 2 * joint.latent_channels + 1
     assert all(type(p).__name__ in ("JointAttnProcessor", "PerImageAttnProcessor")
                for p in again.attn_processors.values())
-    x, t, e = _inputs(4)
+    x, t, e = _inputs(4, unet=joint)
     layout = SetLayout.build(torch.tensor([[True, False], [False, False]]))
     rv = torch.tensor([True, False, False, False])
     assert torch.equal(_run(joint, x, t, e, layout, rv), _run(again, x, t, e, layout, rv))
@@ -130,7 +145,7 @@ def test_bad_layouts_and_paths_raise_clear_errors(joint, tmp_path):
         SetLayout.build(torch.tensor([[True, True]]))
     with pytest.raises(ValueError, match="valid mask shape"):
         SetLayout.build(torch.zeros(2, 3, dtype=torch.bool), valid=torch.ones(2, 2, dtype=torch.bool))
-    x, t, e = _inputs(5)
+    x, t, e = _inputs(5, unet=joint)
     with pytest.raises(ValueError, match="does not match the set layout"):
         _run(joint, x, t, e, SetLayout.build(torch.zeros(2, 2, dtype=torch.bool)))
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -1,0 +1,110 @@
+"""SDXL through the same rooms as SD: the tiny SDXL of conf/model/tiny_sdxl.yaml (two text encoders, pooled
+text embeddings, time ids, a tiny VAE) saved in the real directory layout and loaded through the user's path.
+The joint UNet's own properties (N = 1 equals the base, equivariance, isolation, persistence) are
+tests/test_joint_unet.py, parametrised over both families; here: text conditioning, pipeline, CLI, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from test_pipeline import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run
+from test_train_cli import FAST, jedi
+
+from jedi_train.model.components import load_components
+from jedi_train.model.objective import JeDiObjective
+from jedi_train.pipeline import JeDiPipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def components(tiny_sdxl_model_dir):
+    return load_components(tiny_sdxl_model_dir)
+
+
+@pytest.fixture(scope="module")
+def cache_pipe(tiny_sdxl_model_dir, tmp_path_factory):
+    return load(make_pipeline_dir(tiny_sdxl_model_dir, str(tmp_path_factory.mktemp("sdxl_pipe")), "references"))
+
+
+def test_text_conditioning_is_sdxl_s(components):
+    """Penultimate layers of both encoders side by side, the second's pooled projection, uncropped time ids."""
+    c = components
+    assert c.family == "sdxl"
+    ids = c.text.token_ids(["a red backpack", ""])
+    assert ids.shape == (2, 2, c.tokenizer.model_max_length)
+    emb = c.text.embed(ids, c.resolution)
+    with torch.no_grad():
+        h1 = c.text_encoder(ids[:, 0], output_hidden_states=True).hidden_states[-2]
+        out2 = c.text_encoder_2(ids[:, 1], output_hidden_states=True)
+    torch.testing.assert_close(emb.hidden, torch.cat([h1, out2.hidden_states[-2]], dim=-1))
+    torch.testing.assert_close(emb.pooled, out2.text_embeds)
+    assert emb.hidden.shape[-1] == c.unet.config.cross_attention_dim
+    assert emb.time_ids.tolist() == [[32.0, 32, 0, 0, 32, 32]] * 2
+
+
+def test_objective_trains_the_unet_with_pooled_text(components):
+    c = components
+    ids = c.text.token_ids(["a backpack"] * 6).view(2, 3, 2, -1)
+    batch = {"pixel_values": torch.rand(2, 3, 3, 32, 32) * 2 - 1, "input_ids": ids,
+             "is_ref": torch.tensor([[True, False, False]] * 2)}
+    objective = JeDiObjective(c)
+    out = objective(batch, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert c.unet.add_embedding.linear_1.weight.grad.abs().sum() > 0  # the pooled-text / time-id path trains
+    assert all(p.grad is None for p in c.text_encoder_2.parameters())
+    c.unet.zero_grad(set_to_none=True)
+    # caption dropout replaces BOTH tokenizers' ids by the empty caption's
+    drop = objective.sample_dropout(batch["is_ref"], torch.ones(2, 3, dtype=torch.bool))
+    assert objective.empty_ids.shape == ids.shape[2:]
+    assert drop.caption.shape == (2, 3)
+
+
+@needs_dreambench
+def test_pipeline_cache_save_load_and_references(cache_pipe, tmp_path):
+    pipe = cache_pipe
+    assert pipe.tokenizer_2 is not None and pipe.reference_cache_supported()
+    cached = run(pipe, CAN[:3], use_reference_cache=True)
+    torch.testing.assert_close(cached, run(pipe, CAN[:3], use_reference_cache=False), atol=1e-4, rtol=0)
+    assert (cached - run(pipe, DOG[:3], use_reference_cache=True)).abs().max() > 1e-3  # references matter
+    assert cached.shape == (2, 3, 32, 32)
+    pipe.save_pretrained(tmp_path / "again", safe_serialization=True)
+    with open(tmp_path / "again" / "model_index.json") as f:
+        assert json.load(f)["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert torch.equal(run(load(tmp_path / "again"), CAN[:3]), run(pipe, CAN[:3]))
+
+
+def test_bad_sdxl_directories_fail_in_one_line(tiny_sdxl_model_dir, components, tmp_path):
+    broken = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_model_dir, broken)
+    shutil.rmtree(broken / "tokenizer_2")
+    with pytest.raises(FileNotFoundError, match="Stable Diffusion XL model .* lacks the 'tokenizer_2' component"):
+        load_components(str(broken))
+    flux = tmp_path / "flux"
+    (flux / "transformer").mkdir(parents=True)
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="holds a diffusion transformer \\(FluxPipeline\\).*supports"):
+        load_components(str(flux))
+    c = components
+    with pytest.raises(ValueError, match="no text_encoder_2"):
+        JeDiPipeline(c.unet, c.text_encoder, c.tokenizer, c.noise_scheduler, c.vae)
+
+
+@needs_dreambench
+def test_train_export_sample_through_the_cli(tmp_path):
+    """The documented path: jedi-train experiment=demo model=tiny_sdxl, jedi-export, jedi-sample with K = 1, 3."""
+    run_dir = tmp_path / "run"
+    jedi("jedi-train", *FAST, "model=tiny_sdxl", "trainer.max_steps=3", "export_after_fit=false",
+         "~callbacks.sample_grid", "~callbacks.identity_gain", f"paths.output_dir={run_dir}", root=tmp_path)
+    jedi("jedi-export", str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "pipe"), root=tmp_path)
+    assert os.path.isdir(tmp_path / "pipe" / "text_encoder_2")
+    for k in (1, 3):
+        refs = [a for path in CAN[:k] for a in ("--ref", path)]
+        jedi("jedi-sample", str(tmp_path / "pipe"), *refs, "--prompt", "a can on a beach", "--num", "2",
+             "--steps", "2", "--out", str(tmp_path / f"k{k}"), root=tmp_path)
+        assert len([f for f in os.listdir(tmp_path / f"k{k}") if f.endswith(".png")]) == 3  # 2 images + grid
+        assert len(os.listdir(tmp_path / f"k{k}" / "references")) == k
