@@ -28,6 +28,7 @@ MODULES = {
     "jedi_attention": "jedi_train.model.attention",
     "jedi_components": "jedi_train.model.components",
     "jedi_joint_unet": "jedi_train.model.joint_unet",
+    "jedi_joint_flux": "jedi_train.model.joint_flux",
     "jedi_text": "jedi_train.model.text",
     "jedi_references": "jedi_train.references",
     "jedi_set_plan": "jedi_train.set_plan",

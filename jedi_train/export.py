@@ -38,9 +38,13 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_
 
 
 def build_pipeline(components: Components, unet=None):
-    from .pipeline import JeDiPipeline
+    from .pipeline import JeDiFluxPipeline, JeDiPipeline
 
     c = components
+    if c.family == "flux":  # the flow-matching scheduler as the base model ships it
+        return JeDiFluxPipeline(transformer=unet or c.unet, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                                text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                                scheduler=copy.deepcopy(c.noise_scheduler), vae=c.vae)
     # same betas / prediction type; "trailing" spacing so that sampling starts at t = 999, not 960 ("leading")
     scheduler = DDIMScheduler.from_config(c.noise_scheduler.config, timestep_spacing="trailing")
     return JeDiPipeline(unet=unet or c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
@@ -222,7 +226,10 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
     components = load_components(model_dir, hp.get("conditioning", "channels"),
                                  hp.get("reference_timestep", "zero"), hp.get("prediction_type"),
                                  reference_attention=hp.get("reference_attention", "set"),
-                                 noise_schedule=hp.get("noise_schedule"))
+                                 noise_schedule=hp.get("noise_schedule"), resolution=hp.get("resolution"),
+                                 reference_positions=hp.get("reference_positions", "same"))
+    if lora_only and components.family == "flux":
+        raise ValueError("--lora-only is not supported for FLUX yet; export the LoRA run fused (without --lora-only)")
     unet, lora = components.unet, LoraSettings(**(hp.get("lora") or {}))
     if lora.enabled:
         add_lora(unet, lora)

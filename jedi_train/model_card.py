@@ -77,12 +77,14 @@ def _base_model(model_dir: str | None) -> str | None:
 
 
 def _backbone(pipe) -> str:
-    u, jedi = pipe.unet.config, pipe.unet.jedi
-    params = sum(p.numel() for p in pipe.unet.parameters())
+    model = pipe.denoiser
+    u, jedi = model.config, model.jedi
+    params = sum(p.numel() for p in model.parameters())
     space = (f"pixel space (pixels folded {jedi['pixel_fold']}x{jedi['pixel_fold']})" if pipe.vae is None
              else f"latent space ({type(pipe.vae).__name__}, /{pipe.codec.downsample})")
-    return (f"{type(pipe.unet).__name__} ({params / 1e6:.1f} M parameters, blocks {list(u.block_out_channels)}), "
-            f"{space}, {pipe.resolution} px")
+    shape = (f"blocks {list(u.block_out_channels)}" if "block_out_channels" in u else
+             f"{u.num_layers} double + {u.num_single_layers} single-stream blocks")
+    return f"{type(model).__name__} ({params / 1e6:.1f} M parameters, {shape}), {space}, {pipe.resolution} px"
 
 
 def latest_eval_table(run_dir: str | None) -> str | None:
@@ -105,7 +107,7 @@ def _eval_section(summary_md: str) -> str:
 def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: str | None,
            grid_file: str | None) -> str:
     info = _run_info(run_dir)
-    jedi = pipe.unet.jedi
+    jedi = pipe.denoiser.jedi
     front = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": TAGS}
     base = _base_model(hparams.get("model_dir"))
     if base:
@@ -118,7 +120,7 @@ def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: 
             ("JeDi", (f"conditioning {jedi['conditioning']}, reference timestep {jedi['reference_timestep']}, "
                       f"reference attention {jedi.get('reference_attention', 'set')}, "
                       f"reference cache {'on' if pipe.reference_cache_supported() else 'off'}")),
-            ("prediction", pipe.scheduler.config.prediction_type),
+            ("prediction", pipe.scheduler.config.get("prediction_type") or "flow (velocity)"),
             ("data", ", ".join(f"`{s}`" for s in info.get("sources") or []) or "?"),
             ("steps", step if step is not None else "?"),
             ("batch", f"{info.get('batch_size', '?')} sets per device x {world} device(s)"

@@ -43,7 +43,7 @@ class JeDiModule(L.LightningModule):
                  ema: dict | None = None, gradient_checkpointing: bool = False, trainable: list[str] | None = None,
                  max_nonfinite_steps: int = 10, seed: int = 0, frozen_dtype: str | None = None,
                  resolution: int | None = None, reference_attention: str = "set",
-                 noise_schedule: dict | None = None, lora: dict | None = None):
+                 noise_schedule: dict | None = None, lora: dict | None = None, reference_positions: str = "same"):
         super().__init__()
         self.save_hyperparameters()
         prepare_model_dir(model_dir, create_tiny_if_missing)
@@ -51,13 +51,15 @@ class JeDiModule(L.LightningModule):
         self.components: Components = load_components(model_dir, conditioning, reference_timestep,
                                                       prediction_type, dtype=dtype,
                                                       reference_attention=reference_attention,
-                                                      noise_schedule=noise_schedule)
-        self.unet = self.components.unet  # the only trained module: what state_dict / ZeRO see
-        native = self.unet.config.sample_size * self.components.codec.downsample
+                                                      noise_schedule=noise_schedule, resolution=resolution,
+                                                      reference_positions=reference_positions)
+        # the joint denoiser (UNet, or FLUX's transformer) is the only trained module: what state_dict / ZeRO see
+        self.unet = self.components.unet
+        native = self.components.resolution
         if resolution is not None and resolution != native:
             raise ValueError(f"model.resolution={resolution} but the model in {model_dir} works at {native} px "
-                             f"(sample_size {self.unet.config.sample_size} x {self.components.codec.downsample}); "
-                             f"set model.resolution={native}")
+                             f"(sample_size {self.unet.config.get('sample_size')} x "
+                             f"{self.components.codec.downsample}); set model.resolution={native}")
         self.resolution = native
         # frozen parts live outside the module tree: not in the optimizer, checkpoints or ZeRO-3 partitions
         if gradient_checkpointing:

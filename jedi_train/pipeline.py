@@ -15,6 +15,7 @@ and replayed at every step; the sets then hold only targets. Same images, far le
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -30,7 +31,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .model.attention import ReferenceKVCache, SetLayout, reference_attention
-from .model.components import LatentCodec
+from .model.components import LatentCodec, model_resolution
+from .model.joint_flux import JointFluxTransformer2DModel, as_joint_flux, flow_mu
 from .model.joint_unet import JointUNet2DConditionModel, as_joint_unet
 from .model.text import PromptEncoder, TextEmbeddings
 from .references import load_references
@@ -52,6 +54,15 @@ def _export_unet_class():
     for name, obj in (("JointUNet2DConditionModel", JointUNet2DConditionModel), ("ModelMixin", ModelMixin)):
         if getattr(jedi_train, name, None) is None:
             setattr(jedi_train, name, obj)
+
+
+def _saved_class_name(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            name = json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    return name[1] if isinstance(name, list) else name
 
 
 @dataclass
@@ -95,14 +106,16 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if name == "unet":
+        if name in ("unet", "transformer"):
             self._register_unet_library()
 
     def _register_unet_library(self):
-        # the joint UNet is saved as what it loads as without jedi_train: a diffusers UNet2DConditionModel
-        # whose config keeps the JeDi settings (as_joint_unet restores the joint class)
+        # the joint model is saved as what it loads as without jedi_train: a diffusers UNet2DConditionModel
+        # (FluxTransformer2DModel) whose config keeps the JeDi settings (as_joint_* restores the joint class)
         if isinstance(getattr(self, "unet", None), JointUNet2DConditionModel):
             self.register_to_config(unet=("diffusers", "UNet2DConditionModel"))
+        if isinstance(getattr(self, "transformer", None), JointFluxTransformer2DModel):
+            self.register_to_config(transformer=("diffusers", "FluxTransformer2DModel"))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save_pretrained plus the pipeline's code (bundle.py): the directory then loads with
@@ -147,20 +160,28 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
             raise FileNotFoundError(f"pipeline directory {path} does not exist; give the folder jedi-export wrote")
         _export_unet_class()
-        return super().from_pretrained(path, **kwargs)
+        if cls is JeDiPipeline and _saved_class_name(path) == "JeDiFluxPipeline":
+            cls = JeDiFluxPipeline  # one entry point for every backbone: the saved config names the family
+        return super(JeDiPipeline, cls).from_pretrained(path, **kwargs)
 
     # -- geometry --------------------------------------------------------------------------------
     @property
     def codec(self) -> LatentCodec:
-        return LatentCodec(self.vae, 1 if self.vae is not None else self.unet.jedi["pixel_fold"])
+        return LatentCodec(self.vae, 1 if self.vae is not None else self.denoiser.jedi["pixel_fold"])
 
     @property
     def resolution(self) -> int:
-        """Pixel size of references and outputs: the UNet's sample size times the codec's downsampling."""
-        return self.unet.config.sample_size * self.codec.downsample
+        """Pixel size of references and outputs (a UNet's sample size x the codec's downsampling; for FLUX the
+        resolution it was trained at)."""
+        return model_resolution(self.denoiser, self.codec)
+
+    @property
+    def denoiser(self):
+        """The joint model every step calls: the UNet here, the transformer in JeDiFluxPipeline."""
+        return self.unet
 
     def reference_cache_supported(self) -> bool:
-        return self.unet.jedi["reference_timestep"] == "zero" and reference_attention(self.unet) == "references"
+        return self.denoiser.jedi["reference_timestep"] == "zero" and reference_attention(self.denoiser) == "references"
 
     # -- pieces ----------------------------------------------------------------------------------
     @property
@@ -170,14 +191,11 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def encode_text(self, texts: list[str]) -> TextEmbeddings:
         """Prompts -> per-prompt text conditioning (with SDXL's pooled embeddings and time ids)."""
         text = self.prompt_encoder
-        return text.embed(text.token_ids(texts).to(self._execution_device), self.resolution).to(self.unet.dtype)
+        return text.embed(text.token_ids(texts).to(self._execution_device), self.resolution).to(self.denoiser.dtype)
 
     def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self._execution_device)
-        if self.vae is None:
-            return self.codec.encode(pixels).to(self.unet.dtype)
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return (dist.mode() * self.vae.config.scaling_factor).to(self.unet.dtype)  # deterministic: the mean
+        return self.codec.encode_mode(pixels).to(self.denoiser.dtype)  # deterministic: the posterior mean
 
     def _use_cache(self, use_reference_cache: bool | None, use_refs: bool) -> bool:
         ok = self.reference_cache_supported()
@@ -185,9 +203,22 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(
                 "use_reference_cache=True needs a model trained with references at timestep 0 that attend only "
                 f"to references (reference_timestep='zero', reference_attention='references'); this model has "
-                f"reference_timestep={self.unet.jedi['reference_timestep']!r}, reference_attention="
-                f"{reference_attention(self.unet)!r}, so cached keys/values would differ. Use use_reference_cache=False")
+                f"reference_timestep={self.denoiser.jedi['reference_timestep']!r}, reference_attention="
+                f"{reference_attention(self.denoiser)!r}, so cached keys/values would differ. Use use_reference_cache=False")
         return use_refs and ok and use_reference_cache is not False
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """Guidance-distilled models (FLUX.1-dev) take the text guidance scale as an input."""
+        return False
+
+    def prepare_timesteps(self, num_inference_steps: int, device, latent_size: int) -> None:
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def noise_references(self, ref_latents: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """References re-noised to the step's t (models trained with reference_timestep 'target')."""
+        ddpm = DDPMScheduler.from_config(self.scheduler.config)
+        return ddpm.add_noise(ref_latents, noise, t.float().round().long().expand(ref_latents.shape[0]))
 
     def _step_kwargs(self, generator) -> dict:
         return {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
@@ -239,7 +270,8 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                              "pass reference_images, or image_guidance_scale=0 for plain text-to-image")
         use_refs = k > 0 and image_guidance_scale != 0
         use_cache = self._use_cache(use_reference_cache, use_refs)
-        device, dtype = self._execution_device, self.unet.dtype
+        model = self.denoiser
+        device, dtype = self._execution_device, model.dtype
         m = len(prompts) * num_images_per_prompt
 
         # text: targets (cond / uncond), references (their captions) -- one text-encoder call
@@ -252,7 +284,8 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         ref_latents = self.encode_references(ref_pixels) if use_refs else None
 
         # sets and branches (see set_plan.py); cached references leave the sets' batch slots
-        branches = guidance_branches(guidance_scale, image_guidance_scale, use_refs)
+        distilled = self.guidance_distilled  # text guidance is an input of the model, not a branch
+        branches = guidance_branches(1.0 if distilled else guidance_scale, image_guidance_scale, use_refs)
         plan = SetPlan.build(m, k if use_refs and not use_cache else 0, k if use_refs else 0, max_set_size)
         cache = self._record_references(ref_latents, ref_text) if use_cache else None
         calls = self._calls(plan, branches, batch_guidance_branches, cache, device)
@@ -261,24 +294,23 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         ref_flag[:plan.num_refs] = True
         is_ref = ref_flag.repeat(plan.num_sets)  # per image of one branch's sets
         clean = plan.stack(ref_latents, ref_latents.new_zeros(m, *ref_latents.shape[1:])) if plan.num_refs else None
-        ddpm = DDPMScheduler.from_config(self.scheduler.config) if plan.num_refs else None
-
-        latent_shape = (m, self.unet.latent_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+        size = self.resolution // self.codec.downsample
+        latents = randn_tensor((m, model.latent_channels, size, size), generator=generator, device=device, dtype=dtype)
         ref_noise = None
-        if plan.num_refs and self.unet.jedi["reference_timestep"] == "target":
+        if plan.num_refs and model.jedi["reference_timestep"] == "target":
             g = generator[0] if isinstance(generator, list) else generator
             ref_noise = randn_tensor(ref_latents.shape, generator=g, device=device, dtype=dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        self.prepare_timesteps(num_inference_steps, device, size)
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
         step_kwargs = self._step_kwargs(generator)
+        guidance = guidance_scale if distilled else None
 
         for t in self.progress_bar(self.scheduler.timesteps):
-            x_in = self.scheduler.scale_model_input(latents, t)
+            x_in = self.scheduler.scale_model_input(latents, t) if hasattr(self.scheduler, "scale_model_input") \
+                else latents
             refs_in = None
             if plan.num_refs:  # what training fed: clean at t = 0, or noised to the set's t
-                refs_in = ref_latents if ref_noise is None else ddpm.add_noise(
-                    ref_latents, ref_noise, t.float().round().long().expand(k))
+                refs_in = ref_latents if ref_noise is None else self.noise_references(ref_latents, ref_noise, t)
             noisy = plan.stack(refs_in, x_in)
             t_img = torch.full((noisy.shape[0],), t, device=device, dtype=self.scheduler.timesteps.dtype)
             if ref_noise is None:
@@ -287,11 +319,10 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             for sel, layout in calls:
                 n_b = len(sel)
                 visible = torch.cat([is_ref & branches[b].refs for b in sel])
-                model_in = self.unet.assemble_input(noisy.repeat(n_b, 1, 1, 1),
-                                                    (clean if clean is not None else noisy).repeat(n_b, 1, 1, 1),
-                                                    visible)
-                out = self.unet(model_in, t_img.repeat(n_b), TextEmbeddings.cat([branch_text[b] for b in sel]),
-                                set_layout=layout).sample
+                model_in = model.assemble_input(noisy.repeat(n_b, 1, 1, 1),
+                                                (clean if clean is not None else noisy).repeat(n_b, 1, 1, 1), visible)
+                out = model.denoise(model_in, t_img.repeat(n_b), TextEmbeddings.cat([branch_text[b] for b in sel]),
+                                    layout, guidance=guidance)
                 preds += [plan.unstack(o) for o in out.chunk(n_b)]
             pred = sum(b.weight * p for b, p in zip(branches, preds))
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
@@ -309,7 +340,8 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         visible = torch.ones(k, dtype=torch.bool, device=ref_latents.device)
         layout = SetLayout.references_only(k, ref_latents.device).with_reference_cache(cache)
         t0 = torch.zeros(k, dtype=torch.long, device=ref_latents.device)
-        self.unet(self.unet.assemble_input(ref_latents, ref_latents, visible), t0, ref_text, set_layout=layout)
+        model = self.denoiser
+        model.denoise(model.assemble_input(ref_latents, ref_latents, visible), t0, ref_text, layout)
         cache.recording = False
         return cache
 
@@ -329,3 +361,49 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         images = self.codec.decode(latents).float().clamp(-1, 1)
         return self.image_processor.postprocess(images, output_type=output_type,
                                                 do_denormalize=[True] * images.shape[0])
+
+
+class JeDiFluxPipeline(JeDiPipeline):
+    """JeDi on FLUX.1: the same sampling loop (`JeDiPipeline.__call__`), with the family's parts: the joint
+    MM-DiT (`transformer`), CLIP + T5 text, the flow-matching scheduler with FLUX's resolution-dependent
+    shift, and for guidance-distilled checkpoints (FLUX.1-dev) the text guidance scale fed to the model
+    (image guidance still runs its branches). JeDiPipeline.from_pretrained returns this class for FLUX exports."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
+    _optional_components: ClassVar[list[str]] = []
+
+    def __init__(self, transformer, text_encoder: CLIPTextModel, tokenizer, text_encoder_2, tokenizer_2, scheduler,
+                 vae: AutoencoderKL):
+        DiffusionPipeline.__init__(self)
+        transformer = as_joint_flux(transformer)
+        if not isinstance(transformer, JointFluxTransformer2DModel) or transformer.jedi is None:
+            raise ValueError(f"the pipeline's transformer is a plain {type(transformer).__name__} without JeDi "
+                             "settings (_jedi); export the trained model with jedi-export")
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, scheduler=scheduler, vae=vae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.codec.downsample)
+
+    @property
+    def denoiser(self):
+        return self.transformer
+
+    @property
+    def codec(self) -> LatentCodec:
+        return LatentCodec(self.vae)
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return bool(self.transformer.config.guidance_embeds)
+
+    def prepare_timesteps(self, num_inference_steps: int, device, latent_size: int) -> None:
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)  # as FluxPipeline
+        mu = flow_mu(self.scheduler.config, (latent_size // 2) ** 2)
+        self.scheduler.set_timesteps(sigmas=sigmas, device=device, **({"mu": mu} if mu is not None else {}))
+
+    def noise_references(self, ref_latents: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        sigma = float(t) / 1000
+        return (1 - sigma) * ref_latents + sigma * noise
+
+    def load_lora_weights(self, *args, **kwargs):
+        raise NotImplementedError("LoRA files are not loadable into a FLUX JeDi pipeline yet; export the LoRA run "
+                                  "fused (jedi-export without --lora-only)")

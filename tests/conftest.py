@@ -26,13 +26,15 @@ def tiny_vae_model_dir(tmp_path_factory):
 
 def tiny_model_from_config(model: str, out_dir: str) -> str:
     """The tiny model `model=<model>` creates on first use (its create_tiny_if_missing), written to out_dir."""
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from jedi_train.model.components import create_tiny_model_dir
+    from jedi_train.train import CONF_DIR
 
-    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", f"{model}.yaml"))
-    spec = OmegaConf.to_container(OmegaConf.create({"model": cfg}).model.create_tiny_if_missing, resolve=True)
-    return create_tiny_model_dir(out_dir, **spec)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={model}"])
+    return create_tiny_model_dir(out_dir, **OmegaConf.to_container(cfg.model.create_tiny_if_missing, resolve=True))
 
 
 @pytest.fixture(scope="session")

@@ -194,7 +194,7 @@ def settings_dict(pipe, pipeline_dir, ref_files, prompts, num, seed, steps, guid
         "scheduler": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
         "reference_cache": bool(not no_cache and pipe.reference_cache_supported() and image_guidance != 0),
         "max_set_size": max_set_size, "resolution": pipe.resolution, "device": str(pipe.device),
-        "jedi": dict(pipe.unet.jedi), "outputs": output_names(prompts, num), "grid": "grid.png",
+        "jedi": dict(pipe.denoiser.jedi), "outputs": output_names(prompts, num), "grid": "grid.png",
         "sampling_seconds": round(seconds, 3), "command": list(command),
     }
 

@@ -105,13 +105,25 @@ class SetLayout:
             self._cache[key] = None if bool(keys.all()) else keys[:, None, None, :]
         return self._cache[key]
 
-    def _key_masks(self, L: int, device, references_see_targets: bool = True):
+    def _visible_keys(self, device, references_see_targets: bool):
+        """(target queries' key images, reference queries' key images), each (B, N) bool."""
         is_ref, valid = self.is_ref.to(device), self.valid.to(device)
         coupled = self.coupled.to(device)[:, None]
         tgt_keys = valid & (coupled | ~is_ref)
         ref_keys = valid & ((coupled & references_see_targets) | is_ref)
         # a set without references has no reference queries; keep its row non-empty (no NaN in SDPA)
-        ref_keys = torch.where(ref_keys.any(1, keepdim=True), ref_keys, valid)
+        return tgt_keys, torch.where(ref_keys.any(1, keepdim=True), ref_keys, valid)
+
+    def image_key_mask(self, references_see_targets: bool, device) -> torch.Tensor:
+        """(B, N, N) bool: may image i's queries see image j's keys. The same rules as `key_masks`, per query
+        image (transformers whose queries are already split by image, e.g. FLUX with per-image text)."""
+        tgt_keys, ref_keys = self._visible_keys(device, references_see_targets)
+        is_ref = self.is_ref.to(device)[:, :, None]
+        return torch.where(is_ref, ref_keys[:, None, :], tgt_keys[:, None, :])
+
+    def _key_masks(self, L: int, device, references_see_targets: bool = True):
+        is_ref, valid = self.is_ref.to(device), self.valid.to(device)
+        tgt_keys, ref_keys = self._visible_keys(device, references_see_targets)
 
         def tok(m):  # (B, N) -> (B, 1, 1, N*L)
             return m.repeat_interleave(L, dim=1)[:, None, None, :]
@@ -257,7 +269,7 @@ def joint_attn_processors(unet) -> dict:
 
 
 def configure_reference_attention(unet, mode: str):
-    """Set a joint UNet's reference attention ('set' | 'references'); stored in its config, so it is
+    """Set a joint model's (UNet or FLUX transformer) reference attention ('set' | 'references'); stored in its config, so it is
     saved and restored with the model. Train with 'references' (and reference_timestep 'zero') to
     allow the reference key/value cache at sampling time."""
     if unet.config.get("_jedi") is None:
@@ -265,5 +277,5 @@ def configure_reference_attention(unet, mode: str):
     if mode not in REFERENCE_ATTENTION:
         raise ValueError(f"reference_attention={mode!r} is unknown; use one of {REFERENCE_ATTENTION}")
     unet.register_to_config(_jedi={**unet.config["_jedi"], "reference_attention": mode})
-    unet.set_attn_processor(joint_attn_processors(unet))
+    unet.set_attn_processor(unet.joint_processors() if hasattr(unet, "joint_processors") else joint_attn_processors(unet))
     return unet

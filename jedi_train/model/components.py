@@ -2,8 +2,9 @@
 
 One loader, `load_components(model_dir)`, reads a diffusers Stable-Diffusion directory of either family:
   * SD 1.x/2.x: unet/, text_encoder/, tokenizer/, scheduler/, vae/ (optional: pixel-space tiny models);
-  * SDXL: the same plus text_encoder_2/ and tokenizer_2/ (its UNet takes pooled text + time ids).
-The family is read from the UNet's config. A real download and the tiny offline models that
+  * SDXL: the same plus text_encoder_2/ and tokenizer_2/ (its UNet takes pooled text + time ids);
+  * FLUX.1: transformer/ (an MM-DiT) in place of unet/, CLIP + T5 text encoders, a flow-matching scheduler.
+The family is read from the denoiser's config. A real download and the tiny offline models that
 `create_tiny_model_dir` writes use the same path: tests exercise exactly what a user's directory goes through.
 """
 from __future__ import annotations
@@ -15,22 +16,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .attention import configure_reference_attention
+from .joint_flux import load_joint_flux
 from .joint_unet import JointUNet2DConditionModel, load_joint_unet
 from .text import PromptEncoder, tokenize  # noqa: F401  (tokenize: re-exported for callers)
 
-FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1"}
 REQUIRED = {"sd": ("unet", "text_encoder", "tokenizer", "scheduler"),
-            "sdxl": ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+            "sdxl": ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+            "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
 
 
 class LatentCodec:
     """Images in [-1, 1] <-> the space the UNet denoises.
 
-    With a VAE: SD latents (scaled by the VAE's scaling_factor). Without: pixels, optionally
+    With a VAE: latents, shifted and scaled by the VAE's shift_factor (FLUX) and scaling_factor. Without: pixels, optionally
     folded (pixel-unshuffle by `fold`: 2x2 blocks into channels), which gives a CPU model 4x more
     compute per pixel at the same cost.
     """
@@ -50,13 +53,24 @@ class LatentCodec:
             return F.pixel_unshuffle(images, self.fold) if self.fold > 1 else images
         images = images.to(self.vae.dtype)
         dist = self.vae.encode(images).latent_dist
-        return dist.sample(generator) * self.vae.config.scaling_factor
+        return (dist.sample(generator) - self.shift) * self.vae.config.scaling_factor
+
+    def encode_mode(self, images: torch.Tensor) -> torch.Tensor:
+        """Deterministic encoding (the posterior mean): what sampling uses for reference photos."""
+        if self.vae is None:
+            return self.encode(images)
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return (dist.mode() - self.shift) * self.vae.config.scaling_factor
+
+    @property
+    def shift(self) -> float:
+        return self.vae.config.get("shift_factor") or 0.0
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return F.pixel_shuffle(latents, self.fold) if self.fold > 1 else latents
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.shift).sample
 
 
 @dataclass
@@ -71,12 +85,11 @@ class Components:
 
     @property
     def codec(self) -> LatentCodec:
-        return LatentCodec(self.vae, self.unet.jedi["pixel_fold"])
+        return LatentCodec(self.vae, self.unet.jedi.get("pixel_fold", 1))
 
     @property
     def resolution(self) -> int:
-        """Pixel size the model works at: the UNet's sample size times the codec's downsampling."""
-        return self.unet.config.sample_size * self.codec.downsample
+        return model_resolution(self.unet, self.codec)
 
     @property
     def text(self) -> PromptEncoder:
@@ -84,18 +97,40 @@ class Components:
 
     @property
     def family(self) -> str:
-        return "sdxl" if self.text_encoder_2 is not None else "sd"
+        return denoiser_family(self.unet)
+
+
+def denoiser_family(model) -> str:
+    if hasattr(model, "pos_embed") and hasattr(model, "x_embedder"):
+        return "flux"
+    return "sdxl" if model.config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def model_resolution(denoiser, codec: LatentCodec) -> int:
+    """Pixel size the model works at: a UNet's sample size x the codec's downsampling; a FLUX transformer
+    has no fixed size: the resolution it was made joint for (its _jedi settings)."""
+    if denoiser_family(denoiser) == "flux":
+        return int(denoiser.jedi["resolution"])
+    return denoiser.config.sample_size * codec.downsample
 
 
 def model_family(model_dir: str) -> str:
-    """'sd' or 'sdxl', read from the UNet's config; one clear error for anything else."""
+    """'sd', 'sdxl' or 'flux', read from the denoiser's config; one clear error for anything else."""
     unet_cfg = os.path.join(model_dir, "unet", "config.json")
     if not os.path.isfile(unet_cfg):
         found = _pipeline_class(model_dir)
+        transformer_cfg = os.path.join(model_dir, "transformer", "config.json")
         if os.path.isdir(os.path.join(model_dir, "transformer")):
-            raise ValueError(f"model directory {model_dir} holds a diffusion transformer ({found or 'transformer/'}), "
-                             f"not a UNet; jedi-train supports {', '.join(FAMILIES.values())}: point model.model_dir "
-                             "at one of those")
+            try:
+                with open(transformer_cfg) as f:
+                    cls = json.load(f).get("_class_name")
+            except (OSError, ValueError):
+                cls = None
+            if cls == "FluxTransformer2DModel":
+                return "flux"
+            raise ValueError(f"model directory {model_dir} holds a diffusion transformer ({cls or found or 'transformer/'}"
+                             f"{', ' + found if found and cls else ''}) that jedi-train does not support; it supports "
+                             f"{', '.join(FAMILIES.values())}: point model.model_dir at one of those")
         return "sd"  # check_model_dir names the missing unet/
     with open(unet_cfg) as f:
         cfg = json.load(f)
@@ -134,15 +169,20 @@ def check_model_dir(model_dir: str) -> str:
 
 def load_components(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
                     prediction_type: str | None = None, dtype: torch.dtype | None = None,
-                    reference_attention: str | None = None, noise_schedule: dict | None = None) -> Components:
+                    reference_attention: str | None = None, noise_schedule: dict | None = None,
+                    resolution: int | None = None, reference_positions: str = "same") -> Components:
     """Load every component of a diffusers SD-style directory; the UNet becomes (or stays) joint.
     reference_attention: 'set' | 'references' (None keeps what a joint UNet's config says, else 'set').
     noise_schedule: DDPMScheduler config overrides, e.g. {"rescale_betas_zero_snr": True} (zero terminal
     SNR: at t = 999 the noisy image holds nothing of the image, as sampling from pure noise assumes)."""
     family = check_model_dir(model_dir)
     has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
-    unet = load_joint_unet(model_dir, "unet", conditioning, reference_timestep,
-                           pixel_fold=None if not has_vae else 1)
+    if family == "flux":
+        unet = load_joint_flux(model_dir, "transformer", conditioning, reference_timestep, resolution or 1024,
+                               reference_positions)
+    else:
+        unet = load_joint_unet(model_dir, "unet", conditioning, reference_timestep,
+                               pixel_fold=None if not has_vae else 1)
     if reference_attention is not None:
         configure_reference_attention(unet, reference_attention)
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
@@ -151,9 +191,23 @@ def load_components(model_dir: str, conditioning: str = "channels", reference_ti
     if family == "sdxl":
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")
         tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
-    sched_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
-    sched_kwargs.update(noise_schedule or {})
-    noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **sched_kwargs)
+    elif family == "flux":
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        text_encoder_2 = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2")
+        tokenizer_2 = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
+    if family == "flux":  # flow matching: the velocity is the only target
+        if prediction_type not in (None, "flow") or noise_schedule:
+            raise ValueError(f"FLUX is a flow-matching model: set model.prediction_type=flow (not {prediction_type!r})"
+                             " and model.noise_schedule=null")
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    else:
+        if prediction_type == "flow":
+            raise ValueError(f"prediction_type=flow is for flow-matching models (FLUX); {model_dir} is a "
+                             f"{FAMILIES[family]} model: use epsilon, v_prediction or sample")
+        sched_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
+        sched_kwargs.update(noise_schedule or {})
+        noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **sched_kwargs)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae") if has_vae else None
     for frozen in (text_encoder, text_encoder_2, vae):
         if frozen is not None:
@@ -203,12 +257,16 @@ def tiny_unet_config(resolution: int = 32, pixel_fold: int = 2, latent_channels:
 
 def create_tiny_model_dir(out_dir: str, resolution: int = 32, pixel_fold: int = 2, with_vae: bool = False,
                           prediction_type: str = "v_prediction", seed: int = 0,
-                          unet_kwargs: dict | None = None, family: str = "sd") -> str:
+                          unet_kwargs: dict | None = None, family: str = "sd",
+                          transformer_kwargs: dict | None = None) -> str:
     """Write a randomly initialised model directory in the real layout (a BASE model, not yet joint).
-    family 'sdxl': two text encoders (the second with a projection) and a UNet taking pooled text + time ids."""
+    family 'sdxl': two text encoders (the second with a projection) and a UNet taking pooled text + time ids;
+    'flux': see _create_tiny_flux_dir (transformer_kwargs; resolution and the UNet settings do not apply)."""
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is unknown; use one of {tuple(FAMILIES)}")
     torch.manual_seed(seed)
+    if family == "flux":
+        return _create_tiny_flux_dir(out_dir, **(transformer_kwargs or {}))
     unet_kwargs = dict(unet_kwargs or {})
     hidden = unet_kwargs.pop("cross_attention_dim", 64)
     tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
@@ -243,3 +301,32 @@ def create_tiny_model_dir(out_dir: str, resolution: int = 32, pixel_fold: int = 
 
 
 _TINY_UNET_ARGS = ("block_out_channels", "heads", "attention_levels")  # tiny_unet_config's own; the rest: UNet config
+
+
+def _create_tiny_flux_dir(out_dir: str, width: int = 32, heads: int = 2, layers: int = 1, single_layers: int = 1,
+                          guidance_embeds: bool = True) -> str:
+    """A FLUX.1-layout directory: CLIP + T5 text encoders, a 16-channel VAE (shift + scale), an MM-DiT with
+    double- and single-stream blocks, FLUX.1-dev's flow-matching scheduler settings. The T5 tokenizer is the
+    CLIP BPE one (no SentencePiece model offline); a real FLUX directory brings its own."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
+    build_tiny_tokenizer(os.path.join(out_dir, "tokenizer_2"))
+    CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=tokenizer.model_max_length, projection_dim=width)
+                  ).save_pretrained(os.path.join(out_dir, "text_encoder"))
+    T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=width, d_kv=width // 4, d_ff=2 * width,
+                            num_layers=2, num_heads=4)).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
+    AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=8,
+                  scaling_factor=0.3611, shift_factor=0.1159).save_pretrained(os.path.join(out_dir, "vae"))
+    head_dim = 16
+    from diffusers import FluxTransformer2DModel
+
+    FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single_layers,
+                           attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=width,
+                           pooled_projection_dim=width, guidance_embeds=guidance_embeds,
+                           axes_dims_rope=(4, 6, 6)).save_pretrained(os.path.join(out_dir, "transformer"))
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(out_dir, "scheduler"))
+    return out_dir

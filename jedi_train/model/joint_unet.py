@@ -38,9 +38,19 @@ class JointUNet2DConditionModel(UNet2DConditionModel):
             out.set_attn_processor(joint_attn_processors(out))
         return model
 
+    joint_input_module = "conv_in"  # the weights 'channels' conditioning widens (trained in full under LoRA)
+
     @property
     def jedi(self) -> dict | None:
         return self.config.get("_jedi")
+
+    def joint_processors(self) -> dict:
+        return joint_attn_processors(self)
+
+    def denoise(self, sample, timestep, text, set_layout: SetLayout | None = None, guidance=None) -> torch.Tensor:
+        """The prediction for assemble_input's output: the one call the objective and the pipeline make
+        on any joint denoiser (guidance: for guidance-distilled transformers; a UNet has none)."""
+        return self(sample, timestep, text, set_layout=set_layout).sample
 
     @property
     def latent_channels(self) -> int:

@@ -34,8 +34,9 @@ class LoraSettings:
 
 
 def joint_specific_modules(unet) -> list[str]:
-    """Weights the base model never had: the widened input convolution under 'channels' conditioning."""
-    return ["conv_in"] if (unet.jedi or {}).get("conditioning") == "channels" else []
+    """Weights the base model never had: the widened input layer under 'channels' conditioning (the UNet's
+    conv_in, the FLUX transformer's x_embedder)."""
+    return [unet.joint_input_module] if (unet.jedi or {}).get("conditioning") == "channels" else []
 
 
 def _matches(name: str, target: str) -> bool:

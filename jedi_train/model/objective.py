@@ -16,6 +16,7 @@ from diffusers.training_utils import compute_snr
 
 from .attention import SetLayout
 from .components import Components
+from .joint_flux import shifted_sigmas
 from .text import TextEmbeddings
 
 
@@ -31,6 +32,7 @@ class ObjectiveConfig:
     # can only come from the references where the noisy target no longer shows it (high t)
     high_timestep_prob: float = 0.0
     high_timestep_min: int = 400
+    guidance_embedding: float = 1.0  # the guidance value guidance-distilled transformers (FLUX.1-dev) train with
 
 
 def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -52,7 +54,10 @@ class JeDiObjective:
         self.cfg = config or ObjectiveConfig()
         self.text = components.text
         self.empty_ids = self.text.token_ids([""])[0]  # (T,) or (2, T) for SDXL
-        self.prediction_type = components.noise_scheduler.config.prediction_type
+        # flow matching (FLUX): x_t = (1 - sigma) x0 + sigma noise, t = 1000 sigma, target = noise - x0
+        self.prediction_type = components.noise_scheduler.config.get("prediction_type") or "flow"
+        if self.prediction_type == "flow" and self.cfg.snr_gamma is not None:
+            raise ValueError("objective.snr_gamma (min-SNR weighting) is for DDPM models; set it to null for FLUX")
 
     # -- pieces --------------------------------------------------------------------------------
     def sample_dropout(self, is_ref: torch.Tensor, valid: torch.Tensor, generator=None) -> Dropout:
@@ -76,7 +81,16 @@ class JeDiObjective:
         # min-SNR-gamma expressed for each parameterisation (x0-space weight min(snr, gamma))
         return {"v_prediction": clipped / (snr + 1), "sample": clipped}.get(self.prediction_type, clipped / snr)
 
-    def sample_timesteps(self, b: int, device, generator=None) -> torch.Tensor:
+    def sample_timesteps(self, b: int, device, generator=None, latent_size: tuple[int, int] | None = None):
+        """One per set: integers in [0, T) (DDPM) or, for flow matching, 1000 x the shifted sigma (float)."""
+        if self.prediction_type == "flow":
+            low = self.cfg.high_timestep_min / 1000 if self.cfg.high_timestep_prob > 0 else 0.0
+            u = torch.rand(b, generator=generator, device=device)
+            if low:
+                pick = torch.rand(b, generator=generator, device=device) < self.cfg.high_timestep_prob
+                u = torch.where(pick, low + (1 - low) * u, u)
+            seq = (latent_size[0] // 2) * (latent_size[1] // 2) if latent_size else 256
+            return 1000 * shifted_sigmas(u, self.c.noise_scheduler.config, seq)
         T = self.c.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, T, (b,), generator=generator, device=device)
         if self.cfg.high_timestep_prob > 0:
@@ -84,6 +98,12 @@ class JeDiObjective:
             pick = torch.rand(b, generator=generator, device=device) < self.cfg.high_timestep_prob
             t = torch.where(pick, high, t)
         return t
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t_img: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "flow":
+            sigma = (t_img.float() / 1000).view(-1, *[1] * (latents.dim() - 1)).to(latents.dtype)
+            return (1 - sigma) * latents + sigma * noise
+        return self.c.noise_scheduler.add_noise(latents, noise, t_img)
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, t_img: torch.Tensor) -> torch.Tensor:
         """What the UNet predicts. "sample" (x0): the UNet never has to reproduce the noise, which a small
@@ -95,6 +115,8 @@ class JeDiObjective:
             return self.c.noise_scheduler.get_velocity(latents, noise, t_img)
         if self.prediction_type == "sample":
             return latents
+        if self.prediction_type == "flow":
+            return noise - latents
         raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; use epsilon, v_prediction "
                          "or sample")
 
@@ -103,7 +125,7 @@ class JeDiObjective:
                  dropout: Dropout | None = None, generator: torch.Generator | None = None,
                  return_error: bool = False) -> dict:
         """return_error: also return the per-element squared error (B*N, C, h, w), detached."""
-        unet, sched = self.c.unet, self.c.noise_scheduler
+        unet = self.c.unet
         pixels, ids = batch["pixel_values"], batch["input_ids"]
         is_ref = batch["is_ref"].bool()
         valid = batch.get("valid", torch.ones_like(is_ref)).bool()
@@ -125,17 +147,17 @@ class JeDiObjective:
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         if timesteps is None:  # one timestep per set: a set's targets are denoised together at inference
-            timesteps = self.sample_timesteps(b, device, generator)
+            timesteps = self.sample_timesteps(b, device, generator, tuple(latents.shape[-2:]))
         t_img = timesteps.repeat_interleave(n)
         ref_flat = is_ref.flatten()
-        noisy = sched.add_noise(latents, noise, t_img)
+        noisy = self.add_noise(latents, noise, t_img)
         if unet.jedi["reference_timestep"] == "zero":  # references enter clean, at t = 0
             t_img = torch.where(ref_flat, torch.zeros_like(t_img), t_img)
             noisy = torch.where(ref_flat[:, None, None, None], latents, noisy)
         ref_visible = (is_ref & valid & ~dropout.reference[:, None]).flatten()
         model_in = unet.assemble_input(noisy, latents, ref_visible)
 
-        pred = unet(model_in, t_img, text, set_layout=layout).sample
+        pred = unet.denoise(model_in, t_img, text, layout, guidance=self.cfg.guidance_embedding)
         target = self.target(latents, noise, t_img)
         error = F.mse_loss(pred.float(), target.float(), reduction="none")
         if self.cfg.subject_loss_weight != 1.0 and "subject_mask" in batch:

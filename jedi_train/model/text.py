@@ -4,15 +4,18 @@
 * SDXL: two (CLIP ViT-L and OpenCLIP ViT-bigG with projection): the penultimate hidden states of both,
   concatenated, plus the second one's pooled projection and the size/crop micro-conditioning
   ("time_ids": original size, crop top-left, target size), as diffusers' SDXL pipeline builds them.
+* FLUX.1: CLIP ViT-L's pooled output and T5-XXL's last hidden states, as diffusers' FluxPipeline.
 
 Token ids travel through the data stream as one tensor per caption, (T,) for one tokenizer or (E, T)
-for E tokenizers, so the stream, its caption cache and the caption dropout stay one code path.
+for E tokenizers (shorter ones padded to the longest, cut back when embedded: CLIP 77, T5 512), so the
+stream, its caption cache and the caption dropout stay one code path.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -73,9 +76,13 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def token_ids(tokenizers: list, captions: list[str]) -> torch.Tensor:
-    """(len, T) for one tokenizer, (len, E, T) for E of them (SDXL: E = 2)."""
+    """(len, T) for one tokenizer, (len, E, T) for E of them (SDXL, FLUX: E = 2; padded to the longest)."""
     ids = [tokenize(t, captions) for t in tokenizers]
-    return ids[0] if len(ids) == 1 else torch.stack(ids, dim=1)
+    if len(ids) == 1:
+        return ids[0]
+    longest = max(i.shape[1] for i in ids)
+    ids = [F.pad(i, (0, longest - i.shape[1]), value=t.pad_token_id or 0) for i, t in zip(ids, tokenizers)]
+    return torch.stack(ids, dim=1)
 
 
 class PromptEncoder:
@@ -85,16 +92,15 @@ class PromptEncoder:
     def __init__(self, tokenizers: list, text_encoders: list):
         if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
             raise ValueError(f"{len(tokenizers)} tokenizers / {len(text_encoders)} text encoders: expected one pair "
-                             "(SD 1.x/2.x) or two (SDXL)")
-        lengths = {t.model_max_length for t in tokenizers}
-        if len(lengths) != 1:
-            raise ValueError(f"the tokenizers pad to different lengths {sorted(lengths)}; SDXL's two tokenizers "
-                             "must share model_max_length")
+                             "(SD 1.x/2.x) or two (SDXL, FLUX)")
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+        # SDXL's second encoder is a CLIP with projection; FLUX's is T5 (no pooled output of its own)
+        self.layout = ("sd" if len(tokenizers) == 1 else
+                       "flux" if "T5" in type(text_encoders[1]).__name__ else "sdxl")
 
     @classmethod
     def of(cls, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None) -> PromptEncoder:
-        """From a model's named components (the SDXL pair present or both None)."""
+        """From a model's named components (the second pair present, SDXL / FLUX, or both None)."""
         if text_encoder_2 is None:
             return cls([tokenizer], [text_encoder])
         return cls([tokenizer, tokenizer_2], [text_encoder, text_encoder_2])
@@ -114,9 +120,14 @@ class PromptEncoder:
         if not self.dual:
             return TextEmbeddings(enc(ids.reshape(-1, ids.shape[-1]).to(enc.device))[0])
         ids = ids.reshape(-1, 2, ids.shape[-1])
+        clip_ids, second_ids = (ids[:, i, :t.model_max_length] for i, t in enumerate(self.tokenizers))
+        if self.layout == "flux":  # CLIP pooled + T5 hidden states
+            pooled = enc(clip_ids.to(enc.device)).pooler_output
+            t5 = self.text_encoders[1]
+            return TextEmbeddings(t5(second_ids.to(t5.device))[0], pooled)
         hidden, pooled = [], None
-        for i, enc in enumerate(self.text_encoders):
-            out = enc(ids[:, i].to(enc.device), output_hidden_states=True)
+        for enc, part in zip(self.text_encoders, (clip_ids, second_ids)):
+            out = enc(part.to(enc.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both
             pooled = out[0]  # the last encoder's pooled projection (text_embeds)
         if resolution is None:
