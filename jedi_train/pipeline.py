@@ -287,7 +287,8 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         distilled = self.guidance_distilled  # text guidance is an input of the model, not a branch
         branches = guidance_branches(1.0 if distilled else guidance_scale, image_guidance_scale, use_refs)
         plan = SetPlan.build(m, k if use_refs and not use_cache else 0, k if use_refs else 0, max_set_size)
-        cache = self._record_references(ref_latents, ref_text) if use_cache else None
+        guidance = guidance_scale if distilled else None  # every image's model input, references' too
+        cache = self._record_references(ref_latents, ref_text, guidance) if use_cache else None
         calls = self._calls(plan, branches, batch_guidance_branches, cache, device)
         branch_text = [plan.stack(ref_text, text[b.text]) for b in branches]
         ref_flag = torch.zeros(plan.set_size, dtype=torch.bool, device=device)
@@ -303,7 +304,6 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.prepare_timesteps(num_inference_steps, device, size)
         latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
         step_kwargs = self._step_kwargs(generator)
-        guidance = guidance_scale if distilled else None
 
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(latents, t) if hasattr(self.scheduler, "scale_model_input") \
@@ -333,7 +333,7 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return images, ref_pils
         return JeDiPipelineOutput(images=images, reference_images=ref_pils)
 
-    def _record_references(self, ref_latents: torch.Tensor, ref_text: torch.Tensor) -> ReferenceKVCache:
+    def _record_references(self, ref_latents: torch.Tensor, ref_text, guidance=None) -> ReferenceKVCache:
         """One forward pass of the references alone, as every coupled branch would show them."""
         cache = ReferenceKVCache()
         k = ref_latents.shape[0]
@@ -341,7 +341,7 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         layout = SetLayout.references_only(k, ref_latents.device).with_reference_cache(cache)
         t0 = torch.zeros(k, dtype=torch.long, device=ref_latents.device)
         model = self.denoiser
-        model.denoise(model.assemble_input(ref_latents, ref_latents, visible), t0, ref_text, layout)
+        model.denoise(model.assemble_input(ref_latents, ref_latents, visible), t0, ref_text, layout, guidance=guidance)
         cache.recording = False
         return cache
 

@@ -43,6 +43,12 @@ def tiny_sdxl_model_dir(tmp_path_factory):
     return tiny_model_from_config("tiny_sdxl", str(tmp_path_factory.mktemp("tiny_sdxl")))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_model_dir(tmp_path_factory):
+    """The tiny FLUX.1 of conf/model/tiny_flux.yaml: CLIP + T5, a 16-channel VAE, an MM-DiT with guidance embedding."""
+    return tiny_model_from_config("tiny_flux", str(tmp_path_factory.mktemp("tiny_flux")))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: two threads on a shared 2-core machine mostly spin (measured 2-5x slower).

@@ -28,7 +28,7 @@ GENERIC = textwrap.dedent("""
                guidance_scale=3.0, image_guidance_scale=2.0, output_type="np",
                generator=torch.Generator().manual_seed(0))
     np.save(sys.argv[2], out.images)
-    print("LOADED", type(pipe).__module__, type(pipe.unet).__name__, flush=True)
+    print("LOADED", type(pipe).__module__, type(pipe.denoiser).__name__, flush=True)
     if len(sys.argv) > 3:
         pipe.save_pretrained(sys.argv[3])
 """)

@@ -23,13 +23,14 @@ needs_dreambench = pytest.mark.skipif(not os.path.isdir(DREAMBENCH), reason="../
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_pipeline_dir(model_dir, out_dir, reference_attention="set", reference_timestep="zero"):
+def make_pipeline_dir(model_dir, out_dir, reference_attention="set", reference_timestep="zero", **load_kwargs):
     """Export a tiny joint model as a pipeline. The zero-initialised reference input channels get random
-    weights, so references reach the UNet through their input channels as well as attention."""
-    c = load_components(model_dir, reference_timestep=reference_timestep)
-    base = c.unet.jedi["latent_channels"]
+    weights, so references reach the model through their input channels as well as attention."""
+    c = load_components(model_dir, reference_timestep=reference_timestep, **load_kwargs)
+    base = c.unet.jedi["latent_channels"] * (4 if c.family == "flux" else 1)  # FLUX: packed 2x2 patches
     with torch.no_grad():
-        c.unet.conv_in.weight[:, base:].normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        getattr(c.unet, c.unet.joint_input_module).weight[:, base:].normal_(
+            0, 0.1, generator=torch.Generator().manual_seed(1))
     configure_reference_attention(c.unet, reference_attention)
     build_pipeline(c).save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -1,35 +1,61 @@
-"""The joint UNet, for each UNet family (SD 1.x/2.x and SDXL, tiny models in the real layouts): exact
-reduction to the base model, set equivariance, isolation, masks, persistence."""
+"""The joint denoiser of every family (SD 1.x/2.x and SDXL UNets, the FLUX.1 MM-DiT; tiny models in the real
+layouts): exact reduction to the base model, set equivariance, isolation, no-reference mode, masks, persistence."""
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 from jedi_train.model.attention import SetLayout
+from jedi_train.model.joint_flux import image_ids, load_joint_flux, pack, unpack
 from jedi_train.model.joint_unet import JointUNet2DConditionModel, load_joint_unet
 from jedi_train.model.text import TextEmbeddings
 
+FIXTURES = {"sd": "tiny_model_dir", "sdxl": "tiny_sdxl_model_dir", "flux": "tiny_flux_model_dir"}
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
-def model_dir(request):
-    return request.getfixturevalue({"sd": "tiny_model_dir", "sdxl": "tiny_sdxl_model_dir"}[request.param])
+
+@pytest.fixture(scope="module", params=list(FIXTURES))
+def family(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def base(model_dir):
+def model_dir(request, family):
+    return request.getfixturevalue(FIXTURES[family])
+
+
+@pytest.fixture(scope="module")
+def base(model_dir, family):
+    if family == "flux":
+        return FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer").eval()
     return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval()
 
 
 @pytest.fixture(scope="module")
-def joint(model_dir):
-    return load_joint_unet(model_dir).eval()
+def joint(model_dir, family):
+    return (load_joint_flux(model_dir, resolution=32) if family == "flux" else load_joint_unet(model_dir)).eval()
+
+
+def _base_output(base, x, t, e):
+    """The base model's own call (FLUX: packed tokens, position ids, sigma = t / 1000)."""
+    if isinstance(base, FluxTransformer2DModel):
+        h, w = x.shape[-2:]
+        out = base(hidden_states=pack(x), encoder_hidden_states=e.hidden, pooled_projections=e.pooled,
+                   timestep=t.float() / 1000, img_ids=image_ids(h, w, x.device),
+                   txt_ids=torch.zeros(e.hidden.shape[1], 3), guidance=torch.ones(x.shape[0])).sample
+        return unpack(out, h, w)
+    return base(x, t, **e.unet_kwargs()).sample
 
 
 def _inputs(bn, seed=0, unet=None, tokens=8):
-    """Random (latents, timesteps, text) for `unet`'s family; SDXL text carries pooled embeddings + time ids."""
+    """Random (latents, timesteps, text) for `unet`'s family; SDXL text carries pooled embeddings + time ids,
+    FLUX text T5-like hidden states + a CLIP-like pooled vector."""
     cfg = unet.config
-    c, s = unet.latent_channels, cfg.sample_size
+    c = unet.latent_channels
+    s = cfg.get("sample_size") or 16  # FLUX: 32 px through the tiny VAE (/2)
     g = torch.Generator().manual_seed(seed)
     x, t = torch.randn(bn, c, s, s, generator=g), torch.randint(0, 1000, (bn,), generator=g)
+    if "joint_attention_dim" in cfg:
+        return x, t, TextEmbeddings(torch.randn(bn, tokens, cfg.joint_attention_dim, generator=g),
+                                    torch.randn(bn, cfg.pooled_projection_dim, generator=g))
     text = TextEmbeddings(torch.randn(bn, tokens, cfg.cross_attention_dim, generator=g))
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
@@ -38,18 +64,23 @@ def _inputs(bn, seed=0, unet=None, tokens=8):
     return x, t, text
 
 
+def _input_width(model, channels: int) -> int:
+    """Input features for `channels` latent channels: a UNet takes them as is, FLUX packs 2x2 patches."""
+    return 4 * channels if "joint_attention_dim" in model.config else channels
+
+
 def _run(unet, x, t, e, layout, ref_visible=None):
     ref_visible = torch.zeros(x.shape[0], dtype=torch.bool) if ref_visible is None else ref_visible
     with torch.no_grad():
-        return unet(unet.assemble_input(x, x, ref_visible), t, e, set_layout=layout).sample
+        return unet.denoise(unet.assemble_input(x, x, ref_visible), t, e, layout)
 
 
 def test_single_image_sets_equal_base_model(base, joint):
     x, t, e = _inputs(3, unet=joint)
     with torch.no_grad():
-        want = base(x, t, **e.unet_kwargs()).sample
+        want = _base_output(base, x, t, e)
     got = _run(joint, x, t, e, SetLayout.independent(3))
-    assert joint.config.in_channels == 2 * joint.latent_channels + 1
+    assert joint.config.in_channels == _input_width(joint, 2 * joint.latent_channels + 1)
     assert (got - want).abs().max() <= 1e-5
 
 
@@ -113,19 +144,19 @@ def test_widened_conv_in_starts_equal_and_reference_channels_matter_after_traini
     x, t, e = _inputs(2, unet=joint)
     layout = SetLayout.independent(2)
     with torch.no_grad():
-        a = joint(joint.assemble_input(x, x, torch.zeros(2, dtype=torch.bool)), t, e, set_layout=layout).sample
-        b = joint(joint.assemble_input(x, torch.randn_like(x), torch.ones(2, dtype=torch.bool)), t, e,
-                  set_layout=layout).sample
+        a = joint.denoise(joint.assemble_input(x, x, torch.zeros(2, dtype=torch.bool)), t, e, layout)
+        b = joint.denoise(joint.assemble_input(x, torch.randn_like(x), torch.ones(2, dtype=torch.bool)), t, e, layout)
     assert torch.equal(a, b)
-    assert joint.conv_in.weight[:, joint.latent_channels:].abs().sum() == 0
+    widened = getattr(joint, joint.joint_input_module).weight  # conv_in (UNet) / x_embedder (FLUX)
+    assert widened[:, _input_width(joint, joint.latent_channels):].abs().sum() == 0
 
 
 def test_save_load_round_trip(joint, tmp_path):
     joint.save_pretrained(tmp_path / "unet")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    again = JointUNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
-    assert again.jedi == joint.jedi and again.config.in_channels == 2 * joint.latent_channels + 1
-    assert all(type(p).__name__ in ("JointAttnProcessor", "PerImageAttnProcessor")
+    again = type(joint).from_pretrained(tmp_path / "unet").eval()
+    assert again.jedi == joint.jedi and again.config.in_channels == joint.config.in_channels
+    assert all(type(p).__name__ in ("JointAttnProcessor", "PerImageAttnProcessor", "JointFluxAttnProcessor")
                for p in again.attn_processors.values())
     x, t, e = _inputs(4, unet=joint)
     layout = SetLayout.build(torch.tensor([[True, False], [False, False]]))
