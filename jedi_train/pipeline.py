@@ -161,8 +161,8 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise FileNotFoundError(f"pipeline directory {path} does not exist; give the folder jedi-export wrote")
         _export_unet_class()
         if cls is JeDiPipeline and _saved_class_name(path) == "JeDiFluxPipeline":
-            cls = JeDiFluxPipeline  # one entry point for every backbone: the saved config names the family
-        return super(JeDiPipeline, cls).from_pretrained(path, **kwargs)
+            return JeDiFluxPipeline.from_pretrained(path, **kwargs)  # one entry point: the export names its family
+        return super().from_pretrained(path, **kwargs)
 
     # -- geometry --------------------------------------------------------------------------------
     @property
