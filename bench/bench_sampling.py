@@ -33,9 +33,10 @@ def _refs(k):
     return [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(k)]
 
 
-def time_table(prompts=4, steps=10, reps=3):
+def time_table(prompts=4, steps=10, reps=3, pipe=None, label="tiny pixel model 32 px, {steps} DDIM steps"):
+    """pipe: a pipeline set up for the cache (default: the tiny pixel one); label names it in the table."""
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = _pipeline(tmp)
+        pipe = pipe or _pipeline(tmp)
         cells = [(k, cache) for k in KS for cache in ((None,) if k == 0 else (False, True))]
 
         def call(k, cache):
@@ -52,8 +53,8 @@ def time_table(prompts=4, steps=10, reps=3):
                 call(*cell)
                 best[cell] = min(best[cell], (time.perf_counter() - t0) / prompts)
     base = best[(0, None)]
-    print(f"sampling time per image, tiny pixel model 32 px, {prompts} targets per call, {steps} DDIM steps, "
-          f"3 guidance branches batched (K = 0: text CFG only, 2 branches)")
+    print(f"sampling time per image, {label.format(steps=steps)}, {prompts} targets per call, "
+          f"guidance branches batched (K = 0: text only)")
     print(f"{'K':>3} {'no cache ms':>12} {'ratio':>7} {'cache ms':>10} {'ratio':>7} {'cache speedup':>14}")
     print(f"{0:>3} {base * 1e3:12.1f} {1.0:7.2f} {'':>10} {'':>7} {'':>14}")
     rows = {0: (1.0, None)}

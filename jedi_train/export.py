@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel
 
 from .bundle import MODULES as BUNDLE_MODULES
 from .checkpoints import DEEPSPEED_GLOBALS, deepspeed_files, safe_load
-from .model.components import Components, load_components
+from .model.components import Components, check_model_dir, load_components
 from .model.lora import (
     LoraSettings,
     add_lora,
@@ -164,6 +164,17 @@ def load_unet_weights(unet, state: dict, source: str) -> None:
     unet.load_state_dict(state)
 
 
+def check_family(ckpt: dict, family: str, source: str) -> None:
+    """A checkpoint trained on one backbone family is refused, in one line, against another family's model."""
+    from .model.components import FAMILIES
+
+    trained = ckpt.get("family")
+    if trained and trained != family:
+        raise ValueError(f"{source} is a {FAMILIES.get(trained, trained)} checkpoint but the model directory holds a "
+                         f"{FAMILIES[family]} model; point model.model_dir (or --model-dir) at the base "
+                         "model it was trained from")
+
+
 def check_lora_checkpoint(ckpt: dict, fingerprint: str, names: list[str], source: str) -> None:
     """A LoRA checkpoint holds the trained weights only: it needs the base it was trained on and all of them."""
     if ckpt.get("lora_base") and ckpt["lora_base"] != fingerprint:
@@ -223,6 +234,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
     model_dir = model_dir or hp.get("model_dir")
     if not model_dir:
         raise ValueError(f"{ckpt_path} records no model_dir; pass --model-dir with the base model directory")
+    check_family(ckpt, check_model_dir(model_dir), ckpt_path)  # before loading: the settings differ by family
     components = load_components(model_dir, hp.get("conditioning", "channels"),
                                  hp.get("reference_timestep", "zero"), hp.get("prediction_type"),
                                  reference_attention=hp.get("reference_attention", "set"),

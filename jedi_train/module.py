@@ -170,6 +170,7 @@ class JeDiModule(L.LightningModule):
             checkpoint["ema"] = self.ema.state_dict()
         checkpoint["nonfinite_total"] = self.nonfinite_total
         checkpoint["trained_names"] = self.trained_names  # which parameters the EMA's shadow list follows
+        checkpoint["family"] = self.components.family  # sd | sdxl | flux: refused against another family
         if self.lora.enabled:  # the base comes from model_dir: keep only what trained (a few MB, not GB)
             keep = {f"unet.{n}" for n in self.trained_names}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
@@ -177,8 +178,13 @@ class JeDiModule(L.LightningModule):
             checkpoint["lora_base"] = self.lora_base
 
     def on_load_checkpoint(self, checkpoint):
-        from .export import check_lora_checkpoint, load_unet_weights  # the checks jedi-export uses
+        from .export import (  # the checks jedi-export uses
+            check_family,
+            check_lora_checkpoint,
+            load_unet_weights,
+        )
 
+        check_family(checkpoint, self.components.family, "the checkpoint being resumed")
         state = {k[len("unet."):]: v for k, v in (checkpoint.get("state_dict") or {}).items() if k.startswith("unet.")}
         if self.lora.enabled:
             check_lora_checkpoint(checkpoint, self.lora_base, self.trained_names, "the checkpoint being resumed")

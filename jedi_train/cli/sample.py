@@ -155,6 +155,9 @@ def make_scheduler(base, name: str | None):
     """`base` (the pipeline's own scheduler) for None, else a DDIM / DPM-Solver++ from its config."""
     if name is None:
         return base
+    if "FlowMatch" in type(base).__name__:  # FLUX: the DDPM-family samplers do not apply
+        raise UsageError(f"--scheduler {name} is for DDPM-family models (SD, SDXL); this FLUX pipeline samples with "
+                         f"its flow-matching {type(base).__name__}: leave --scheduler out")
     if name == "ddim":
         from diffusers import DDIMScheduler
 

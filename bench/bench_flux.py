@@ -1,0 +1,97 @@
+"""The joint FLUX transformer: cost of coupling a set, and sampling cost vs K references with / without the cache.
+
+1. Training step (forward + backward, AdamW) of the joint transformer over B sets x N images (one reference per
+   set, coupled attention: each image's queries see its text + the set's image tokens) vs the plain
+   FluxTransformer2DModel (the base it was made from) over the same B*N images, same run. Goal: ratio <= 1.15.
+2. bench_sampling's table on a tiny FLUX pipeline (references at t = 0, reference_attention 'references').
+FLUX-shaped but tiny (2 double + 2 single-stream blocks, width 64, 32 px: 64 image + 32 text tokens per image),
+CPU, one intra-op thread; repetitions interleaved, the fastest kept.
+"""
+import tempfile
+import time
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from bench.bench_sampling import time_table
+from jedi_train.export import build_pipeline
+from jedi_train.model.attention import SetLayout, configure_reference_attention
+from jedi_train.model.components import create_tiny_model_dir, load_components
+from jedi_train.model.joint_flux import image_ids, pack
+from jedi_train.model.text import TextEmbeddings
+
+B, N, STEPS = 4, 3, 10
+SHAPE = {"width": 64, "heads": 4, "layers": 2, "single_layers": 2, "guidance_embeds": True}
+
+
+def _step_time(model, call, reps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def one():
+        call().float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    one()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            one()
+        best = min(best, (time.perf_counter() - t0) / STEPS)
+    return best
+
+
+def step_ratio(tmp):
+    model_dir = create_tiny_model_dir(tmp, family="flux", transformer_kwargs=SHAPE)
+    c = load_components(model_dir, resolution=32, prediction_type="flow")
+    joint = c.unet.train()
+    plain = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer").train()  # the base
+    g = torch.Generator().manual_seed(0)
+    bn, size = B * N, 16
+    x = torch.randn(bn, 16, size, size, generator=g)
+    text = TextEmbeddings(torch.randn(bn, 32, c.unet.config.joint_attention_dim, generator=g),
+                          torch.randn(bn, c.unet.config.pooled_projection_dim, generator=g))
+    t = torch.rand(bn, generator=g) * 1000
+    is_ref = torch.zeros(B, N, dtype=torch.bool)
+    is_ref[:, 0] = True
+    layout = SetLayout.build(is_ref)
+    model_in = joint.assemble_input(x, x, is_ref.flatten())
+    ones = torch.ones(bn)
+
+    def joint_call():
+        return joint.denoise(model_in, t, text, layout)
+
+    def plain_call():
+        return plain(hidden_states=pack(x), encoder_hidden_states=text.hidden, pooled_projections=text.pooled,
+                     timestep=t / 1000, img_ids=image_ids(size, size, "cpu"), txt_ids=torch.zeros(32, 3),
+                     guidance=ones).sample
+
+    times = {"plain": [], "joint": []}
+    for _ in range(2):  # interleaved
+        times["plain"].append(_step_time(plain, plain_call))
+        times["joint"].append(_step_time(joint, joint_call))
+    p, j = min(times["plain"]), min(times["joint"])
+    print(f"training step, {B} sets x {N} images (1 reference each), tiny FLUX-shaped MM-DiT "
+          f"({sum(q.numel() for q in joint.parameters()) / 1e6:.2f} M parameters)")
+    print(f"  plain transformer over {bn} images: {p * 1e3:8.1f} ms")
+    print(f"  joint (coupled sets):               {j * 1e3:8.1f} ms   ratio {j / p:.2f} (goal <= 1.15)")
+    return c, j / p
+
+
+def main():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            c, _ = step_ratio(tmp)
+            configure_reference_attention(c.unet, "references")
+            pipe = build_pipeline(c)
+            pipe.set_progress_bar_config(disable=True)
+            time_table(pipe=pipe, label="tiny FLUX-shaped MM-DiT 32 px, {steps} flow-matching Euler steps")
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()
