@@ -5,13 +5,11 @@ persistence) are tests/test_joint_model.py, parametrised over every family; here
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from test_generic_loading import run_generic
 from test_pipeline import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run
-from test_train_cli import FAST, jedi
 
 from jedi_train.model.attention import SetLayout
 from jedi_train.model.components import load_components
@@ -119,26 +117,3 @@ def test_bad_flux_settings_fail_in_one_line(tiny_flux_model_dir, tmp_path):
     (sd3 / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
     with pytest.raises(ValueError, match="SD3Transformer2DModel.*does not support.*FLUX.1"):
         load_components(str(sd3))
-
-
-@needs_dreambench
-def test_train_export_sample_through_the_cli(tmp_path, tiny_model_dir):
-    """The documented path: jedi-train experiment=demo model=tiny_flux, jedi-export, jedi-sample with K = 3 (K = 1 in-process);
-    the checkpoint against another family's model is refused in one line."""
-    run_dir = tmp_path / "run"
-    jedi("jedi-train", *FAST, "model=tiny_flux", "trainer.max_steps=3", "export_after_fit=false",
-         "~callbacks.sample_grid", "~callbacks.identity_gain", f"paths.output_dir={run_dir}", root=tmp_path)
-    jedi("jedi-export", str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "pipe"), root=tmp_path)
-    assert os.path.isdir(tmp_path / "pipe" / "transformer")
-    refs = [a for path in CAN[:3] for a in ("--ref", path)]
-    jedi("jedi-sample", str(tmp_path / "pipe"), *refs, "--prompt", "a can on a beach", "--num", "2",
-         "--steps", "2", "--out", str(tmp_path / "k3"), root=tmp_path)
-    assert len([f for f in os.listdir(tmp_path / "k3") if f.endswith(".png")]) == 3  # 2 images + grid
-    assert len(os.listdir(tmp_path / "k3" / "references")) == 3
-    one = run(load(tmp_path / "pipe"), CAN[:1])  # K = 1 in-process: the same pipeline code path
-    assert one.shape == (2, 3, 32, 32) and torch.isfinite(one).all()
-    from jedi_train.export import export_checkpoint
-
-    with pytest.raises(ValueError, match="is a FLUX.1 checkpoint but the model directory holds a Stable Diffusion "
-                                         "1.x/2.x model"):
-        export_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "other"), model_dir=tiny_model_dir)

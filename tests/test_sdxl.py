@@ -5,13 +5,11 @@ tests/test_joint_unet.py, parametrised over both families; here: text conditioni
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 import torch
 from test_pipeline import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run
-from test_train_cli import FAST, jedi
 
 from jedi_train.model.components import load_components
 from jedi_train.model.objective import JeDiObjective
@@ -92,20 +90,3 @@ def test_bad_sdxl_directories_fail_in_one_line(tiny_sdxl_model_dir, components, 
     c = components
     with pytest.raises(ValueError, match="no text_encoder_2"):
         JeDiPipeline(c.unet, c.text_encoder, c.tokenizer, c.noise_scheduler, c.vae)
-
-
-@needs_dreambench
-def test_train_export_sample_through_the_cli(tmp_path):
-    """The documented path: jedi-train experiment=demo model=tiny_sdxl, jedi-export, jedi-sample with K = 3 (K = 1 in-process)."""
-    run_dir = tmp_path / "run"
-    jedi("jedi-train", *FAST, "model=tiny_sdxl", "trainer.max_steps=3", "export_after_fit=false",
-         "~callbacks.sample_grid", "~callbacks.identity_gain", f"paths.output_dir={run_dir}", root=tmp_path)
-    jedi("jedi-export", str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "pipe"), root=tmp_path)
-    assert os.path.isdir(tmp_path / "pipe" / "text_encoder_2")
-    refs = [a for path in CAN[:3] for a in ("--ref", path)]
-    jedi("jedi-sample", str(tmp_path / "pipe"), *refs, "--prompt", "a can on a beach", "--num", "2",
-         "--steps", "2", "--out", str(tmp_path / "k3"), root=tmp_path)
-    assert len([f for f in os.listdir(tmp_path / "k3") if f.endswith(".png")]) == 3  # 2 images + grid
-    assert len(os.listdir(tmp_path / "k3" / "references")) == 3
-    one = run(load(tmp_path / "pipe"), CAN[:1])  # K = 1 in-process: the same pipeline code path
-    assert one.shape == (2, 3, 32, 32) and torch.isfinite(one).all()

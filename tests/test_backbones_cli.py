@@ -1,0 +1,37 @@
+"""SDXL and FLUX.1 through the documented CLI, as for SD: jedi-train experiment=demo model=tiny_sdxl|tiny_flux,
+jedi-export, jedi-sample (K = 3; K = 1 in-process on the same pipeline code path); a checkpoint against another
+family's model is refused in one line."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_pipeline import CAN, load, needs_dreambench, run
+from test_train_cli import FAST, jedi
+
+from jedi_train.export import export_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@needs_dreambench
+@pytest.mark.parametrize(("model", "family", "component"), [("tiny_sdxl", "Stable Diffusion XL", "text_encoder_2"),
+                                                            ("tiny_flux", "FLUX.1", "transformer")])
+def test_train_export_sample_through_the_cli(model, family, component, tmp_path, tiny_model_dir):
+    run_dir, pipe_dir = tmp_path / "run", tmp_path / "pipe"
+    jedi("jedi-train", *FAST, f"model={model}", "trainer.max_steps=3", "export_after_fit=false",
+         "~callbacks.sample_grid", "~callbacks.identity_gain", f"paths.output_dir={run_dir}", root=tmp_path)
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    jedi("jedi-export", ckpt, str(pipe_dir), root=tmp_path)
+    assert os.path.isdir(pipe_dir / component)
+    refs = [a for path in CAN[:3] for a in ("--ref", path)]
+    jedi("jedi-sample", str(pipe_dir), *refs, "--prompt", "a can on a beach", "--num", "2", "--steps", "2",
+         "--out", str(tmp_path / "k3"), root=tmp_path)
+    assert len([f for f in os.listdir(tmp_path / "k3") if f.endswith(".png")]) == 3  # 2 images + grid
+    assert len(os.listdir(tmp_path / "k3" / "references")) == 3
+    one = run(load(pipe_dir), CAN[:1])
+    assert one.shape == (2, 3, 32, 32) and torch.isfinite(one).all()
+    with pytest.raises(ValueError, match=f"is a {family} checkpoint but the model directory holds a Stable "
+                                         "Diffusion 1.x/2.x model"):
+        export_checkpoint(ckpt, str(tmp_path / "other"), model_dir=tiny_model_dir)
