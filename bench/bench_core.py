@@ -13,8 +13,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from jedi_train.model.attention import SetLayout
-from jedi_train.model.components import tiny_unet_config
 from jedi_train.model.joint_unet import JointUNet2DConditionModel
+from jedi_train.model.tiny import tiny_unet_config
 
 
 def _models(res):

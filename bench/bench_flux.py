@@ -16,9 +16,10 @@ from diffusers import FluxTransformer2DModel
 from bench.bench_sampling import time_table
 from jedi_train.export import build_pipeline
 from jedi_train.model.attention import SetLayout, configure_reference_attention
-from jedi_train.model.components import create_tiny_model_dir, load_components
+from jedi_train.model.components import load_components
 from jedi_train.model.joint_flux import image_ids, pack
 from jedi_train.model.text import TextEmbeddings
+from jedi_train.model.tiny import create_tiny_model_dir
 
 B, N, STEPS = 4, 3, 10
 SHAPE = {"width": 64, "heads": 4, "layers": 2, "single_layers": 2, "guidance_embeds": True}

@@ -15,7 +15,8 @@ import torch
 
 from jedi_train.export import build_pipeline
 from jedi_train.model.attention import configure_reference_attention
-from jedi_train.model.components import create_tiny_model_dir, load_components
+from jedi_train.model.components import load_components
+from jedi_train.model.tiny import create_tiny_model_dir
 
 KS = (0, 1, 3, 5)
 

@@ -67,7 +67,7 @@ def full(urls, tokenizer, **kw):
 
 
 def main():
-    from jedi_train.model.components import build_tiny_tokenizer
+    from jedi_train.model.tiny import build_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         urls = write_shards(d)

@@ -15,9 +15,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from lightning.pytorch.utilities import rank_zero_info
 
-from .model.components import Components, create_tiny_model_dir, load_components
+from .model.components import Components, load_components
 from .model.lora import LoraSettings, add_lora, base_fingerprint, trained_names, trained_parameters
 from .model.objective import JeDiObjective, ObjectiveConfig
+from .model.tiny import create_tiny_model_dir
 
 
 def prepare_model_dir(model_dir: str, create_tiny_if_missing: dict | None = None) -> str:

@@ -16,7 +16,7 @@ from PIL import Image
 from jedi_train.eval import dreambench as db
 from jedi_train.eval import extractors
 from jedi_train.eval.common import EvalError
-from jedi_train.model.components import build_tiny_tokenizer
+from jedi_train.model.tiny import build_tiny_tokenizer
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
 needs_dreambench = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/dreambench not present")

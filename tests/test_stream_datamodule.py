@@ -10,7 +10,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from stream_helpers import write_shards
 
 from jedi_train.datamodule import JeDiDataModule, build_datamodule
-from jedi_train.model.components import build_tiny_tokenizer, tokenize
+from jedi_train.model.components import tokenize
+from jedi_train.model.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

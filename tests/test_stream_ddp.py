@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 from stream_helpers import write_shards
 
 from jedi_train.datamodule import JeDiDataModule
-from jedi_train.model.components import build_tiny_tokenizer, tokenize  # noqa: F401 - imported once, forked
+from jedi_train.model.components import tokenize  # noqa: F401 - imported once, forked
+from jedi_train.model.tiny import build_tiny_tokenizer
 
 STOP, TOTAL = 2, 6
 

@@ -187,7 +187,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
 
 
 def test_export_refuses_a_checkpoint_from_another_model(runs, tmp_path):
-    from jedi_train.model.components import create_tiny_model_dir
+    from jedi_train.model.tiny import create_tiny_model_dir
 
     other = create_tiny_model_dir(str(tmp_path / "other"), unet_kwargs={"block_out_channels": (16, 32)})
     ckpt = runs["resumed"] / "checkpoints" / "last.ckpt"

@@ -5,19 +5,18 @@ One loader, `load_components(model_dir)`, reads a diffusers Stable-Diffusion dir
   * SDXL: the same plus text_encoder_2/ and tokenizer_2/ (its UNet takes pooled text + time ids);
   * FLUX.1: transformer/ (an MM-DiT) in place of unet/, CLIP + T5 text encoders, a flow-matching scheduler.
 The family is read from the denoiser's config. A real download and the tiny offline models that
-`create_tiny_model_dir` writes use the same path: tests exercise exactly what a user's directory goes through.
+`tiny.create_tiny_model_dir` writes use the same path: tests exercise exactly what a user's directory goes through.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .attention import configure_reference_attention
 from .joint_flux import load_joint_flux
@@ -215,118 +214,3 @@ def load_components(model_dir: str, conditioning: str = "channels", reference_ti
             if dtype is not None:
                 frozen.to(dtype)
     return Components(unet, text_encoder, tokenizer, noise_scheduler, vae, text_encoder_2, tokenizer_2)
-
-
-# -- a tiny model that needs no download ------------------------------------------------------------
-def build_tiny_tokenizer(out_dir: str, model_max_length: int = 32) -> CLIPTokenizer:
-    """A real CLIP BPE tokenizer written from the vocabulary open_clip ships (no hub access)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    with gzip.open(default_bpe()) as f:
-        merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
-        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
-    with open(os.path.join(out_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"),
-                        model_max_length=model_max_length, pad_token="<|endoftext|>")
-    tok.save_pretrained(out_dir)
-    return tok
-
-
-def tiny_unet_config(resolution: int = 32, pixel_fold: int = 2, latent_channels: int | None = None,
-                     block_out_channels=(32, 64, 128), cross_attention_dim: int = 64, heads: int = 2,
-                     attention_levels: int | None = None) -> dict:
-    """Pixel-space UNet for CPU: a few M parameters, (coupled) attention at the `attention_levels`
-    coarsest levels (default: all but the finest)."""
-    c = latent_channels or 3 * pixel_fold ** 2
-    n = len(block_out_channels)
-    a = n - 1 if attention_levels is None else attention_levels
-    if not 0 < a <= n:
-        raise ValueError(f"attention_levels={attention_levels} must be within 1..{n} (the UNet has {n} levels)")
-    return {"sample_size": resolution // pixel_fold, "in_channels": c, "out_channels": c,
-                "block_out_channels": tuple(block_out_channels), "layers_per_block": 1,
-                "down_block_types": ("DownBlock2D",) * (n - a) + ("CrossAttnDownBlock2D",) * a,
-                "up_block_types": ("CrossAttnUpBlock2D",) * a + ("UpBlock2D",) * (n - a),
-                "cross_attention_dim": cross_attention_dim, "attention_head_dim": heads, "norm_num_groups": 8}
-
-
-def create_tiny_model_dir(out_dir: str, resolution: int = 32, pixel_fold: int = 2, with_vae: bool = False,
-                          prediction_type: str = "v_prediction", seed: int = 0,
-                          unet_kwargs: dict | None = None, family: str = "sd",
-                          transformer_kwargs: dict | None = None) -> str:
-    """Write a randomly initialised model directory in the real layout (a BASE model, not yet joint).
-    family 'sdxl': two text encoders (the second with a projection) and a UNet taking pooled text + time ids;
-    'flux': see _create_tiny_flux_dir (transformer_kwargs; resolution and the UNet settings do not apply)."""
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is unknown; use one of {tuple(FAMILIES)}")
-    torch.manual_seed(seed)
-    if family == "flux":
-        return _create_tiny_flux_dir(out_dir, **(transformer_kwargs or {}))
-    unet_kwargs = dict(unet_kwargs or {})
-    hidden = unet_kwargs.pop("cross_attention_dim", 64)
-    tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
-
-    def clip_config(width: int) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
-                              num_hidden_layers=2, num_attention_heads=2,
-                              max_position_embeddings=tokenizer.model_max_length, projection_dim=width)
-
-    if family == "sdxl":  # SDXL: cross-attention over both encoders' features side by side
-        widths = (hidden // 2, hidden - hidden // 2)
-        CLIPTextModel(clip_config(widths[0])).save_pretrained(os.path.join(out_dir, "text_encoder"))
-        CLIPTextModelWithProjection(clip_config(widths[1])).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
-        build_tiny_tokenizer(os.path.join(out_dir, "tokenizer_2"))
-        time_dim = 8
-        unet_kwargs |= {"addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
-                        "projection_class_embeddings_input_dim": 6 * time_dim + widths[1]}
-    else:
-        CLIPTextModel(clip_config(hidden)).save_pretrained(os.path.join(out_dir, "text_encoder"))
-    extra = {k: unet_kwargs.pop(k) for k in list(unet_kwargs) if k not in _TINY_UNET_ARGS}
-    if with_vae:
-        AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                      sample_size=resolution).save_pretrained(os.path.join(out_dir, "vae"))
-        cfg = tiny_unet_config(resolution, pixel_fold=2, latent_channels=4, cross_attention_dim=hidden, **unet_kwargs)
-    else:
-        cfg = tiny_unet_config(resolution, pixel_fold, cross_attention_dim=hidden, **unet_kwargs)
-    UNet2DConditionModel(**cfg, **extra).save_pretrained(os.path.join(out_dir, "unet"))
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type=prediction_type, clip_sample=False).save_pretrained(os.path.join(out_dir, "scheduler"))
-    return out_dir
-
-
-_TINY_UNET_ARGS = ("block_out_channels", "heads", "attention_levels")  # tiny_unet_config's own; the rest: UNet config
-
-
-def _create_tiny_flux_dir(out_dir: str, width: int = 32, heads: int = 2, layers: int = 1, single_layers: int = 1,
-                          guidance_embeds: bool = True) -> str:
-    """A FLUX.1-layout directory: CLIP + T5 text encoders, a 16-channel VAE (shift + scale), an MM-DiT with
-    double- and single-stream blocks, FLUX.1-dev's flow-matching scheduler settings. The T5 tokenizer is the
-    CLIP BPE one (no SentencePiece model offline); a real FLUX directory brings its own."""
-    from transformers import T5Config, T5EncoderModel
-
-    tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
-    build_tiny_tokenizer(os.path.join(out_dir, "tokenizer_2"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
-                                 num_hidden_layers=2, num_attention_heads=2,
-                                 max_position_embeddings=tokenizer.model_max_length, projection_dim=width)
-                  ).save_pretrained(os.path.join(out_dir, "text_encoder"))
-    T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=width, d_kv=width // 4, d_ff=2 * width,
-                            num_layers=2, num_heads=4)).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
-    AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=8,
-                  scaling_factor=0.3611, shift_factor=0.1159).save_pretrained(os.path.join(out_dir, "vae"))
-    head_dim = 16
-    from diffusers import FluxTransformer2DModel
-
-    FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single_layers,
-                           attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=width,
-                           pooled_projection_dim=width, guidance_embeds=guidance_embeds,
-                           axes_dims_rope=(4, 6, 6)).save_pretrained(os.path.join(out_dir, "transformer"))
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(out_dir, "scheduler"))
-    return out_dir
