@@ -213,12 +213,13 @@ def check_lora_target(out_dir: str, overwrite: bool) -> None:
 
 def save_lora_atomically(unet, out_dir: str) -> str:
     """The adapter alone in diffusers' format (pipe.load_lora_weights(out_dir) on a JeDiPipeline of the base)."""
-    from .pipeline import JeDiPipeline
+    from .pipeline import JeDiFluxPipeline, JeDiPipeline
 
     out_dir = os.path.realpath(out_dir)
     state, metadata = lora_layers(unet.to("cpu", torch.float32))
+    pipeline = JeDiFluxPipeline if hasattr(unet, "x_embedder") else JeDiPipeline
     with staged_dir(out_dir) as tmp:
-        JeDiPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
+        pipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
                                        weight_name=LORA_WEIGHTS)
     return out_dir
 
@@ -240,8 +241,6 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
                                  reference_attention=hp.get("reference_attention", "set"),
                                  noise_schedule=hp.get("noise_schedule"), resolution=hp.get("resolution"),
                                  reference_positions=hp.get("reference_positions", "same"))
-    if lora_only and components.family == "flux":
-        raise ValueError("--lora-only is not supported for FLUX yet; export the LoRA run fused (without --lora-only)")
     unet, lora = components.unet, LoraSettings(**(hp.get("lora") or {}))
     if lora.enabled:
         add_lora(unet, lora)

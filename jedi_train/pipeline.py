@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -130,16 +130,20 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         (the joint UNet's widened conv_in trains in full: `unet.<name>` keys without 'lora')."""
         state, alphas, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict,
                                                        return_lora_metadata=True, **kwargs)
-        full = {k[len("unet."):]: state.pop(k) for k in list(state) if k.startswith("unet.") and "lora" not in k}
-        if full:
-            own = self.unet.state_dict()
-            bad = [k for k, v in full.items() if k not in own or own[k].shape != v.shape]
-            if bad:
-                raise ValueError(f"the LoRA file's full weight {bad[0]!r} does not fit this pipeline's UNet; load it "
-                                 "into a JeDiPipeline of the base model it was trained on (same conditioning)")
-            self.unet.load_state_dict(full, strict=False)
+        self._load_full_weights(state, "unet")
         self.load_lora_into_unet(state, network_alphas=alphas, unet=self.unet, adapter_name=adapter_name,
                                  metadata=metadata, _pipeline=self)
+
+    def _load_full_weights(self, state: dict, prefix: str) -> None:
+        """Pop the `<prefix>.<name>` keys without 'lora' (weights trained in full) and load them into the denoiser."""
+        full = {k[len(prefix) + 1:]: state.pop(k) for k in list(state) if k.startswith(prefix + ".") and "lora" not in k}
+        if full:
+            own = self.denoiser.state_dict()
+            bad = [k for k, v in full.items() if k not in own or own[k].shape != v.shape]
+            if bad:
+                raise ValueError(f"the LoRA file's full weight {bad[0]!r} does not fit this pipeline's {prefix}; load "
+                                 "it into a pipeline of the base model it was trained on (same conditioning)")
+            self.denoiser.load_state_dict(full, strict=False)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -404,6 +408,16 @@ class JeDiFluxPipeline(JeDiPipeline):
         sigma = float(t) / 1000
         return (1 - sigma) * ref_latents + sigma * noise
 
-    def load_lora_weights(self, *args, **kwargs):
-        raise NotImplementedError("LoRA files are not loadable into a FLUX JeDi pipeline yet; export the LoRA run "
-                                  "fused (jedi-export without --lora-only)")
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """diffusers' FLUX LoRA loading, plus the full weights trained beside the adapter (the widened x_embedder)."""
+        state, metadata = FluxLoraLoaderMixin.lora_state_dict(pretrained_model_name_or_path_or_dict,
+                                                              return_lora_metadata=True, **kwargs)
+        self._load_full_weights(state, "transformer")
+        FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=None, transformer=self.transformer,
+                                                       adapter_name=adapter_name, metadata=metadata, _pipeline=self)
+
+    @classmethod
+    def save_lora_weights(cls, save_directory, unet_lora_layers=None, unet_lora_adapter_metadata=None, **kwargs):
+        """The adapter in diffusers' FLUX format (`transformer.*` keys)."""
+        FluxLoraLoaderMixin.save_lora_weights(save_directory, transformer_lora_layers=unet_lora_layers,
+                                              transformer_lora_adapter_metadata=unet_lora_adapter_metadata, **kwargs)
