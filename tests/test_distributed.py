@@ -15,9 +15,9 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fit_tiny.py")
 pytestmark = pytest.mark.slow
 
 
-def _fit(model_dir, out, strategy, devices, steps=2):
+def _fit(model_dir, out, strategy, devices, steps=2, lora=False):
     env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(29500 + (os.getpid() + devices) % 1000))
-    proc = subprocess.run([sys.executable, SCRIPT, model_dir, str(out), strategy, str(devices), str(steps)],
+    proc = subprocess.run([sys.executable, SCRIPT, model_dir, str(out), strategy, str(devices), str(steps)] + (["lora"] if lora else []),
                           capture_output=True, text=True, env=env, timeout=600, cwd=out, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.load(open(out / f"result_rank{r}.json")) for r in range(devices)]
@@ -46,3 +46,28 @@ def test_deepspeed_zero_checkpoint_consolidates(tiny_model_dir, tmp_path, stage,
     load_unet_weights(unet, state, str(ckpt_dir))
     assert not torch.equal(before, unet.conv_in.weight)  # trained weights, not the initial ones
     assert "ema" in ckpt and ckpt["hyper_parameters"]["model_dir"] == tiny_model_dir
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_lora_trains_under_ddp_and_zero2_and_exports(tiny_model_dir, tmp_path, strategy):
+    """LoRA on 2 processes: both ranks step; the checkpoint (a DDP file trimmed to the trained weights, or a
+    ZeRO-2 directory) exports to a pipeline whose UNet differs from the base."""
+    from jedi_train.export import export_checkpoint
+    from jedi_train.pipeline import JeDiPipeline
+
+    (tmp_path / "run").mkdir()
+    results = _fit(tiny_model_dir, tmp_path / "run", strategy, 2, lora=True)
+    assert [r["global_step"] for r in results] == [2, 2] and [r["world_size"] for r in results] == [2, 2]
+    ckpt_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(str(ckpt_path))
+    assert ckpt["lora_base"] and "ema" in ckpt
+    if strategy == "ddp":  # the Lightning file holds the adapter + conv_in only
+        assert all("lora" in k or k.startswith("unet.conv_in") for k in ckpt["state_dict"])
+    out = export_checkpoint(str(ckpt_path), str(tmp_path / "pipe"))
+    trained = JeDiPipeline.from_pretrained(out).unet
+    base = load_joint_unet(tiny_model_dir)
+    assert not any("lora" in k for k in trained.state_dict())  # fused
+    assert not torch.equal(trained.conv_in.weight, base.conv_in.weight)
+    own = base.state_dict()
+    diff = max(float((v - own[n]).abs().max()) for n, v in trained.state_dict().items() if "attn1.to_q" in n)
+    assert diff > 0  # the fused adapter moved the attention projections

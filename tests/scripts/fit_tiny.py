@@ -1,6 +1,7 @@
 """Fit JeDiModule on in-memory sets with a given strategy; run as a script (DDP re-launches it).
 
-usage: fit_tiny.py MODEL_DIR OUT_DIR STRATEGY DEVICES STEPS   (STRATEGY: ddp | zero2 | zero3)
+usage: fit_tiny.py MODEL_DIR OUT_DIR STRATEGY DEVICES STEPS [lora]   (STRATEGY: ddp | zero2 | zero3;
+       lora: a rank-4 LoRA instead of the full fine-tune)
 Writes OUT_DIR/checkpoints/last.ckpt (a file, or a ZeRO directory) and OUT_DIR/result_rank<r>.json.
 """
 import json
@@ -21,7 +22,8 @@ def main():
     model_dir, out, strategy, devices, steps = sys.argv[1:6]
     strat = {"ddp": lambda: "ddp", "zero2": lambda: CPUDeepSpeedStrategy(stage=2),
              "zero3": lambda: CPUDeepSpeedStrategy(stage=3)}[strategy]()
-    module = _module(model_dir)
+    lora = {"lora": {"rank": 4}} if sys.argv[6:7] == ["lora"] else {}
+    module = _module(model_dir, **lora)
     trainer = L.Trainer(max_steps=int(steps), accelerator="cpu", devices=int(devices), strategy=strat,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                         callbacks=[Checkpoint(dirpath=os.path.join(out, "checkpoints"), save_last=True,
