@@ -44,7 +44,8 @@ class JeDiModule(L.LightningModule):
                  ema: dict | None = None, gradient_checkpointing: bool = False, trainable: list[str] | None = None,
                  max_nonfinite_steps: int = 10, seed: int = 0, frozen_dtype: str | None = None,
                  resolution: int | None = None, reference_attention: str = "set",
-                 noise_schedule: dict | None = None, lora: dict | None = None, reference_positions: str = "same"):
+                 noise_schedule: dict | None = None, lora: dict | None = None, reference_positions: str = "same",
+                 architecture: str | None = None):  # architecture: only read by dry_run.py
         super().__init__()
         self.save_hyperparameters()
         prepare_model_dir(model_dir, create_tiny_if_missing)

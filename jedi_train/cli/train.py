@@ -24,6 +24,11 @@ def _main(cfg: DictConfig) -> float | None:
 
     try:
         check_config(cfg)  # wrong types/ranges: one line now, not a traceback after the model is built
+        if cfg.get("dry_run"):  # size the job: meta-device model, bytes per rank; nothing trains
+            from jedi_train.dry_run import report
+
+            print(report(cfg))
+            return None
         result = train(cfg)
     except Exception as e:  # user errors (also when raised inside hydra.utils.instantiate): one line
         cause = user_error(e)

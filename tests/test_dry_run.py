@@ -1,0 +1,59 @@
+"""`jedi-train ... dry_run=true`: the model built on the meta device (no weights) from the published SD 1.5 and
+FLUX.1-dev shapes or from a model directory's configs; counts match the architecture, bytes follow the strategy."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_configs import compose_train
+
+from jedi_train.dry_run import estimate
+from jedi_train.model.components import load_components
+
+SD15_UNET, CLIP_L, SD_VAE = 859_520_964, 123_060_480, 83_653_863  # published parameter counts
+FLUX_DEV, T5_XXL, FLUX_VAE = 11_901_408_320, 4_762_310_656, 83_819_683
+
+
+def test_sd15_counts_without_weights(tmp_path):
+    e = estimate(compose_train(["model=sd15", "model.model_dir=/nowhere", "strategy=ddp", "trainer.devices=4"], tmp_path))
+    assert e["trained"] == SD15_UNET + (9 - 4) * 320 * 3 * 3  # + the widened conv_in's new input channels
+    assert e["frozen_parts"] == CLIP_L + SD_VAE and e["frozen_base"] == 0
+    assert e["per_rank"]["AdamW states (fp32)"] == 8 * e["trained"]  # DDP: replicated
+
+
+def test_flux_counts_lora_and_zero_sharding(tmp_path):
+    full = estimate(compose_train(["experiment=flux_s3", "model.model_dir=/nowhere", "trainer.devices=8"], tmp_path))
+    assert full["trained"] == FLUX_DEV + (4 * 33 - 64) * 3072  # + x_embedder's reference | mask features
+    assert full["frozen_parts"] == CLIP_L + T5_XXL + FLUX_VAE
+    assert full["stage"] == 3 and full["per_rank"]["trained weights (fp32)"] == 4 * full["trained"] / 8
+    lora = estimate(compose_train(["experiment=flux_s3", "model.model_dir=/nowhere", "trainer.devices=8",
+                                   "model.lora.rank=16", "strategy=deepspeed_zero2"], tmp_path))
+    assert lora["trained"] + lora["frozen_base"] > full["trained"] and lora["trained"] < 0.01 * full["trained"]
+    assert lora["per_rank"]["AdamW states (fp32)"] == 8 * lora["trained"] / 8  # ZeRO-2 shards the optimizer
+
+
+def test_a_model_directory_is_read_from_its_configs(tiny_flux_model_dir, tmp_path):
+    e = estimate(compose_train(["experiment=demo", "model=tiny_flux", f"model.model_dir={tiny_flux_model_dir}"],
+                               tmp_path))
+    c = load_components(tiny_flux_model_dir, resolution=32)
+    assert e["trained"] == sum(p.numel() for p in c.unet.parameters())
+    assert e["frozen_parts"] == sum(p.numel() for m in (c.text_encoder, c.text_encoder_2, c.vae)
+                                    for p in m.parameters())
+
+
+def test_cli_prints_the_table_and_trains_nothing(tmp_path):
+    exe = Path(sys.executable).parent / "jedi-train"
+    p = subprocess.run([str(exe), "experiment=flux_s3", "dry_run=true", "model.model_dir=/nowhere",
+                        f"paths.output_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "JointFluxTransformer2DModel (flux), ZeRO-3" in p.stdout and "total" in p.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
+    bad = subprocess.run([str(exe), "experiment=demo", "dry_run=true", "model.model_dir=/nowhere"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 2 and "names no embedded one" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["sd21", "sdxl"])
+def test_models_without_a_preset_need_their_directory(name, tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no model and model.architecture=None"):
+        estimate(compose_train([f"model={name}", "model.model_dir=/nowhere"], tmp_path))
