@@ -118,6 +118,10 @@ def test_missing_refs_prompts_and_flags(pipe_dir, refs, tmp_path):
                   check=False)
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--overwrite" in proc.stderr
     assert os.listdir(tmp_path / "out") == ["keep.txt"]  # refused, and left as it was
+    proc = sample(pipe_dir, "--ref", ref, "--prompt", "a", "--num", 1, "--seed", 0, "--out", tmp_path / "out",
+                  "--overwrite", check=False)  # not a jedi-sample output: --overwrite does not replace it either
+    assert proc.returncode == 2 and "not a previous jedi-sample output" in proc.stderr
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
 
 
 def test_bad_pipeline_dirs(pipe_dir, tiny_model_dir, refs, tmp_path):

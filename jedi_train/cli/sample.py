@@ -96,6 +96,10 @@ def check_args(args) -> None:
         raise UsageError(f"--out {args.out} is a file; give a directory path")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise UsageError(f"--out {args.out} already exists and is not empty; choose a new directory or add --overwrite")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "settings.json")):
+        # --overwrite replaces a previous jedi-sample output only, never a folder it did not write
+        raise UsageError(f"--out {args.out} is not a previous jedi-sample output (no settings.json), so --overwrite "
+                         "will not replace it; choose a new directory")
 
 
 def check_reference_sizes(files, max_pixels: int | None = None) -> list[str]:
