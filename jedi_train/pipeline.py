@@ -11,6 +11,10 @@ How targets are grouped into sets when K + M is large: see set_plan.py.
 Reference key/value cache (use_reference_cache): for models trained with references at t = 0 that
 attend only to references, the references' keys/values are recorded in one references-only pass
 and replayed at every step; the sets then hold only targets. Same images, far less work per step.
+
+Backbones: `JeDiPipeline` drives SD 1.x/2.x and SDXL UNets (SDXL's second text encoder and tokenizer are
+optional components); `JeDiFluxPipeline` (end of this file) is the same loop for FLUX.1 with its parts
+swapped in through small hooks (`denoiser`, `prepare_timesteps`, `noise_references`, `guidance_distilled`).
 """
 from __future__ import annotations
 
