@@ -20,8 +20,9 @@ from jedi_train.callbacks import Checkpoint
 
 def main():
     model_dir, out, strategy, devices, steps = sys.argv[1:6]
-    strat = {"ddp": lambda: "ddp", "zero2": lambda: CPUDeepSpeedStrategy(stage=2),
-             "zero3": lambda: CPUDeepSpeedStrategy(stage=3)}[strategy]()
+    # exclude_frozen_parameters as conf/strategy/deepspeed_zero2.yaml sets it
+    strat = {"ddp": lambda: "ddp", "zero2": lambda: CPUDeepSpeedStrategy(stage=2, exclude_frozen_parameters=True),
+             "zero3": lambda: CPUDeepSpeedStrategy(stage=3, exclude_frozen_parameters=True)}[strategy]()
     lora = {"lora": {"rank": 4}} if sys.argv[6:7] == ["lora"] else {}
     module = _module(model_dir, **lora)
     trainer = L.Trainer(max_steps=int(steps), accelerator="cpu", devices=int(devices), strategy=strat,
