@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel
 
 from .bundle import MODULES as BUNDLE_MODULES
 from .checkpoints import DEEPSPEED_GLOBALS, deepspeed_files, safe_load
-from .model.components import Components, check_model_dir, load_components
+from .model.components import Components, check_model_dir, denoiser_family, load_components
 from .model.lora import (
     LoraSettings,
     add_lora,
@@ -217,7 +217,7 @@ def save_lora_atomically(unet, out_dir: str) -> str:
 
     out_dir = os.path.realpath(out_dir)
     state, metadata = lora_layers(unet.to("cpu", torch.float32))
-    pipeline = JeDiFluxPipeline if hasattr(unet, "x_embedder") else JeDiPipeline
+    pipeline = JeDiFluxPipeline if denoiser_family(unet) == "flux" else JeDiPipeline
     with staged_dir(out_dir) as tmp:
         pipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
                                        weight_name=LORA_WEIGHTS)
