@@ -137,16 +137,7 @@ class PromptEncoder:
                                 device=pooled.device).expand(m, 6)
         return TextEmbeddings(torch.cat(hidden, dim=-1), pooled, time_ids)
 
-    def requires_grad_(self, flag: bool) -> PromptEncoder:
-        for enc in self.text_encoders:
-            enc.requires_grad_(flag)
-        return self
-
     def to(self, *args, **kwargs) -> PromptEncoder:
         for enc in self.text_encoders:
             enc.to(*args, **kwargs)
         return self
-
-    def parameters(self):
-        for enc in self.text_encoders:
-            yield from enc.parameters()
