@@ -15,6 +15,13 @@ The minimal form, for sets written by other tools: no bookkeeping fields. The im
 ``<i>.<ext>`` present (i = 0..N-1, each of jpg/jpeg/png/webp, mixed allowed), the set id is the
 sample's ``__key__``, the captions are the json's ``captions`` (N strings) or one ``<i>.txt`` per
 image. Caption count vs images present is still checked: a tar cut short loses images or captions.
+
+Cached encodings (written by `jedi-data encode`, data_pipelines/encode.py), beside the members above,
+which stay unchanged: ``<set_id>.latents.safetensors`` (``mean`` and, for a VAE, ``logvar`` of the
+posterior of each image i, rows in image order, (N, C, h, w): the centre crop at the model resolution),
+``<set_id>.text.safetensors`` (each image's caption embedding: ``hidden`` (N, T, D) [+ ``pooled``
+(N, P), ``time_ids`` (N, 6)], the fields of jedi_train/model/text.py TextEmbeddings) and
+``<set_id>.cache.json`` (``fingerprint`` of the encoders, ``dtype``, ``resolution``, ``crop``).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 SCHEMA_VERSION = 1
@@ -169,3 +177,39 @@ def validate_sample(sample: Mapping[str, Any]) -> str | None:
     except SkipSet as e:
         return str(e)
     return None
+
+
+# -- cached encodings (jedi-data encode) ----------------------------------------------------------
+CACHE_JSON, LATENTS, TEXT = "cache.json", "latents.safetensors", "text.safetensors"
+
+
+def encode_cache(info: Mapping[str, Any], latents: Mapping[str, torch.Tensor], text: Mapping[str, torch.Tensor],
+                 dtype: torch.dtype) -> dict[str, bytes]:
+    """The cache members of one set: latents {"mean"[, "logvar"]} and text {"hidden"[, "pooled", "time_ids"]},
+    rows in image order, stored in `dtype`."""
+    from safetensors.torch import save
+
+    def pack(d):
+        return save({k: v.detach().to("cpu", dtype).contiguous() for k, v in d.items() if v is not None})
+
+    return {CACHE_JSON: json.dumps(dict(info)).encode("utf-8"), LATENTS: pack(latents), TEXT: pack(text)}
+
+
+def cache_info(sample: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The set's cache.json when all three cache members are there, else None (no usable cache)."""
+    if not all(k in sample for k in (CACHE_JSON, LATENTS, TEXT)):
+        return None
+    try:
+        return parse_meta(sample[CACHE_JSON])
+    except ValueError:
+        return None
+
+
+def decode_cache(sample: Mapping[str, Any], indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The cached rows of images `indices` (in that order): latent_mean, latent_logvar, text_hidden, ..."""
+    from safetensors.torch import load
+
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    out = {f"latent_{k}": v[idx] for k, v in load(bytes(sample[LATENTS])).items()}
+    out.update({f"text_{k}": v[idx] for k, v in load(bytes(sample[TEXT])).items()})
+    return out

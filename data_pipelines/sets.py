@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .images import Unusable, crop_square, decode_rgb, resize_short_side
-from .schema import mask_key, set_meta
+from .schema import cache_info, decode_cache, mask_key, set_meta
 from .skips import Counts
 
 
@@ -29,6 +29,9 @@ class SetOptions:
     ref_count_probs: Sequence[float] = (0.1, 0.45, 0.35, 0.1)  # P(k references), k = 0, 1, 2, ...
     min_image_size: int = 16        # shorter side below this: dropped (upscaling garbage)
     max_image_pixels: int = 100_000_000  # above this: dropped before decoding (decompression bombs)
+    # the trained model's encoder fingerprint (data_pipelines/encode.py): sets cached for it bring their
+    # latents + text embeddings; None: every set is encoded on the fly
+    cache_fingerprint: str | None = None
 
 
 def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: Counts,
@@ -86,7 +89,8 @@ def choose_ref_count(n: int, probs: Sequence[float], rng: np.random.Generator) -
 
 def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Counts) -> dict | None:
     """A validated raw sample -> {set_id, images: n uint8 (res,res,3) arrays, captions, is_ref[, masks]},
-    or None. masks (uint8 (res, res) per image) when the set has subject masks."""
+    or None. masks (uint8 (res, res) per image) when the set has subject masks; cache (decode_cache's
+    tensors for the chosen images) when the set holds encodings for opt.cache_fingerprint."""
     meta = set_meta(sample)
     has_masks = bool(meta.get("masks"))
     n, keys = meta["num_images"], meta["image_keys"]
@@ -95,7 +99,7 @@ def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Co
         return None
     captions = read_captions(sample.get("json"), meta, counts)
     size = int(rng.integers(opt.min_set, min(n, opt.max_set) + 1))
-    images, caps = [], []
+    images, caps, picked = [], [], []
     for i in rng.permutation(n):  # decode only what the set needs; a bad image is replaced by the next
         if len(images) == size:
             break
@@ -104,6 +108,7 @@ def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Co
         if arr is not None:
             images.append(arr)
             caps.append(captions[i])
+            picked.append(int(i))
     if len(images) < opt.min_set:
         counts.skip("too_few_decodable_images", str(meta["set_id"]))
         return None
@@ -112,6 +117,12 @@ def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Co
     out = {"set_id": str(meta["set_id"]), "images": [a[..., :3] for a in images], "captions": caps, "is_ref": is_ref}
     if has_masks:
         out["masks"] = [a[..., 3] for a in images]
+    info = cache_info(sample) if opt.cache_fingerprint else None
+    if info is not None:
+        if info.get("fingerprint") != opt.cache_fingerprint:  # the datamodule refused this up front for
+            counts.skip("cache_mismatch", str(meta["set_id"]))  # the first set; a stray one is skipped
+            return None
+        out["cache"] = decode_cache(sample, picked)
     return out
 
 
@@ -121,9 +132,27 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0).new(storage).view(shape)
 
 
-def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor] | None) -> dict:
+def _collate_cache(sets: list[dict], n: int, empty: dict[str, torch.Tensor]) -> dict:
+    """Cached rows -> (B, N, ...) per key, padded with zeros (latents) or the empty caption (text), as the
+    on-the-fly path pads with black images and "" captions; plus the empty caption itself (caption dropout)."""
+    out = {}
+    for key, first in sets[0]["cache"].items():
+        shape = (len(sets), n, *first.shape[1:])
+        fill = empty.get(key)
+        t = torch.zeros(shape, dtype=first.dtype) if fill is None else fill.to(first.dtype).expand(shape).clone()
+        for i, s in enumerate(sets):
+            t[i, :len(s["cache"][key])] = s["cache"][key]
+        out[key] = t
+    out.update({"text_empty_" + k.removeprefix("text_"): v for k, v in empty.items()})
+    return out
+
+
+def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor] | None,
+                 empty_text: dict[str, torch.Tensor] | None = None) -> dict:
     """Sets of unequal size -> one padded batch; N is the largest set. Padding: zeros, "" captions.
-    subject_mask (B, N, 1, H, W) in [0, 1] when every set of the batch has masks."""
+    subject_mask (B, N, 1, H, W) in [0, 1] when every set of the batch has masks. Cached encodings
+    (latent_*, text_*, text_empty_*; jedi_train/model/objective.py) when every set has them and
+    `empty_text` (the cache's "" embedding: {"text_hidden": (1, T, D), ...}) is given; else none."""
     b, n = len(sets), max(len(s["captions"]) for s in sets)
     res = sets[0]["images"][0].shape[0]
     u8 = np.zeros((b, n, 3, res, res), dtype=np.uint8)
@@ -149,6 +178,8 @@ def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor]
             for j, m in enumerate(s["masks"]):
                 m8[i, j, 0] = m
         batch["subject_mask"] = torch.from_numpy(m8).float().div_(255.0)
+    if empty_text is not None and all("cache" in s for s in sets):
+        batch.update(_collate_cache(sets, n, empty_text))
     if tokenize is not None:
         batch["input_ids"] = torch.stack([tokenize(s["captions"] + [""] * (n - len(s["captions"]))) for s in sets])
     return batch

@@ -1,4 +1,5 @@
 """`jedi-data stats SHARDS...`: check a dataset before spending GPU hours on it.
+(`jedi-data encode`, which caches latents + text embeddings, lives in encode.py.)
 
 Streams the shards through the training stream's own validation and decoding (every image of
 every set) and prints sets, images, the set-size histogram, caption lengths and what was skipped
@@ -75,8 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--min-image-size", type=int, default=SetOptions.min_image_size, help="as data.min_image_size")
     st.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     st.add_argument("--json", action="store_true", help="print the stats as JSON")
+    from . import encode
+
+    encode.add_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    if args.cmd == "encode":
+        return encode.main(args)
     pipes = [u for pattern in args.shards for u in expand_urls(pattern) if u.startswith("pipe:")]
     if pipes and not args.allow_pipe:  # refused here, so the hint names this tool's flag, not data.allow_pipe
         print(f"jedi-data: refusing {pipes[0]!r}: pipe: URLs run shell commands; pass --allow-pipe if you trust it",

@@ -3,7 +3,11 @@
 Each DataLoader worker runs one chain of stages (see `SetStream.worker_stream`):
 
     urls -> split by node/worker -> tar -> validate keys -> shuffle (blocks) -> decode/repair ->
-    resize/crop/flip -> subsample set -> choose references -> tokenize -> batch (padded)
+    resize/crop/flip -> subsample set -> choose references [-> cached encodings] -> tokenize -> batch (padded)
+
+Cached encodings (`jedi-data encode`): with `cache_fingerprint` set, sets cached for that model bring
+their latents + text embeddings (the centre crop: random crops and flips are refused) and a batch
+of such sets carries them; other sets are encoded on the fly by the objective.
 
 Everything a worker yields is a deterministic function of (seed, epoch, rank, worker, position):
 its shard list, the shuffle of each block of `shuffle_buffer` samples and each set's random choices
@@ -68,6 +72,14 @@ class CachedTokenize:
         return torch.stack([self.cache[c] for c in captions])
 
 
+def check_cache_options(opt: SetOptions) -> None:
+    """Cached latents are the centre crop, unflipped: random crops / flips would train on other pixels."""
+    if opt.crop != "center" or opt.flip_prob:
+        raise ValueError(f"the shards hold cached latents of the centre crop, but data.crop={opt.crop} "
+                         f"data.flip_prob={opt.flip_prob}: set data.crop=center data.flip_prob=0, or "
+                         "data.use_cache=false to encode the images on the fly")
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
@@ -76,8 +88,15 @@ class SetStream(IterableDataset):
     """The stream of one rank. `num_workers` must equal the DataLoader's (0 = in-process)."""
 
     def __init__(self, cfg: StreamConfig, tokenize: Callable[[list[str]], torch.Tensor] | None = None,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0):
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 empty_text: dict[str, torch.Tensor] | None = None):
+        """empty_text: the cache's "" caption embedding (needed with cfg.cache_fingerprint)."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        if cfg.cache_fingerprint:
+            check_cache_options(cfg)
+            if empty_text is None:
+                raise ValueError("cached encodings need the cache's empty-prompt embedding (empty_text)")
+        self.empty_text = empty_text
         self.num_workers, self.workers = num_workers, max(1, num_workers)
         self.tokenize = CachedTokenize(tokenize) if tokenize is not None else None
         self.sources = expand_sources(cfg.sources, cfg.allow_pipe)
@@ -217,7 +236,7 @@ class SetStream(IterableDataset):
             buf.append(s)
             if len(buf) < self.cfg.batch_size:
                 continue
-            batch, buf, done = collate_sets(buf, self.tokenize), [], done + 1
+            batch, buf, done = collate_sets(buf, self.tokenize, self.empty_text), [], done + 1
             batch["_stream"] = {"worker": worker, "cursor": asdict(replace(cursor, batches=done)),
                                 "skipped": dict(counts.skipped), "repaired": dict(counts.repaired)}
             yield batch

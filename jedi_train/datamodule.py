@@ -5,6 +5,12 @@ exactly where training stopped (see data_pipelines/resume.py). A batch counts as
 model receives it (`on_before_batch_transfer`), not when the loader hands it out: Lightning fetches
 one batch ahead. `skip_counts()` / `repair_counts()` give the data problems met so far (this rank,
 all workers); `global_counts()` sums them over ranks for logging.
+
+Cached encodings (`jedi-data encode`): at setup, the first set of each source says whether it is cached
+and for which encoders; with `use_cache` (default) the stream then hands the objective cached latents
++ text embeddings, after checking that their fingerprint is the trained model's (else one error naming
+both models). Sources without a cache are encoded on the fly as before. `drop_text_encoders`: when every
+source is cached, the text encoders are freed (the cache also holds the empty caption).
 """
 from __future__ import annotations
 
@@ -47,7 +53,8 @@ class JeDiDataModule(L.LightningDataModule):
                  tokenizer: Any = None, model_dir: str | None = None, rank: int | None = None,
                  world_size: int | None = None, prefetch_factor: int = 2, pin_memory: bool = False,
                  log_every_s: float = 60.0, heldout_sources: Any = None,
-                 synthesize_if_missing: dict | None = None, heldout_synthesize_if_missing: dict | None = None):
+                 synthesize_if_missing: dict | None = None, heldout_synthesize_if_missing: dict | None = None,
+                 use_cache: bool = True, drop_text_encoders: bool = False):
         super().__init__()
         self.cfg = StreamConfig(
             sources=sources, resolution=resolution, min_set=min_set, max_set=max_set, batch_size=batch_size,
@@ -59,6 +66,9 @@ class JeDiDataModule(L.LightningDataModule):
         self.rank, self.world_size = rank, world_size
         self.heldout_sources, self.synthesize_if_missing = heldout_sources, synthesize_if_missing
         self.heldout_synthesize_if_missing = heldout_synthesize_if_missing
+        self.use_cache, self.drop_text_encoders = use_cache, drop_text_encoders
+        self.cache_model: tuple[str, Any] | None = None  # (model_dir, Components); default: the trainer's module
+        self._empty_text: dict | None = None
         self.loader: ResumableLoader | None = None
         self._pending: dict | None = None
         self._heldout: dict | None = None
@@ -101,8 +111,9 @@ class JeDiDataModule(L.LightningDataModule):
             rank, world = self.trainer.global_rank, self.trainer.world_size
         self._rank = self.rank if self.rank is not None else rank
         self._world = self.world_size if self.world_size is not None else world
+        self._setup_cache()
         stream = SetStream(self.cfg, tokenize=self._tokenize_fn(), rank=self._rank, world_size=self._world,
-                           num_workers=self.num_workers)
+                           num_workers=self.num_workers, empty_text=self._empty_text)
         self.loader = ResumableLoader(stream, self.num_workers, prefetch_factor=self.prefetch_factor,
                                       pin_memory=self.pin_memory, auto_consume=False)
         if self._pending is not None:
@@ -179,6 +190,42 @@ class JeDiDataModule(L.LightningDataModule):
             restored.batches, restored.next_worker, restored.cursors = 0, 0, {}
         self.loader.state = restored
 
+    # -- cached encodings --------------------------------------------------------------------------
+    def _setup_cache(self) -> None:
+        """Use the sources' cached encodings if there are any and they were made by the trained model's encoders."""
+        from data_pipelines.encode import fingerprint, load_empty_prompt, mismatch_error, probe_cache
+        from data_pipelines.stream import check_cache_options
+
+        if not self.use_cache:
+            return
+        probed = probe_cache(self.cfg.sources, self.cfg.allow_pipe)
+        cached = [(url, info) for url, info in probed if info is not None]
+        if not cached:
+            return
+        model_dir, components = self.cache_model or self._trained_model()
+        model = fingerprint(model_dir, components.codec, components.resolution)
+        for url, info in cached:
+            if info.get("fingerprint") != model["id"]:
+                raise ValueError(mismatch_error(url, info, model))
+        check_cache_options(self.cfg)
+        self._empty_text = load_empty_prompt(cached[0][0])
+        self.cfg.cache_fingerprint = model["id"]
+        uncached = [url for url, info in probed if info is None]
+        log.info("data: cached latents + text embeddings (fingerprint %s) for %d of %d sources", model["id"],
+                 len(cached), len(probed))
+        if self.drop_text_encoders:
+            if uncached:
+                raise ValueError(f"data.drop_text_encoders=true but {uncached[0]} holds no cached encodings; encode "
+                                 "it with `jedi-data encode`, or set data.drop_text_encoders=false")
+            components.drop_text_encoders()
+
+    def _trained_model(self) -> tuple[str, Any]:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "components"):
+            raise ValueError("the data sources hold cached encodings: the datamodule checks them against the trained "
+                             "model (set dm.cache_model = (model_dir, components)), or set data.use_cache=false")
+        return module.hparams.model_dir, module.components
+
     # -- helpers -----------------------------------------------------------------------------------
     def _tokenize_fn(self):
         """captions -> token ids: the given tokenizer (or list of them: SDXL has two), else those in model_dir.
@@ -217,7 +264,10 @@ class JeDiDataModule(L.LightningDataModule):
             over.update(min_set=set_size, max_set=set_size)
         if num_refs is not None:
             over["ref_count_probs"] = tuple([0.0] * num_refs + [1.0])
-        loader = ResumableLoader(SetStream(StreamConfig(**{**vars(self.cfg), **over}), tokenize=self._tokenize_fn()), 0)
+        cfg = StreamConfig(**{**vars(self.cfg), **over})
+        if self._empty_text is None:  # setup did not check the cache: these sets are encoded on the fly
+            cfg.cache_fingerprint = None
+        loader = ResumableLoader(SetStream(cfg, tokenize=self._tokenize_fn(), empty_text=self._empty_text), 0)
         return next(iter(loader), None)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .attention import configure_reference_attention
@@ -47,12 +48,25 @@ class LatentCodec:
         return self.fold
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, logvar) of the VAE posterior, unshifted and unscaled; pixels: (folded pixels, None).
+        What `jedi-data encode` caches: `sample` of it is exactly `encode`."""
         if self.vae is None:
-            return F.pixel_unshuffle(images, self.fold) if self.fold > 1 else images
-        images = images.to(self.vae.dtype)
-        dist = self.vae.encode(images).latent_dist
-        return (dist.sample(generator) - self.shift) * self.vae.config.scaling_factor
+            return (F.pixel_unshuffle(images, self.fold) if self.fold > 1 else images), None
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return dist.mean, dist.logvar
+
+    @torch.no_grad()
+    def sample(self, mean: torch.Tensor, logvar: torch.Tensor | None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior (from `posterior` or a cache) -> latents the denoiser sees, drawn as the VAE draws them."""
+        if logvar is None:
+            return mean
+        params = torch.cat([mean, logvar], dim=1).to(self.vae.dtype)
+        return (DiagonalGaussianDistribution(params).sample(generator) - self.shift) * self.vae.config.scaling_factor
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample(*self.posterior(images), generator)
 
     def encode_mode(self, images: torch.Tensor) -> torch.Tensor:
         """Deterministic encoding (the posterior mean): what sampling uses for reference photos."""
@@ -97,6 +111,10 @@ class Components:
     @property
     def family(self) -> str:
         return denoiser_family(self.unet)
+
+    def drop_text_encoders(self) -> None:
+        """Free the text encoders when every batch brings cached embeddings (jedi-data encode); tokenizers stay."""
+        self.text_encoder = self.text_encoder_2 = None
 
 
 def denoiser_family(model) -> str:
@@ -154,7 +172,8 @@ def _pipeline_class(model_dir: str) -> str | None:
 def check_model_dir(model_dir: str) -> str:
     """The model's family; one clear error naming the missing path and component."""
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir} does not exist; set model.model_dir to a diffusers "
+        why = "is a broken symlink or a symlink loop" if os.path.islink(model_dir) else "does not exist"
+        raise FileNotFoundError(f"model directory {model_dir} {why}; set model.model_dir to a diffusers "
                                 "Stable Diffusion directory (unet/ text_encoder/ tokenizer/ scheduler/ [vae/]; "
                                 "SDXL also text_encoder_2/ tokenizer_2/)")
     family = model_family(model_dir)
@@ -164,6 +183,22 @@ def check_model_dir(model_dir: str) -> str:
             raise FileNotFoundError(f"model directory {model_dir} is a {FAMILIES[family]} model{why} but lacks the "
                                     f"'{comp}' component ({os.path.join(model_dir, comp)} is missing)")
     return family
+
+
+def load_text_parts(model_dir: str, family: str) -> tuple:
+    """(text_encoder, tokenizer, text_encoder_2, tokenizer_2) of the family; the second pair None for SD."""
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    text_encoder_2 = tokenizer_2 = None
+    if family == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")
+        tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
+    elif family == "flux":
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        text_encoder_2 = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2")
+        tokenizer_2 = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
+    return text_encoder, tokenizer, text_encoder_2, tokenizer_2
 
 
 def load_components(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
@@ -184,17 +219,7 @@ def load_components(model_dir: str, conditioning: str = "channels", reference_ti
                                pixel_fold=None if not has_vae else 1)
     if reference_attention is not None:
         configure_reference_attention(unet, reference_attention)
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder_2 = tokenizer_2 = None
-    if family == "sdxl":
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")
-        tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
-    elif family == "flux":
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        text_encoder_2 = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2")
-        tokenizer_2 = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
+    text_encoder, tokenizer, text_encoder_2, tokenizer_2 = load_text_parts(model_dir, family)
     if family == "flux":  # flow matching: the velocity is the only target
         if prediction_type not in (None, "flow") or noise_schedule:
             raise ValueError(f"FLUX is a flow-matching model: set model.prediction_type=flow (not {prediction_type!r})"

@@ -5,6 +5,11 @@ Plain PyTorch: the LightningModule and the benchmarks call it; it knows nothing 
 batch (from the data stream, see data_pipelines/stream.py):
     pixel_values (B, N, 3, H, W) in [-1, 1]; input_ids (B, N, T) [(B, N, 2, T) for SDXL]; is_ref (B, N); valid (B, N);
     optional subject_mask (B, N, 1, H, W) in [0, 1] (procedural shards carry it)
+    optional cached encodings (shards written by `jedi-data encode`, any float dtype; used instead of the
+    frozen VAE / text encoders when present): latent_mean (B, N, C, h, w) [+ latent_logvar, same shape: a VAE
+    posterior, sampled each step as the VAE would]; text_hidden (B, N, T, D) [+ text_pooled (B, N, P),
+    text_time_ids (B, N, 6)]; text_empty_hidden (1, T, D) [+ text_empty_pooled, text_empty_time_ids]: the
+    "" caption, for caption dropout
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from diffusers.training_utils import compute_snr
 from .attention import SetLayout
 from .components import Components
 from .joint_flux import shifted_sigmas
-from .text import TextEmbeddings
+from .text import TEXT_FIELDS, PromptEncoder, TextEmbeddings
 
 
 @dataclass
@@ -40,6 +45,11 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return mask if tuple(mask.shape[-2:]) == tuple(size) else F.interpolate(mask, size=size, mode="area")
 
 
+def cached_text(batch: dict, prefix: str, dtype: torch.dtype) -> TextEmbeddings:
+    """batch[prefix + field] for each TextEmbeddings field present (text_hidden, text_pooled, ...)."""
+    return TextEmbeddings(*(batch[prefix + f].to(dtype) if prefix + f in batch else None for f in TEXT_FIELDS))
+
+
 @dataclass
 class Dropout:
     """Which conditions were dropped in one step (kept so tests and logs can see them)."""
@@ -52,12 +62,15 @@ class JeDiObjective:
     def __init__(self, components: Components, config: ObjectiveConfig | None = None):
         self.c = components
         self.cfg = config or ObjectiveConfig()
-        self.text = components.text
         self.empty_ids = self.text.token_ids([""])[0]  # (T,) or (2, T) for SDXL
         # flow matching (FLUX): x_t = (1 - sigma) x0 + sigma noise, t = 1000 sigma, target = noise - x0
         self.prediction_type = components.noise_scheduler.config.get("prediction_type") or "flow"
         if self.prediction_type == "flow" and self.cfg.snr_gamma is not None:
             raise ValueError("objective.snr_gamma (min-SNR weighting) is for DDPM models; set it to null for FLUX")
+
+    @property
+    def text(self) -> PromptEncoder:  # not kept: Components.drop_text_encoders must free the encoders
+        return self.c.text
 
     # -- pieces --------------------------------------------------------------------------------
     def sample_dropout(self, is_ref: torch.Tensor, valid: torch.Tensor, generator=None) -> Dropout:
@@ -72,6 +85,27 @@ class JeDiObjective:
 
     def encode_text(self, input_ids: torch.Tensor) -> TextEmbeddings:
         return self.text.embed(input_ids, self.c.resolution)
+
+    def latents(self, batch: dict, generator=None) -> torch.Tensor:
+        """(B*N, C, h, w): the cached posterior sampled, else the images encoded (frozen VAE / pixel fold)."""
+        pixels = batch["pixel_values"]
+        if "latent_mean" in batch:
+            logvar = batch.get("latent_logvar")
+            return self.c.codec.sample(batch["latent_mean"].flatten(0, 1).to(pixels.dtype),
+                                       None if logvar is None else logvar.flatten(0, 1).to(pixels.dtype), generator)
+        return self.c.codec.encode(pixels.flatten(0, 1), generator)
+
+    def text_conditioning(self, batch: dict, caption_dropped: torch.Tensor) -> TextEmbeddings:
+        """One row per image, captions dropped to "": cached embeddings when the batch has them, else encoded."""
+        if "text_hidden" in batch:
+            dtype = batch["pixel_values"].dtype
+            rows = cached_text(batch, "text_", dtype).apply(lambda x: x.flatten(0, 1))
+            drop = caption_dropped.flatten()
+            return rows.apply(lambda x, e: torch.where(drop.view(-1, *[1] * (x.dim() - 1)), e.to(x.device), x),
+                              cached_text(batch, "text_empty_", dtype))
+        ids = batch["input_ids"]
+        drop = caption_dropped.view(*caption_dropped.shape, *[1] * (ids.dim() - 2))
+        return self.encode_text(torch.where(drop, self.empty_ids.to(ids.device), ids).flatten(0, 1))
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.snr_gamma is None:
@@ -139,10 +173,8 @@ class JeDiObjective:
         dropout = dropout or self.sample_dropout(is_ref, valid, generator)
         layout = SetLayout.build(is_ref, valid, coupled=~dropout.reference)  # raises if a set has no target
 
-        latents = self.c.codec.encode(pixels.flatten(0, 1), generator)  # (B*N, C, h, w), frozen
-        drop = dropout.caption.view(*dropout.caption.shape, *[1] * (ids.dim() - 2))
-        ids = torch.where(drop, self.empty_ids.to(ids.device), ids)
-        text = self.encode_text(ids.flatten(0, 1))
+        latents = self.latents(batch, generator)  # (B*N, C, h, w), frozen
+        text = self.text_conditioning(batch, dropout.caption)
 
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)

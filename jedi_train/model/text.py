@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+TEXT_FIELDS = ("hidden", "pooled", "time_ids")  # TextEmbeddings' fields, in order (the cache stores them by name)
+
 
 @dataclass
 class TextEmbeddings:
@@ -90,10 +92,12 @@ class PromptEncoder:
     for the denoiser. One pair = SD 1.x/2.x; two pairs = SDXL (the second encoder has the projection)."""
 
     def __init__(self, tokenizers: list, text_encoders: list):
+        """text_encoders all None: dropped (Components.drop_text_encoders); token ids still work, embed refuses."""
         if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
             raise ValueError(f"{len(tokenizers)} tokenizers / {len(text_encoders)} text encoders: expected one pair "
                              "(SD 1.x/2.x) or two (SDXL, FLUX)")
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+        self.dropped = all(e is None for e in self.text_encoders)
         # SDXL's second encoder is a CLIP with projection; FLUX's is T5 (no pooled output of its own)
         self.layout = ("sd" if len(tokenizers) == 1 else
                        "flux" if "T5" in type(text_encoders[1]).__name__ else "sdxl")
@@ -101,7 +105,7 @@ class PromptEncoder:
     @classmethod
     def of(cls, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None) -> PromptEncoder:
         """From a model's named components (the second pair present, SDXL / FLUX, or both None)."""
-        if text_encoder_2 is None:
+        if tokenizer_2 is None:
             return cls([tokenizer], [text_encoder])
         return cls([tokenizer, tokenizer_2], [text_encoder, text_encoder_2])
 
@@ -116,6 +120,10 @@ class PromptEncoder:
     def embed(self, ids: torch.Tensor, resolution: int | None = None) -> TextEmbeddings:
         """ids from `token_ids` (any leading shape flattened to M rows) -> TextEmbeddings of M rows.
         resolution: pixel size of the images (SDXL's time_ids: uncropped, original = target size)."""
+        if self.dropped:
+            raise ValueError("the text encoders were dropped (data.drop_text_encoders=true) but a batch has no cached "
+                             "text embeddings; cache every source with `jedi-data encode`, or set "
+                             "data.drop_text_encoders=false")
         enc = self.text_encoders[0]
         if not self.dual:
             return TextEmbeddings(enc(ids.reshape(-1, ids.shape[-1]).to(enc.device))[0])
@@ -139,5 +147,6 @@ class PromptEncoder:
 
     def to(self, *args, **kwargs) -> PromptEncoder:
         for enc in self.text_encoders:
-            enc.to(*args, **kwargs)
+            if enc is not None:
+                enc.to(*args, **kwargs)
         return self
