@@ -47,3 +47,33 @@ def config_error(conf_dir: str, config_name: str, argv: list[str]) -> str | None
             return f"{text[0]} (available: {', '.join(options)})"
         return " ".join(text[:2])
     return None
+
+
+def writable_error(conf_dir: str, config_name: str, argv: list[str], key: str) -> str | None:
+    """One line when the directory at config `key` (resolved with `argv`) cannot be written (read-only,
+    full, forbidden), else None. Checked before Hydra starts: Hydra creates its run dir first and would
+    report a failure there as a traceback. Multirun and info flags are left to Hydra."""
+    import os
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .errors import disk_error
+
+    if "-m" in argv or "--multirun" in argv or any(a.split("=", 1)[0] in INFO_FLAGS | CONFIG_FLAGS for a in argv):
+        return None
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose(config_name, overrides=[a for a in argv if not a.startswith("-")])
+    path = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if not path:
+        return None
+    probe = os.path.abspath(str(path))
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:  # create nothing: probe the
+        probe = os.path.dirname(probe)                                   # deepest existing ancestor
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        return disk_error(e, where=key) or f"cannot use {key}={path}: {e.strerror or e}"
+    return None

@@ -22,6 +22,7 @@ from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
+from .errors import open_reason
 from .skips import Counts
 
 
@@ -115,7 +116,7 @@ def read_tar(url: str, counts: Counts, skip: int = 0) -> Iterator[tuple[int, dic
     try:
         stream = open_url(url)
     except Exception as e:  # noqa: BLE001
-        reason("open_failed", repr(e))
+        reason(open_reason(e), repr(e))
         return
     try:
         for sample in group_by_keys(files(stream), handler=on_group_error):

@@ -8,6 +8,7 @@
   Lightning checkpoints need nothing beyond torch's defaults (ints, floats, strings, dicts, lists,
   tensors; checked on real runs); DeepSpeed's ZeRO shards need the few classes in DEEPSPEED_GLOBALS.
 - `newest_complete`: the newest checkpoint of a run dir that loads, whatever its name.
+- `publish`: a finished temp file or dir renamed into place (strategies.AtomicDeepSpeedStrategy, exports).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import importlib
 import os
 import pickle
 import re
+import shutil
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -54,13 +56,40 @@ def atomic_save(obj, path: str) -> None:
             os.close(fd)
 
 
-def remove_partials(*dirs: str) -> list[str]:
-    """Temp files left by a save that was killed (they never carry a final name)."""
+def publish(tmp: str, path: str) -> None:
+    """Put the finished file or directory `tmp` at `path`, replacing what is there. A directory cannot be
+    renamed over another one: the old one is moved aside (a hidden name) first, then removed."""
+    directory, name = os.path.split(os.path.abspath(path))
+    old = os.path.join(directory, f".{name}{PARTIAL}old-{os.getpid()}")
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_partials(*dirs: str, name: str = "*", only_dead: bool = False) -> list[str]:
+    """Temp files and dirs left by a save that was killed (they never carry a final name).
+    only_dead: keep those of a live process (a directory other jobs publish into, e.g. exports): their
+    names hold the writer's pid (`.<name>.partial-<pid>...`)."""
     removed = []
     for d in dirs:
-        for p in glob.glob(os.path.join(glob.escape(str(d)), f".*{PARTIAL}*")):
+        for p in glob.glob(os.path.join(glob.escape(str(d)), f".{name}{PARTIAL}*")):
+            if only_dead:
+                pid = re.match(r"(?:old-)?(\d+)", os.path.basename(p).split(PARTIAL, 1)[1])
+                if pid is None or _pid_alive(int(pid.group(1))):
+                    continue
             with contextlib.suppress(OSError):
-                os.remove(p)
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
                 removed.append(p)
     return removed
 
@@ -149,3 +178,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return safe_load(os.fspath(path), map_location=map_location)
+

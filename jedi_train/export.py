@@ -19,8 +19,10 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 
+from data_pipelines.errors import missing
+
 from .bundle import MODULES as BUNDLE_MODULES
-from .checkpoints import DEEPSPEED_GLOBALS, deepspeed_files, safe_load
+from .checkpoints import DEEPSPEED_GLOBALS, PARTIAL, deepspeed_files, publish, remove_partials, safe_load
 from .model.components import Components, check_model_dir, denoiser_family, load_components
 from .model.lora import (
     LoraSettings,
@@ -54,21 +56,20 @@ def build_pipeline(components: Components, unet=None):
 def publish_dir(tmp: str, out_dir: str) -> None:
     """Rename a finished temp dir to out_dir; an existing out_dir is replaced only now, when the new one
     is complete (readers see the old or the new directory, never a half-written one)."""
-    if os.path.exists(out_dir):
-        old = tmp + ".old"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    publish(tmp, out_dir)
 
 
 @contextlib.contextmanager
 def staged_dir(out_dir: str):
-    """A temp dir beside out_dir (same filesystem), published as out_dir when the block ends without error."""
-    parent = os.path.dirname(out_dir)
+    """A temp dir beside out_dir (same filesystem), published as out_dir when the block ends without error.
+    Temp dirs of killed exports into the same place are removed first."""
+    parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    remove_partials(parent, name=name, only_dead=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}{PARTIAL}{os.getpid()}-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published dir should not be
     try:
         yield tmp
         publish_dir(tmp, out_dir)
@@ -141,7 +142,7 @@ def load_checkpoint(path: str) -> dict:
             convert_zero_checkpoint_to_fp32_state_dict(path, out)
             return safe_load(out, extra_globals=DEEPSPEED_GLOBALS)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give a .ckpt file or a DeepSpeed checkpoint dir")
+        raise FileNotFoundError(f"checkpoint {path} {missing(path)}; give a .ckpt file or a DeepSpeed checkpoint dir")
     return safe_load(path)
 
 

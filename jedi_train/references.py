@@ -31,7 +31,8 @@ def expand_reference_paths(items) -> list:
         if isinstance(item, (str, os.PathLike)):
             path = os.fspath(item)
             if not os.path.exists(path):
-                raise FileNotFoundError(f"reference {path} does not exist; give an image file or a folder of images")
+                why = "is a broken symlink or a symlink loop" if os.path.islink(path) else "does not exist"
+                raise FileNotFoundError(f"reference {path} {why}; give an image file or a folder of images")
             if os.path.isdir(path):
                 files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)
                                and not f.startswith("."))

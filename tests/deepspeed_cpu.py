@@ -7,12 +7,14 @@ import os
 
 import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy
+
+from jedi_train.strategies import AtomicDeepSpeedStrategy
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class CPUDeepSpeedStrategy(AtomicDeepSpeedStrategy):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("process_group_backend", "gloo")
         super().__init__(*args, **kwargs)

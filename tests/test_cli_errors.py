@@ -119,3 +119,20 @@ def test_a_data_url_matching_nothing_is_refused_without_running_the_demo_synthes
     assert "matches no shards" in line and "mine/*.tar" in line and "synthesis on first use" in line, line
     assert not (tmp_path / "data" / "sets" / "procedural_centered").exists()  # no synthesis happened
     assert "created the embedded tiny random-init model" in p.stdout + p.stderr  # and it said so
+
+
+def test_missing_shards_and_references_are_named_for_what_they_are(tmp_path, pipe_dir):
+    from data_pipelines.shards import read_tar
+    from data_pipelines.skips import Counts
+
+    loop = tmp_path / "loop.tar"
+    loop.symlink_to(loop)
+    counts = Counts(log_every_s=float("inf"))
+    for url in (str(tmp_path / "gone.tar"), str(loop)):
+        assert list(read_tar(url, counts)) == []
+    assert counts.skipped == {"not_found": 1, "symlink_loop": 1}, counts.skipped
+    ref = tmp_path / "loop.png"
+    ref.symlink_to(ref)
+    line = one_line_error(cli("jedi-sample", pipe_dir, "--ref", ref, "--prompt", "a toy", "--num", "1", "--out", tmp_path / "o",
+                              cwd=tmp_path), "jedi-sample")
+    assert "symlink loop" in line and "does not exist" not in line, line

@@ -39,6 +39,7 @@ def test_deepspeed_zero_checkpoint_consolidates(tiny_model_dir, tmp_path, stage,
     assert ckpt_dir.is_dir()  # a real ZeRO checkpoint: one shard per rank
     shards = [f for f in os.listdir(ckpt_dir / "checkpoint") if "optim_states" in f]
     assert len(shards) == devices
+    assert not [f for f in os.listdir(ckpt_dir.parent) if ".partial-" in f]  # written aside, renamed into place
     ckpt = load_checkpoint(str(ckpt_dir))
     state = unet_state_from_checkpoint(ckpt)
     unet = load_joint_unet(tiny_model_dir)

@@ -113,3 +113,25 @@ def test_deepspeed_shards_are_checked_before_the_converter_unpickles_them(tmp_pa
     with pytest.raises(UnsafeCheckpointError, match="system"):
         load_checkpoint(str(ds))
     assert not marker.exists()
+
+
+def test_temp_dirs_of_killed_exports_are_removed_and_live_ones_kept(tmp_path):
+    """A kill during an export leaves a hidden `.<name>.partial-<pid>-*` dir; the next export into the same
+    place removes it, unless its writer is still running (another job exporting there)."""
+    from jedi_train.export import staged_dir
+
+    dead = tmp_path / ".pipe.partial-999999999-abc"  # no such pid
+    live = tmp_path / f".pipe.partial-{os.getpid()}-xyz"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "model_index.json").write_text("{}")
+    with staged_dir(str(tmp_path / "pipe")) as tmp:
+        Path(tmp, "model_index.json").write_text("{}")
+        assert os.stat(tmp).st_mode & 0o077 == 0o777 & ~_umask() & 0o077  # not private to its writer
+    assert sorted(os.listdir(tmp_path)) == sorted(["pipe", live.name])
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m

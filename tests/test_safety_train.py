@@ -188,3 +188,20 @@ def test_a_killed_save_leaves_the_previous_checkpoint_and_a_temp_file_beside_it(
     assert len(partial) == 1 and partial[0].startswith(".last.ckpt.partial-")  # in the destination dir
     assert not list(other_tmp.iterdir())  # nothing staged in $TMPDIR (copied across filesystems)
     assert remove_partials(str(dest)) and [f.name for f in dest.iterdir()] == ["last.ckpt"]
+
+
+def test_a_checkpoint_dir_is_replaced_whole_and_a_killed_one_is_cleaned(tmp_path):
+    """DeepSpeed's per-rank shard dirs: written under a hidden name, renamed into place (AtomicDeepSpeedStrategy)."""
+    from jedi_train.checkpoints import PARTIAL, publish, remove_partials
+
+    final = tmp_path / "last.ckpt"
+    (final / "checkpoint").mkdir(parents=True)
+    (final / "checkpoint" / "old.pt").write_text("old")
+    new = tmp_path / f".last.ckpt{PARTIAL}zero"
+    (new / "checkpoint").mkdir(parents=True)
+    (new / "checkpoint" / "new.pt").write_text("new")
+    publish(str(new), str(final))
+    assert os.listdir(final / "checkpoint") == ["new.pt"] and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    killed = tmp_path / f".step0000002.ckpt{PARTIAL}zero"  # a save killed half-way: a hidden dir only
+    (killed / "checkpoint").mkdir(parents=True)
+    assert remove_partials(str(tmp_path)) == [str(killed)] and sorted(os.listdir(tmp_path)) == ["last.ckpt"]

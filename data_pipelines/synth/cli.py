@@ -141,14 +141,23 @@ def _hydra_entry() -> None:
         except MissingMandatoryValue as e:
             _error(f"{e.full_key} is required; give {e.full_key}=<value> on the command line")
             sys.exit(2)
+        except Exception as e:  # a disk that filled up (or went read-only) while writing: one line
+            from ..errors import disk_error
+
+            line = disk_error(e, where="out_dir")
+            if line is None:
+                raise
+            _error(line)
+            sys.exit(2)
 
     _main()
 
 
 def main() -> int:
-    from ..hydra_args import config_error
+    from ..hydra_args import config_error, writable_error
 
-    error = config_error(CONF_DIR, "synth", sys.argv[1:])  # bad keys/groups/sweeps: one line, exit 2
+    error = (config_error(CONF_DIR, "synth", sys.argv[1:])  # bad keys/groups/sweeps: one line, exit 2
+             or writable_error(CONF_DIR, "synth", sys.argv[1:], "out_dir"))
     if error:
         _error(error)
         return 2

@@ -35,8 +35,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (EvalError, FileNotFoundError) as e:
-        print(f"jedi-eval: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except Exception as e:
+        from data_pipelines.errors import disk_error
+
+        msg = disk_error(e, where="--out")
+        if msg is None and not isinstance(e, (EvalError, FileNotFoundError)):
+            raise
+        print(f"jedi-eval: error: {msg or ' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

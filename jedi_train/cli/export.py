@@ -38,8 +38,13 @@ def main(argv=None) -> None:
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, use_ema=not args.no_ema, model_dir=args.model_dir,
                                 overwrite=args.overwrite, lora_only=args.lora_only)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"jedi-export: error: {e}", file=sys.stderr)
+    except Exception as e:
+        from data_pipelines.errors import disk_error
+
+        line = disk_error(e, where="OUT_DIR") or (str(e) if isinstance(e, (FileNotFoundError, ValueError)) else None)
+        if line is None:
+            raise
+        print(f"jedi-export: error: {line}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {'LoRA adapter' if args.lora_only else 'pipeline'}: {out}")
     if args.push_to_hub:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
+
+from data_pipelines.errors import missing
 
 SCHEDULERS = ("ddim", "dpm")
 # sampling defaults of jedi-sample and jedi-app alike (scheduler None: the pipeline's own)
@@ -67,7 +67,7 @@ def parse_args(argv):
 
 def check_pipeline_dir(path: str) -> None:
     if not os.path.isdir(path):
-        raise UsageError(f"pipeline directory {path} does not exist; give the folder jedi-export wrote")
+        raise UsageError(f"pipeline directory {path} {missing(path)}; give the folder jedi-export wrote")
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise UsageError(f"pipeline directory {path} has no model_index.json, so it is not a saved "
                          "pipeline; export one with jedi-export CHECKPOINT OUT_DIR")
@@ -88,7 +88,7 @@ def check_args(args) -> None:
                          "--ref PATH (a photo or a folder of photos), or --image-guidance 0 for plain text-to-image")
     for ref in args.ref:
         if not os.path.exists(ref):
-            raise UsageError(f"--ref {ref} does not exist; give an image file or a folder of images")
+            raise UsageError(f"--ref {ref} {missing(ref)}; give an image file or a folder of images")
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt '' is empty; give each prompt some text")
     out = os.path.abspath(args.out)
@@ -221,7 +221,7 @@ def write_results(out_dir: str, result, settings: dict) -> None:
 
 
 def run(args) -> str:
-    from jedi_train.export import publish_dir
+    from jedi_train.export import staged_dir
 
     ref_files, warnings = prepare_references(args.ref)
     for w in warnings:
@@ -232,19 +232,11 @@ def run(args) -> str:
                                args.image_guidance, args.max_set_size, args.no_cache)
 
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
-    try:
+    with staged_dir(out) as tmp:  # published whole, or not at all
         settings = settings_dict(pipe, args.pipeline_dir, ref_files, args.prompt, args.num, args.seed, args.steps,
                                  args.guidance, args.image_guidance, args.max_set_size, args.no_cache, seconds,
                                  ["jedi-sample", *sys.argv[1:]])
         write_results(tmp, result, settings)
-        publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -253,8 +245,13 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         out = run(args)
-    except (UsageError, FileNotFoundError, ValueError) as e:
-        msg = " ".join(str(e).split())  # one line, whatever the source wrapped
+    except Exception as e:  # user errors and disk trouble: one line; anything else: the traceback
+        from data_pipelines.errors import disk_error
+
+        msg = disk_error(e, where="--out")
+        if msg is None and not isinstance(e, (UsageError, FileNotFoundError, ValueError)):
+            raise
+        msg = msg or " ".join(str(e).split())  # one line, whatever the source wrapped
         print(f"jedi-sample: error: {msg}", file=sys.stderr)
         return 2
     print(f"wrote {out}: {len(args.prompt) * args.num} images (seed {args.seed}), grid {os.path.join(out, 'grid.png')}, "

@@ -4,7 +4,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from data_pipelines.hydra_args import config_error
+from data_pipelines.errors import disk_error
+from data_pipelines.hydra_args import config_error, writable_error
 from jedi_train.config_checks import check_config
 from jedi_train.train import CONF_DIR
 
@@ -31,7 +32,7 @@ def _main(cfg: DictConfig) -> float | None:
             return None
         result = train(cfg)
     except Exception as e:  # user errors (also when raised inside hydra.utils.instantiate): one line
-        cause = user_error(e)
+        cause = user_error(e) or disk_error(e, where="paths.output_dir")
         if cause is None:
             raise
         print(f"jedi-train: error: {cause}", file=sys.stderr)
@@ -43,7 +44,8 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    error = config_error(CONF_DIR, "train", sys.argv[1:])  # bad keys/groups/sweeps: one line, exit 2
+    error = (config_error(CONF_DIR, "train", sys.argv[1:])  # bad keys/groups/sweeps: one line, exit 2
+             or writable_error(CONF_DIR, "train", sys.argv[1:], "paths.output_dir"))  # Hydra writes there first
     if error:
         print(f"jedi-train: error: {error}", file=sys.stderr)
         sys.exit(2)
