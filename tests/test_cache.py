@@ -187,3 +187,26 @@ def test_cache_members_round_trip_in_the_schema():
     assert set(got) == {"latent_mean", "text_hidden"}
     assert torch.equal(got["latent_mean"], mean[[2, 0]]) and torch.equal(got["text_hidden"], hidden[[2, 0]])
     assert cache_info({k: v for k, v in sample.items() if k != "text.safetensors"}) is None
+
+
+def test_uncached_sources_are_encoded_on_the_fly_unless_the_text_encoders_are_dropped(tiny_vae_model_dir, shards,
+                                                                                       tmp_path):
+    c = load_components(tiny_vae_model_dir)
+    out = encoded(tiny_vae_model_dir, shard_dir(shards), str(tmp_path / "cached"))
+
+    def datamodule(**kw):
+        dm = JeDiDataModule([f"{out}/*.tar", f"{shard_dir(shards)}/*.tar"], resolution=32, batch_size=4,
+                            num_workers=0, crop="center", tokenizer=c.text.tokenizers, **kw)
+        dm.cache_model = (tiny_vae_model_dir, c)
+        return dm
+
+    dm = datamodule(shuffle_buffer=4)
+    dm.setup()
+    assert dm.cfg.cache_fingerprint and c.text_encoder is not None
+    objective = JeDiObjective(c)
+    batches = list(dm.train_dataloader())
+    cached = [b for b in batches if "latent_mean" in b]
+    assert 0 < len(cached) < len(batches)  # a batch with an uncached set is encoded on the fly as a whole
+    assert all(torch.isfinite(objective(b)["loss"]) for b in batches)
+    with pytest.raises(ValueError, match=f"drop_text_encoders=true but .*{shard_dir(shards)}.* holds no cached"):
+        datamodule(drop_text_encoders=True).setup()
