@@ -45,7 +45,8 @@ def first_batch(model_dir, components, src, **kw):
     return next(iter(dm.train_dataloader()))
 
 
-@pytest.mark.parametrize(("fixture", "dtype", "tol"), [("tiny_vae_model_dir", "float16", 2e-3),
+@pytest.mark.parametrize(("fixture", "dtype", "tol"), [("tiny_model_dir", "float16", 2e-3),  # pixel fold codec
+                                                        ("tiny_vae_model_dir", "float16", 2e-3),
                                                         ("tiny_vae_model_dir", "bfloat16", 2e-2),
                                                         ("tiny_sdxl_model_dir", "float16", 2e-3),
                                                         ("tiny_flux_model_dir", "float16", 2e-3)])
@@ -57,8 +58,9 @@ def test_cached_and_on_the_fly_batches_give_the_same_loss(fixture, dtype, tol, s
     assert "latent_mean" not in fly and cached["set_id"] == fly["set_id"]
     assert not cached["valid"].all()  # padded sets: padding rows must not change the loss either
     assert cached["latent_mean"].dtype == getattr(torch, dtype)
+    assert ("latent_logvar" in cached) == (c.vae is not None)  # a VAE posterior; pixels are deterministic
     # every TextEmbeddings field of the layout is cached: SDXL pooled + time ids, FLUX pooled (CLIP) + T5 states
-    fields = {"tiny_vae_model_dir": {"hidden"}, "tiny_sdxl_model_dir": {"hidden", "pooled", "time_ids"},
+    fields = {"tiny_model_dir": {"hidden"}, "tiny_vae_model_dir": {"hidden"}, "tiny_sdxl_model_dir": {"hidden", "pooled", "time_ids"},
               "tiny_flux_model_dir": {"hidden", "pooled"}}[fixture]
     assert {k.removeprefix("text_") for k in cached if k.startswith("text_") and "empty" not in k} == fields
     assert {k.removeprefix("text_empty_") for k in cached if k.startswith("text_empty_")} == fields
