@@ -51,6 +51,9 @@ def _open(item, resolution: int) -> Image.Image:
         path = os.fspath(item)
         try:
             img = open_pil(path, resolution)
+        except Image.DecompressionBombError:  # not an OSError: PIL refuses to decode it at all
+            raise ValueError(f"reference {path} has too many pixels for PIL to decode safely (a possible "
+                             "decompression bomb); give a smaller photo, e.g. scaled to 4096 px or less") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ValueError(f"reference {path} is not a readable image ({type(e).__name__}); "
                              "give a JPEG/PNG/WebP file") from None

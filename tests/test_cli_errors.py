@@ -136,3 +136,11 @@ def test_missing_shards_and_references_are_named_for_what_they_are(tmp_path, pip
     line = one_line_error(cli("jedi-sample", pipe_dir, "--ref", ref, "--prompt", "a toy", "--num", "1", "--out", tmp_path / "o",
                               cwd=tmp_path), "jedi-sample")
     assert "symlink loop" in line and "does not exist" not in line, line
+
+
+def test_the_pipeline_api_refuses_a_decompression_bomb_reference_in_one_clear_error(tmp_path):
+    from jedi_train.references import load_references
+
+    with pytest.raises(ValueError, match=r"too many pixels .* decompression bomb.*smaller photo") as e:
+        load_references([str(bomb_png(tmp_path / "bomb.png", 15000, 15000))], 32)
+    assert "\n" not in str(e.value)

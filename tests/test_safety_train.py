@@ -68,14 +68,16 @@ def root(tmp_path_factory):
     return make_root(tmp_path_factory.mktemp("safety_root"))
 
 
-def interrupt(root: Path, run: Path, signum: int, after_steps: int = 3, workers: int = 2, extra=()):
-    """Start a long run, wait until `after_steps` steps are in loss_curve.csv, send `signum` (to rank 0)."""
+def interrupt(root: Path, run: Path, signum: int, after_steps: int = 3, workers: int = 2, extra=(), group=False):
+    """Start a long run, wait until `after_steps` steps are in loss_curve.csv, send `signum` (to rank 0; with
+    group=True to its whole process group, DataLoader workers included, as Ctrl+C in a terminal does)."""
     cmd = [str(BIN / "jedi-train"), *ARGS, "trainer.max_steps=100000", "callbacks.model_checkpoint.every_n_train_steps=1000",
            f"data.num_workers={workers}", f"paths.output_dir={run}", *extra]
     log = run.parent / f"{run.name}.log"  # a file, not a pipe: nobody reads a pipe while we wait
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env(root), cwd=root, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env(root), cwd=root, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=group)
     curve, seen, deadline = run / "loss_curve.csv", 0, time.monotonic() + 300
     try:
         while seen < after_steps:
@@ -84,7 +86,7 @@ def interrupt(root: Path, run: Path, signum: int, after_steps: int = 3, workers:
             time.sleep(0.2)
             if curve.exists():
                 seen = len(curve.read_text().splitlines()) - 1
-        proc.send_signal(signum)
+        os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
@@ -114,6 +116,15 @@ def test_sigint_saves_the_current_step_and_exits_130(root):
     rc, out, seen = interrupt(root, run, signal.SIGINT, workers=0)
     assert rc == 128 + signal.SIGINT, out[-3000:]
     assert step_of(run / "checkpoints" / "last.ckpt") >= seen
+
+
+def test_ctrl_c_to_the_process_group_with_loader_workers_saves_and_exits_130(root):
+    """The terminal's Ctrl+C reaches the DataLoader workers too: they must not die first and take the run down."""
+    run = root / "runs" / "int-group"
+    rc, out, seen = interrupt(root, run, signal.SIGINT, workers=2, group=True)
+    assert rc == 128 + signal.SIGINT, out[-3000:]
+    assert step_of(run / "checkpoints" / "last.ckpt") >= seen
+    assert "Traceback" not in out and "exited unexpectedly" not in out, out[-3000:]
 
 
 @pytest.mark.slow
