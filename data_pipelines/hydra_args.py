@@ -63,9 +63,15 @@ def writable_error(conf_dir: str, config_name: str, argv: list[str], key: str) -
 
     if "-m" in argv or "--multirun" in argv or any(a.split("=", 1)[0] in INFO_FLAGS | CONFIG_FLAGS for a in argv):
         return None
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose(config_name, overrides=[a for a in argv if not a.startswith("-")])
-    path = OmegaConf.select(cfg, key, throw_on_missing=False)
+    from hydra.core.hydra_config import HydraConfig
+
+    try:  # resolving `key` may need ${hydra:...} (the run's cwd): compose with Hydra's own config set
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=[a for a in argv if not a.startswith("-")], return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            path = OmegaConf.select(cfg, key, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - whatever cannot be resolved here is Hydra's to report
+        return None
     if not path:
         return None
     probe = os.path.abspath(str(path))

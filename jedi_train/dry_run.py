@@ -40,7 +40,7 @@ ARCHITECTURES = {
                 "use_quant_conv": False, "use_post_quant_conv": False},
     },
 }
-DTYPE_BYTES = {None: 4, "float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {None: 4, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 def _read(model_dir: str, sub: str) -> dict | None:
@@ -134,6 +134,11 @@ def estimate(cfg) -> dict:
     family, denoiser, frozen = build_on_meta(model_cfg)
     trained = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     frozen_base = sum(p.numel() for p in denoiser.parameters() if not p.requires_grad)
+    # model.lora.base_dtype stores the frozen Linear/Conv weights in fewer bytes (lora.store_base_in)
+    base_dtype = (model_cfg.get("lora") or {}).get("base_dtype")
+    stored = sum(m.weight.numel() for n, m in denoiser.named_modules() if "lora_" not in n
+                 and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.requires_grad) if base_dtype else 0
+    base_bytes = 4 * (frozen_base - stored) + DTYPE_BYTES.get(base_dtype, 4) * stored
     frozen_parts = sum(p.numel() for m in frozen for p in m.parameters())
     strategy = cfg.get("strategy") or {}
     stage = int(strategy.get("stage", 0) or 0)
@@ -141,12 +146,13 @@ def estimate(cfg) -> dict:
     shard = world if stage >= 2 else 1
     ema = 4 * trained if (model_cfg.get("ema") or {}).get("enabled", True) else 0  # ZeRO-3: gathered, full copy
     frozen_bytes = DTYPE_BYTES.get(model_cfg.get("frozen_dtype"), 4)
-    optimizer = 8 * trained / shard
+    adam8 = (model_cfg.get("optimizer") or {}).get("name") == "adamw8bit"  # bitsandbytes: 2 x 1 byte per parameter
+    optimizer = (2 if adam8 else 8) * trained / shard
     per_rank = {"trained weights (fp32)": 4 * trained / (world if stage >= 3 else 1),
                 "gradients (fp32)": 4 * trained / shard,
-                "AdamW states (fp32)": 0.0 if strategy.get("offload_optimizer") else optimizer,
+                f"AdamW states ({'8-bit' if adam8 else 'fp32'})": 0.0 if strategy.get("offload_optimizer") else optimizer,
                 "EMA copy (fp32)": float(ema),
-                "frozen base of the denoiser": float(4 * frozen_base),
+                f"frozen base of the denoiser ({base_dtype or 'float32'})": float(base_bytes),
                 f"text encoders + VAE ({model_cfg.get('frozen_dtype') or 'float32'})": float(frozen_bytes * frozen_parts)}
     return {"family": family, "denoiser": type(denoiser).__name__, "trained": trained, "frozen_base": frozen_base,
             "frozen_parts": frozen_parts, "world": world, "stage": stage, "per_rank": per_rank,

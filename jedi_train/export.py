@@ -116,9 +116,24 @@ def save_pipeline_atomically(pipe, out_dir: str, overwrite: bool = False, card: 
     return out_dir
 
 
+def components_from_hparams(hp: dict, model_dir: str) -> Components:
+    """The model as a run's hyper-parameters load it, in full precision (the joint settings from `hp`)."""
+    return load_components(model_dir, hp.get("conditioning", "channels"), hp.get("reference_timestep", "zero"),
+                           hp.get("prediction_type"), reference_attention=hp.get("reference_attention", "set"),
+                           noise_schedule=hp.get("noise_schedule"), resolution=hp.get("resolution"),
+                           reference_positions=hp.get("reference_positions", "same"))
+
+
 def export_module(module, out_dir: str, use_ema: bool = True, overwrite: bool = True) -> str:
     """From a live JeDiModule (end of training; replaces the run's previous export on resume)."""
-    unet = copy.deepcopy(module.unet).to("cpu", torch.float32)
+    if module.lora.enabled and module.lora.base_dtype:  # fuse into the full-precision base, not the stored one
+        hp = dict(module.hparams)
+        unet = components_from_hparams(hp, hp["model_dir"]).unet
+        add_lora(unet, module.lora)
+        unet.load_state_dict({n: p.detach().cpu().float() for n, p in module.unet.named_parameters()
+                              if p.requires_grad}, strict=False)
+    else:
+        unet = copy.deepcopy(module.unet).to("cpu", torch.float32)
     if use_ema and module.ema is not None:
         ema = copy.deepcopy(module.ema)
         ema.to("cpu")
@@ -237,11 +252,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
     if not model_dir:
         raise ValueError(f"{ckpt_path} records no model_dir; pass --model-dir with the base model directory")
     check_family(ckpt, check_model_dir(model_dir), ckpt_path)  # before loading: the settings differ by family
-    components = load_components(model_dir, hp.get("conditioning", "channels"),
-                                 hp.get("reference_timestep", "zero"), hp.get("prediction_type"),
-                                 reference_attention=hp.get("reference_attention", "set"),
-                                 noise_schedule=hp.get("noise_schedule"), resolution=hp.get("resolution"),
-                                 reference_positions=hp.get("reference_positions", "same"))
+    components = components_from_hparams(hp, model_dir)
     unet, lora = components.unet, LoraSettings(**(hp.get("lora") or {}))
     if lora.enabled:
         add_lora(unet, lora)

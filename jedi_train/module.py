@@ -16,7 +16,14 @@ from diffusers.training_utils import EMAModel
 from lightning.pytorch.utilities import rank_zero_info
 
 from .model.components import Components, load_components
-from .model.lora import LoraSettings, add_lora, base_fingerprint, trained_names, trained_parameters
+from .model.lora import (
+    LoraSettings,
+    add_lora,
+    base_fingerprint,
+    store_base_in,
+    trained_names,
+    trained_parameters,
+)
 from .model.objective import JeDiObjective, ObjectiveConfig
 from .model.tiny import create_tiny_model_dir
 
@@ -35,6 +42,19 @@ def prepare_model_dir(model_dir: str, create_tiny_if_missing: dict | None = None
                        "there (model.create_tiny_if_missing); set model.model_dir to a diffusers model directory "
                        "to train a real one")
     return model_dir
+
+
+def adamw_8bit(params, device: torch.device, **kwargs):
+    """bitsandbytes' AdamW8bit (an optional extra: pip install bitsandbytes; CUDA only)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError("model.optimizer.name=adamw8bit needs bitsandbytes: pip install bitsandbytes (or use "
+                         "model.optimizer.name=adamw)") from None
+    if device.type != "cuda":
+        raise ValueError(f"model.optimizer.name=adamw8bit runs on CUDA GPUs only, this run is on {device.type}; use "
+                         "model.optimizer.name=adamw here (trainer=gpu for 8-bit AdamW)")
+    return bnb.optim.AdamW8bit(params, **kwargs)
 
 
 class JeDiModule(L.LightningModule):
@@ -72,7 +92,12 @@ class JeDiModule(L.LightningModule):
                              "in model.lora.train_fully")
         if self.lora.enabled:  # base frozen; adapter + joint-specific input weights train
             add_lora(self.unet, self.lora, seed)
-            self.lora_base = base_fingerprint(self.unet)
+            self.lora_base = base_fingerprint(self.unet)  # of the base as loaded, before any low-precision storage
+            if self.lora.base_dtype:
+                store_base_in(self.unet, self.lora.base_dtype)
+        elif self.lora.base_dtype:
+            raise ValueError("model.lora.base_dtype stores a LoRA run's frozen base in low precision; set "
+                             "model.lora.rank > 0 (or model.lora.base_dtype=null for a full finetune)")
             self.strict_loading = False  # LoRA checkpoints hold the trained weights only
         if trainable:  # only parameters whose names start with one of these prefixes train
             for name, p in self.unet.named_parameters():
@@ -155,11 +180,17 @@ class JeDiModule(L.LightningModule):
 
     # -- optimizer ------------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt_cfg = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8} | dict(self.hparams.optimizer or {})
+        opt_cfg = {"name": "adamw", "lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8} | \
+            dict(self.hparams.optimizer or {})
         params = trained_parameters(self.unet)
-        optimizer = torch.optim.AdamW(params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
-                                      weight_decay=opt_cfg["weight_decay"], eps=opt_cfg["eps"],
-                                      foreach=True)  # torch only picks the multi-tensor kernel by itself on GPU
+        kwargs = {"lr": opt_cfg["lr"], "betas": tuple(opt_cfg["betas"]), "weight_decay": opt_cfg["weight_decay"],
+                  "eps": opt_cfg["eps"]}
+        if opt_cfg["name"] == "adamw":  # foreach: torch only picks the multi-tensor kernel by itself on GPU
+            optimizer = torch.optim.AdamW(params, foreach=True, **kwargs)
+        elif opt_cfg["name"] == "adamw8bit":  # optimizer states in 8 bits: 2 bytes per parameter instead of 8
+            optimizer = adamw_8bit(params, self.device, **kwargs)
+        else:
+            raise ValueError(f"model.optimizer.name={opt_cfg['name']!r} is unknown; use adamw or adamw8bit")
         sch = {"name": "constant_with_warmup", "warmup_steps": 0} | dict(self.hparams.lr_scheduler or {})
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**6
         scheduler = get_scheduler(sch["name"], optimizer, num_warmup_steps=sch["warmup_steps"],

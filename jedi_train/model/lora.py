@@ -8,6 +8,8 @@
   `JeDiPipeline.save_lora_weights` (and back through `JeDiPipeline.load_lora_weights`).
 - `fuse_lora(unet)`: adapter merged into the base weights and removed: a plain joint UNet.
 - `base_fingerprint(unet)`: LoRA checkpoints hold no base weights; this names the base they need.
+- `store_base_in(unet, dtype)`: the frozen base kept in bf16 / fp16 / fp8, each layer's weight upcast when
+  it is read; the adapter and fully trained weights stay fp32.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     dropout: float = 0.0
     train_fully: list[str] | None = None  # module names trained in full; None: the joint-specific new ones
+    base_dtype: str | None = None      # frozen base stored as bfloat16 | float16 | float8_e4m3fn (None: as loaded)
 
     @property
     def enabled(self) -> bool:
@@ -122,3 +125,40 @@ def base_fingerprint(unet) -> str:
                 h.update(name.encode())
                 h.update(f"{p.double().sum().item():.6e}".encode())
     return h.hexdigest()[:16]
+
+
+BASE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
+
+
+class _Upcast(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.dtype)
+
+
+def store_base_in(unet, dtype_name: str) -> None:
+    """Keep the frozen base's Linear / Conv weights in `dtype_name`, upcast to the trained weights' dtype each
+    time a layer reads them (a torch parametrization: the upcast copy lives only as long as the forward and
+    backward need it, so activations and gradients keep full precision). Norms, embeddings, biases, the
+    adapter and fully trained modules are left as they are. Not diffusers' layerwise-casting hooks: they
+    cast the parameter itself back after the forward, so the backward pass would meet the stored dtype."""
+    from torch.nn.utils import parametrize
+
+    if dtype_name not in BASE_DTYPES:
+        raise ValueError(f"model.lora.base_dtype={dtype_name!r} is not supported; use one of {', '.join(BASE_DTYPES)} "
+                         "(or null to keep the base as loaded)")
+    trained = trained_parameters(unet)
+    if not trained:
+        raise ValueError("model.lora.base_dtype needs LoRA: set model.lora.rank > 0")
+    storage, compute = getattr(torch, dtype_name), trained[0].dtype
+    for name, module in list(unet.named_modules()):
+        if "lora_" in name or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if module.weight.requires_grad or parametrize.is_parametrized(module, "weight"):
+            continue
+        parametrize.register_parametrization(module, "weight", _Upcast(compute), unsafe=True)
+        stored = module.parametrizations.weight.original
+        stored.data = stored.data.to(storage)
