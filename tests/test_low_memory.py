@@ -53,7 +53,7 @@ def test_the_frozen_base_is_stored_in_low_precision_and_the_adapter_still_trains
 
     batch = _batch(low)
     ref, loss = _loss(full, batch), _loss(low, batch)
-    tol = {"bfloat16": 0.05, "float8_e4m3fn": 0.3}[dtype]  # the base's rounding, nothing else
+    tol = {"bfloat16": 0.005, "float8_e4m3fn": 0.02}[dtype]  # the base's rounding, nothing else (seen: 1e-4, 1.4e-3)
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= tol * ref.item()
     loss.backward()
     grads = [p.grad for n, p in low.unet.named_parameters() if "lora_B" in n]
