@@ -144,3 +144,27 @@ def test_the_pipeline_api_refuses_a_decompression_bomb_reference_in_one_clear_er
     with pytest.raises(ValueError, match=r"too many pixels .* decompression bomb.*smaller photo") as e:
         load_references([str(bomb_png(tmp_path / "bomb.png", 15000, 15000))], 32)
     assert "\n" not in str(e.value)
+
+
+def test_pickled_bin_weights_are_refused_in_one_line_naming_the_file_and_the_conversion(tmp_path):
+    """A plain tensor .bin loads; one holding Python objects is refused by the safe loader, with the fix."""
+    import argparse
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from jedi_train.model.components import load_components
+    from jedi_train.model.tiny import create_tiny_model_dir
+
+    d = create_tiny_model_dir(str(tmp_path / "m"))
+    state = UNet2DConditionModel.from_pretrained(d, subfolder="unet").state_dict()
+    os.remove(f"{d}/unet/diffusion_pytorch_model.safetensors")
+    torch.save(state, f"{d}/unet/diffusion_pytorch_model.bin")
+    assert load_components(d).unet is not None  # tensors only: fine
+    torch.save({**state, "args": argparse.Namespace(lr=1)}, f"{d}/unet/diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.bin holds Python objects.*safe_serialization=True"):
+        load_components(d)
+    run = tmp_path / "run"
+    line = one_line_error(cli("jedi-train", "logger=none", f"model.model_dir={d}", "model.create_tiny_if_missing=null",
+                              f"paths.output_dir={run}", cwd=tmp_path), "jedi-train")
+    assert "holds Python objects" in line, line

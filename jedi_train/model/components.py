@@ -9,8 +9,10 @@ The family is read from the denoiser's config. A real download and the tiny offl
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +187,26 @@ def check_model_dir(model_dir: str) -> str:
     return family
 
 
+def refuse_pickled_weights(load):
+    """A `.bin` (pickle) weights file holding more than tensors is refused by the safe loader (torch.load with
+    weights_only=True, so that a file cannot run code); diffusers says only "Unable to load weights": say why
+    and how to convert."""
+    @functools.wraps(load)
+    def wrapper(*args, **kwargs):
+        try:
+            return load(*args, **kwargs)
+        except OSError as e:
+            found = re.search(r"checkpoint file for '([^']+\.bin)'", str(e))
+            if found is None:
+                raise
+            raise ValueError(f"{found.group(1)} holds Python objects besides tensors, which the safe loader "
+                             "(torch.load(weights_only=True)) refuses so that a file cannot run code; where you trust "
+                             "it, convert the model to safetensors (from_pretrained, then save_pretrained(DIR, "
+                             "safe_serialization=True)) and set model.model_dir to DIR") from None
+    return wrapper
+
+
+@refuse_pickled_weights
 def load_text_parts(model_dir: str, family: str) -> tuple:
     """(text_encoder, tokenizer, text_encoder_2, tokenizer_2) of the family; the second pair None for SD."""
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
@@ -201,6 +223,7 @@ def load_text_parts(model_dir: str, family: str) -> tuple:
     return text_encoder, tokenizer, text_encoder_2, tokenizer_2
 
 
+@refuse_pickled_weights
 def load_components(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
                     prediction_type: str | None = None, dtype: torch.dtype | None = None,
                     reference_attention: str | None = None, noise_schedule: dict | None = None,
