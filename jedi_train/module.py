@@ -93,12 +93,12 @@ class JeDiModule(L.LightningModule):
         if self.lora.enabled:  # base frozen; adapter + joint-specific input weights train
             add_lora(self.unet, self.lora, seed)
             self.lora_base = base_fingerprint(self.unet)  # of the base as loaded, before any low-precision storage
+            self.strict_loading = False  # LoRA checkpoints hold the trained weights only
             if self.lora.base_dtype:
                 store_base_in(self.unet, self.lora.base_dtype)
         elif self.lora.base_dtype:
             raise ValueError("model.lora.base_dtype stores a LoRA run's frozen base in low precision; set "
                              "model.lora.rank > 0 (or model.lora.base_dtype=null for a full finetune)")
-            self.strict_loading = False  # LoRA checkpoints hold the trained weights only
         if trainable:  # only parameters whose names start with one of these prefixes train
             for name, p in self.unet.named_parameters():
                 p.requires_grad_(any(name.startswith(pre) for pre in trainable))
