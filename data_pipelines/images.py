@@ -134,11 +134,22 @@ def resize_short_side(arr: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def crop_square(arr: np.ndarray, resolution: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The resolution x resolution square: centred, or at a random offset drawn from `rng`."""
-    dy, dx = arr.shape[0] - resolution, arr.shape[1] - resolution
+def crop_offset(shape: tuple[int, ...], resolution: int, rng: np.random.Generator | None = None) -> tuple[int, int]:
+    """(top, left) of the resolution x resolution square in an image of `shape`: centred, or drawn from `rng`."""
+    dy, dx = shape[0] - resolution, shape[1] - resolution
     if rng is not None:
         x, y = int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1))
-    else:
-        x, y = dx // 2, dy // 2
+        return y, x
+    return dy // 2, dx // 2
+
+
+def crop_square(arr: np.ndarray, resolution: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The resolution x resolution square: centred, or at a random offset drawn from `rng`."""
+    y, x = crop_offset(arr.shape, resolution, rng)
     return arr[y:y + resolution, x:x + resolution]
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of an encoded image from its header (nothing is decoded)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size[1], img.size[0]

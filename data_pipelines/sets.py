@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .images import Unusable, crop_square, decode_rgb, resize_short_side
+from .images import Unusable, crop_offset, decode_rgb, header_size, resize_short_side
 from .schema import cache_info, decode_cache, mask_key, set_meta
 from .skips import Counts
 
@@ -35,10 +35,11 @@ class SetOptions:
 
 
 def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: Counts,
-               mask: bytes | None = None) -> np.ndarray | None:
+               mask: bytes | None = None, geometry: list | None = None) -> np.ndarray | None:
     """Encoded bytes -> uint8 (res, res, 3), or None (counted) when the image cannot be used.
     With `mask` (an encoded subject mask): (res, res, 4), the mask as a 4th channel, cropped and
-    flipped with the image."""
+    flipped with the image. `geometry`: gets (original height, width, crop top, left) appended, the crop
+    in resized coordinates (SDXL's size and crop micro-conditioning)."""
     try:
         arr = resize_short_side(decode_rgb(data, opt.resolution, opt.max_image_pixels, opt.min_image_size, counts),
                                 opt.resolution)
@@ -51,7 +52,10 @@ def load_image(data: bytes, opt: SetOptions, rng: np.random.Generator, counts: C
     except Unusable as e:
         counts.skip(e.reason, str(e))
         return None
-    arr = crop_square(arr, opt.resolution, rng if opt.crop == "random" else None)
+    top, left = crop_offset(arr.shape, opt.resolution, rng if opt.crop == "random" else None)
+    if geometry is not None:
+        geometry.append((*header_size(data), top, left))
+    arr = arr[top:top + opt.resolution, left:left + opt.resolution]
     if opt.flip_prob and rng.random() < opt.flip_prob:
         arr = arr[:, ::-1]
     return arr
@@ -99,12 +103,12 @@ def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Co
         return None
     captions = read_captions(sample.get("json"), meta, counts)
     size = int(rng.integers(opt.min_set, min(n, opt.max_set) + 1))
-    images, caps, picked = [], [], []
+    images, caps, picked, geometry = [], [], [], []
     for i in rng.permutation(n):  # decode only what the set needs; a bad image is replaced by the next
         if len(images) == size:
             break
         arr = load_image(sample[keys[i]], opt, rng, counts,
-                         sample[mask_key(int(i))] if has_masks else None)
+                         sample[mask_key(int(i))] if has_masks else None, geometry)
         if arr is not None:
             images.append(arr)
             caps.append(captions[i])
@@ -114,7 +118,8 @@ def load_set(sample: dict, opt: SetOptions, rng: np.random.Generator, counts: Co
         return None
     is_ref = np.zeros(len(images), dtype=bool)
     is_ref[rng.choice(len(images), choose_ref_count(len(images), opt.ref_count_probs, rng), replace=False)] = True
-    out = {"set_id": str(meta["set_id"]), "images": [a[..., :3] for a in images], "captions": caps, "is_ref": is_ref}
+    out = {"set_id": str(meta["set_id"]), "images": [a[..., :3] for a in images], "captions": caps, "is_ref": is_ref,
+           "size_crop": np.array(geometry, dtype=np.int64).reshape(-1, 4)}  # one row per kept image
     if has_masks:
         out["masks"] = [a[..., 3] for a in images]
     info = cache_info(sample) if opt.cache_fingerprint else None
@@ -170,7 +175,11 @@ def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor]
     pixels.copy_(torch.from_numpy(u8)).div_(127.5).sub_(1.0)
     if not valid.all():
         pixels[~valid] = 0.0
-    batch = {"pixel_values": pixels, "is_ref": is_ref, "valid": valid,
+    size_crop = torch.tensor([res, res, 0, 0]).repeat(b, n, 1)  # padding: as an uncropped image of that size
+    for i, s in enumerate(sets):
+        if "size_crop" in s:
+            size_crop[i, :len(s["size_crop"])] = torch.from_numpy(s["size_crop"])
+    batch = {"pixel_values": pixels, "is_ref": is_ref, "valid": valid, "size_crop": size_crop,
              "set_id": [s["set_id"] for s in sets], "captions": [list(s["captions"]) for s in sets]}
     if all("masks" in s for s in sets):
         m8 = np.zeros((b, n, 1, res, res), dtype=np.uint8)

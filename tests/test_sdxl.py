@@ -62,6 +62,38 @@ def test_objective_trains_the_unet_with_pooled_text(components):
     assert drop.caption.shape == (2, 3)
 
 
+
+def test_size_and_crop_micro_conditioning_come_from_each_images_own_geometry(components, monkeypatch):
+    """The stream records each image's original size and random-crop offset; SDXL's time_ids carry them."""
+    import numpy as np
+
+    from data_pipelines.schema import encode_set
+    from data_pipelines.sets import SetOptions, collate_sets, load_set
+    from data_pipelines.skips import Counts
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 64, 3), dtype=np.uint8) for _ in range(3)]  # (h, w): short side 40
+    sample = encode_set("s0", images, ["a backpack"] * 3, ext="png")
+    opt = SetOptions(resolution=32, min_set=3, max_set=3, crop="random", ref_count_probs=[0, 1, 0, 0])
+    s = load_set(sample, opt, np.random.default_rng(1), Counts())
+    geo = s["size_crop"]
+    assert geo.shape == (3, 4) and (geo[:, :3] == [40, 64, 0]).all()  # resized to 32 x 51: crops move along x
+    assert len(set(geo[:, 3].tolist())) > 1 and ((0 <= geo[:, 3]) & (geo[:, 3] <= 51 - 32)).all()
+
+    batch = collate_sets([s, {**s, "images": s["images"][:2], "captions": s["captions"][:2], "is_ref": s["is_ref"][:2],
+                              "size_crop": geo[:2]}], lambda caps: components.text.token_ids(caps))
+    seen = {}
+
+    def record(sample, t, text, layout, guidance=None):
+        seen["time_ids"] = text.time_ids
+        return torch.zeros_like(sample[:, :components.unet.config.out_channels])
+
+    monkeypatch.setattr(components.unet, "denoise", record)
+    JeDiObjective(components)(batch, generator=torch.Generator().manual_seed(0))
+    t = seen["time_ids"].view(2, 3, 6)
+    assert t[0].tolist() == [[40, 64, 0, int(x), 32, 32] for x in geo[:, 3]]
+    assert t[1, 2].tolist() == [32, 32, 0, 0, 32, 32]  # padding: an uncropped image at the target size
+
 @needs_dreambench
 def test_pipeline_cache_save_load_and_references(cache_pipe, tmp_path):
     pipe = cache_pipe

@@ -4,7 +4,8 @@ Plain PyTorch: the LightningModule and the benchmarks call it; it knows nothing 
 
 batch (from the data stream, see data_pipelines/stream.py):
     pixel_values (B, N, 3, H, W) in [-1, 1]; input_ids (B, N, T) [(B, N, 2, T) for SDXL]; is_ref (B, N); valid (B, N);
-    optional subject_mask (B, N, 1, H, W) in [0, 1] (procedural shards carry it)
+    optional subject_mask (B, N, 1, H, W) in [0, 1] (procedural shards carry it); size_crop (B, N, 4): original
+    height, width and crop top, left of each image (the stream records them: SDXL's time_ids)
     optional cached encodings (shards written by `jedi-data encode`, any float dtype; used instead of the
     frozen VAE / text encoders when present): latent_mean (B, N, C, h, w) [+ latent_logvar, same shape: a VAE
     posterior, sampled each step as the VAE would]; text_hidden (B, N, T, D) [+ text_pooled (B, N, P),
@@ -13,7 +14,7 @@ batch (from the data stream, see data_pipelines/stream.py):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from diffusers.training_utils import compute_snr
 from .attention import SetLayout
 from .components import Components
 from .joint_flux import shifted_sigmas
-from .text import TEXT_FIELDS, PromptEncoder, TextEmbeddings
+from .text import TEXT_FIELDS, PromptEncoder, TextEmbeddings, sdxl_time_ids
 
 
 @dataclass
@@ -96,7 +97,15 @@ class JeDiObjective:
         return self.c.codec.encode(pixels.flatten(0, 1), generator)
 
     def text_conditioning(self, batch: dict, caption_dropped: torch.Tensor) -> TextEmbeddings:
-        """One row per image, captions dropped to "": cached embeddings when the batch has them, else encoded."""
+        """One row per image, captions dropped to "": cached embeddings when the batch has them, else encoded.
+        SDXL's size/crop micro-conditioning comes from the images' own sizes and crops (batch["size_crop"])."""
+        text = self._text_rows(batch, caption_dropped)
+        if text.time_ids is not None and "size_crop" in batch:
+            sizes = batch["size_crop"].flatten(0, 1).to(text.time_ids.device)
+            text = replace(text, time_ids=sdxl_time_ids(sizes, self.c.resolution).to(text.time_ids))
+        return text
+
+    def _text_rows(self, batch: dict, caption_dropped: torch.Tensor) -> TextEmbeddings:
         if "text_hidden" in batch:
             dtype = batch["pixel_values"].dtype
             rows = cached_text(batch, "text_", dtype).apply(lambda x: x.flatten(0, 1))

@@ -20,6 +20,16 @@ import torch.nn.functional as F
 TEXT_FIELDS = ("hidden", "pooled", "time_ids")  # TextEmbeddings' fields, in order (the cache stores them by name)
 
 
+def sdxl_time_ids(size_crop: torch.Tensor | None, resolution: int, rows: int | None = None) -> torch.Tensor:
+    """SDXL's micro-conditioning per image, (M, 6): original (h, w), crop top-left, target (h, w).
+    size_crop (M, 4): each image's original height, width and crop top, left (the stream records them);
+    None: `rows` uncropped images already at the target size (what inference asks for by default)."""
+    if size_crop is None:
+        size_crop = torch.tensor([resolution, resolution, 0, 0]).expand(rows, 4)
+    target = torch.tensor([resolution, resolution], device=size_crop.device).expand(len(size_crop), 2)
+    return torch.cat([size_crop, target], dim=1).float()
+
+
 @dataclass
 class TextEmbeddings:
     """Per-image text conditioning: hidden (M, T, D) [+ pooled (M, P) and time_ids (M, 6) for SDXL].
@@ -140,9 +150,7 @@ class PromptEncoder:
             pooled = out[0]  # the last encoder's pooled projection (text_embeds)
         if resolution is None:
             raise ValueError("SDXL text conditioning needs the image resolution (time_ids)")
-        m = pooled.shape[0]
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype,
-                                device=pooled.device).expand(m, 6)
+        time_ids = sdxl_time_ids(None, resolution, pooled.shape[0]).to(pooled)
         return TextEmbeddings(torch.cat(hidden, dim=-1), pooled, time_ids)
 
     def to(self, *args, **kwargs) -> PromptEncoder:
