@@ -6,8 +6,9 @@ joint and given its LoRA exactly as training would; then per-rank bytes for the 
 Bytes per rank (fp32 trained weights as Lightning's mixed precision keeps them, AdamW's two fp32 moments,
 fp32 gradients, one fp32 EMA copy per rank): single / DDP hold all of it; ZeRO-2 shards gradients and
 optimizer states over the ranks; ZeRO-3 also the trained weights (offload moves optimizer states to CPU).
-Frozen parts (text encoders, VAE, a LoRA's frozen base) at `model.frozen_dtype`. Activations are not
-estimated: they depend on the kernels and checkpointing; measure one step.
+Text encoders and VAE at `model.frozen_dtype`; a LoRA's frozen base at `model.lora.base_dtype` (its Linear /
+Conv weights; the rest fp32); `model.optimizer.name=adamw8bit`: 2 bytes of state per trained parameter.
+Activations are not estimated: they depend on the kernels and checkpointing; measure one step.
 """
 from __future__ import annotations
 
