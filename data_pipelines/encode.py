@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .schema import SCHEMA_VERSION, SkipSet, encode_cache, set_meta
 from .sets import SetOptions, load_image, read_captions
 from .shards import count_samples, expand_sources, read_tar
@@ -152,12 +153,8 @@ def shard_slice(num_shards: int | None, shard_index: int | None) -> tuple[int, i
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
         f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -- what training reads (jedi_train/datamodule.py) -------------------------------------------------

@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from data_pipelines.atomic import atomic_path
+
 from .viz import sample_grid, to_pil
 
 
@@ -165,9 +167,8 @@ class SampleGridCallback(L.Callback):
         grid = sample_grid(rows)
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"samples_step{trainer.global_step:07d}.png")
-        tmp = path + ".tmp.png"
-        grid.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            grid.save(tmp)
         self.last_grid = path
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
@@ -301,10 +302,9 @@ class LossCurveCallback(L.Callback):
             return
         os.makedirs(self.out_dir, exist_ok=True)
         csv = os.path.join(self.out_dir, "loss_curve.csv")
-        with open(csv + ".tmp", "w") as f:
+        with atomic_path(csv) as tmp, open(tmp, "w") as f:
             f.write("step,loss,sets\n" + "".join(f"{s},{v:.8f},{ids}\n" for (s, v), ids in
                                                  zip(self.history, self.set_ids)))
-        os.replace(csv + ".tmp", csv)
         from .viz import plot_loss_curve
 
         plot_loss_curve(self.history, os.path.join(self.out_dir, "loss_curve.png"))

@@ -1,12 +1,13 @@
 """Pictures people would rather look at than numbers: sample grids and the loss curve."""
 from __future__ import annotations
 
-import os
 import textwrap
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from data_pipelines.atomic import atomic_path
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -103,8 +104,7 @@ def plot_loss_curve(history, path: str, smooth: int = 25) -> str:
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

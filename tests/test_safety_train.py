@@ -216,3 +216,18 @@ def test_a_checkpoint_dir_is_replaced_whole_and_a_killed_one_is_cleaned(tmp_path
     killed = tmp_path / f".step0000002.ckpt{PARTIAL}zero"  # a save killed half-way: a hidden dir only
     (killed / "checkpoint").mkdir(parents=True)
     assert remove_partials(str(tmp_path)) == [str(killed)] and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+
+def test_atomic_path_keeps_the_old_file_on_failure_and_the_extension_for_format_sniffing(tmp_path):
+    from data_pipelines.atomic import atomic_path
+
+    target = tmp_path / "grid.png"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.endswith(".png") and os.path.dirname(tmp) == str(tmp_path)  # same dir: the rename is atomic
+        Path(tmp).write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["grid.png"]
+    with atomic_path(target, fsync=True) as tmp:
+        Path(tmp).write_text("new")
+    assert target.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["grid.png"]

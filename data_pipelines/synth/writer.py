@@ -24,6 +24,7 @@ from typing import Any
 
 import webdataset as wds
 
+from data_pipelines.atomic import atomic_write_text
 from data_pipelines.schema import SCHEMA_VERSION
 
 STATE_DIR = ".jedi-synth"
@@ -61,20 +62,6 @@ def worker_units(units: list[Unit], num_workers_total: int, worker_index: int) -
         raise SynthError(f"worker_index={worker_index} is outside 0..{num_workers_total - 1}; "
                          f"give worker_index in [0, num_workers_total)")
     return units[worker_index::num_workers_total]
-
-
-def atomic_write_text(path: Path, text: str) -> bool:
-    """Write via a temp file + os.replace. Returns False (and touches nothing) if the content is unchanged."""
-    path = Path(path)
-    if path.exists() and path.read_text() == text:
-        return False
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return True
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from data_pipelines.atomic import atomic_path
+
 
 class EvalError(Exception):
     """Bad input: printed as one `jedi-eval: error:` line, exit 2."""
@@ -65,13 +67,11 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def write_csv_atomic(path: str, rows: list[dict]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def parse_int_list(text: str, name: str, low: int = 0) -> list[int]:

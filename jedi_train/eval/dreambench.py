@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from data_pipelines.atomic import atomic_path
 from jedi_train.artifacts import log_eval_to_run
 from jedi_train.eval import common, extractors
 from jedi_train.eval.common import EvalError
@@ -261,9 +262,8 @@ def _image_path(out: str, subject: str, k: int, p: int, s: int) -> str:
 
 
 def _save_png(img: Image.Image, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"  # a killed run never leaves a truncated PNG to "reuse"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a killed run never leaves a truncated PNG to "reuse"
+        img.save(tmp)
 
 
 def _generate(args, plan, pipe) -> tuple[int, int]:

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from scipy.spatial import cKDTree
 
+from data_pipelines.atomic import atomic_path
 from data_pipelines.synth import procedural
 from data_pipelines.synth.scenes import SCENE_NAMES
 
@@ -375,9 +376,8 @@ def generate(pipe, cases: list[Case], keys: list[tuple[int, float]], args, tqdm)
                            prompt=[c.prompt(sc) for sc in c.target_scenes], num_inference_steps=args.steps,
                            guidance_scale=args.guidance, image_guidance_scale=s, generator=g, output_type="np")
                 for p, arr in zip(paths, res.images):
-                    tmp = p + ".tmp.png"
-                    Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).save(tmp)
-                    os.replace(tmp, p)
+                    with atomic_path(p) as tmp:
+                        Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).save(tmp)
             for j, p in enumerate(paths):
                 got[(c.index, j)] = np.asarray(Image.open(p).convert("RGB"))
             bar.update(1)
@@ -433,5 +433,5 @@ def write_grids(out: str, cases: list[Case], cells, images: dict, truths: dict, 
             labels = [f"refs {r}, img guid {s:g}: {sc}" for sc in c.target_scenes]
             rows.append(([Image.fromarray(x) for x in c.refs[:r]], gen, truth, labels))
         path = os.path.join(out, "grids", f"subject{c.index:04d}.png")
-        sample_grid(rows).save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        with atomic_path(path) as tmp:
+            sample_grid(rows).save(tmp)
