@@ -178,4 +178,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return safe_load(os.fspath(path), map_location=map_location)
-
