@@ -23,7 +23,7 @@ from data_pipelines.errors import missing
 
 from .bundle import MODULES as BUNDLE_MODULES
 from .checkpoints import DEEPSPEED_GLOBALS, PARTIAL, deepspeed_files, publish, remove_partials, safe_load
-from .model.components import Components, check_model_dir, denoiser_family, load_components
+from .model.components import Components, check_model_dir, denoiser_family, load_components, load_denoiser
 from .model.lora import (
     LoraSettings,
     add_lora,
@@ -116,19 +116,24 @@ def save_pipeline_atomically(pipe, out_dir: str, overwrite: bool = False, card: 
     return out_dir
 
 
+def _joint_settings(hp: dict) -> dict:
+    """The joint denoiser's settings as a run's hyper-parameters recorded them."""
+    return {"conditioning": hp.get("conditioning", "channels"), "reference_timestep": hp.get("reference_timestep", "zero"),
+            "reference_attention": hp.get("reference_attention", "set"), "resolution": hp.get("resolution"),
+            "reference_positions": hp.get("reference_positions", "same")}
+
+
 def components_from_hparams(hp: dict, model_dir: str) -> Components:
-    """The model as a run's hyper-parameters load it, in full precision (the joint settings from `hp`)."""
-    return load_components(model_dir, hp.get("conditioning", "channels"), hp.get("reference_timestep", "zero"),
-                           hp.get("prediction_type"), reference_attention=hp.get("reference_attention", "set"),
-                           noise_schedule=hp.get("noise_schedule"), resolution=hp.get("resolution"),
-                           reference_positions=hp.get("reference_positions", "same"))
+    """The model as a run's hyper-parameters load it, in full precision."""
+    return load_components(model_dir, prediction_type=hp.get("prediction_type"),
+                           noise_schedule=hp.get("noise_schedule"), **_joint_settings(hp))
 
 
 def export_module(module, out_dir: str, use_ema: bool = True, overwrite: bool = True) -> str:
     """From a live JeDiModule (end of training; replaces the run's previous export on resume)."""
     if module.lora.enabled and module.lora.base_dtype:  # fuse into the full-precision base, not the stored one
         hp = dict(module.hparams)
-        unet = components_from_hparams(hp, hp["model_dir"]).unet
+        unet = load_denoiser(hp["model_dir"], **_joint_settings(hp))  # the rest is the module's own
         add_lora(unet, module.lora)
         unet.load_state_dict({n: p.detach().cpu().float() for n, p in module.unet.named_parameters()
                               if p.requires_grad}, strict=False)

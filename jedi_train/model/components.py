@@ -224,6 +224,24 @@ def load_text_parts(model_dir: str, family: str) -> tuple:
 
 
 @refuse_pickled_weights
+def load_denoiser(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
+                  reference_attention: str | None = None, resolution: int | None = None,
+                  reference_positions: str = "same"):
+    """The joint denoiser alone (UNet, or FLUX's transformer), with its reference-attention rule."""
+    family = check_model_dir(model_dir)
+    if family == "flux":
+        unet = load_joint_flux(model_dir, "transformer", conditioning, reference_timestep, resolution or 1024,
+                               reference_positions)
+    else:
+        has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
+        unet = load_joint_unet(model_dir, "unet", conditioning, reference_timestep,
+                               pixel_fold=None if not has_vae else 1)
+    if reference_attention is not None:
+        configure_reference_attention(unet, reference_attention)
+    return unet
+
+
+@refuse_pickled_weights
 def load_components(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
                     prediction_type: str | None = None, dtype: torch.dtype | None = None,
                     reference_attention: str | None = None, noise_schedule: dict | None = None,
@@ -234,14 +252,8 @@ def load_components(model_dir: str, conditioning: str = "channels", reference_ti
     SNR: at t = 999 the noisy image holds nothing of the image, as sampling from pure noise assumes)."""
     family = check_model_dir(model_dir)
     has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
-    if family == "flux":
-        unet = load_joint_flux(model_dir, "transformer", conditioning, reference_timestep, resolution or 1024,
-                               reference_positions)
-    else:
-        unet = load_joint_unet(model_dir, "unet", conditioning, reference_timestep,
-                               pixel_fold=None if not has_vae else 1)
-    if reference_attention is not None:
-        configure_reference_attention(unet, reference_attention)
+    unet = load_denoiser(model_dir, conditioning, reference_timestep, reference_attention, resolution,
+                         reference_positions)
     text_encoder, tokenizer, text_encoder_2, tokenizer_2 = load_text_parts(model_dir, family)
     if family == "flux":  # flow matching: the velocity is the only target
         if prediction_type not in (None, "flow") or noise_schedule:
