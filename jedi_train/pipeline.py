@@ -75,6 +75,19 @@ class JeDiPipelineOutput(BaseOutput):
     reference_images: list[PIL.Image.Image]  # the references as the model saw them (resized, cropped)
 
 
+@dataclass
+class GuidedSets:
+    """What every denoising step of one call reuses (JeDiPipeline.prepare_sets)."""
+    plan: SetPlan
+    branches: list[Branch]
+    calls: list[tuple[list[int], SetLayout]]  # per model call: its branches (indices) and their layout
+    text: list[TextEmbeddings]  # per branch: its sets' text, references' captions included
+    is_ref: torch.Tensor  # per image of one branch's sets
+    ref_latents: torch.Tensor | None  # the encoded references (in the sets' slots unless cached)
+    clean: torch.Tensor | None  # the model's clean-image input: references in their slots, zeros elsewhere
+    guidance: float | None  # guidance-distilled models: the text guidance scale, every image's input
+
+
 class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     # vae: None for pixel-space models; the second text encoder + tokenizer: SDXL only
@@ -184,6 +197,11 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return model_resolution(self.denoiser, self.codec)
 
     @property
+    def latent_size(self) -> int:
+        """Side of the grid the denoiser works on."""
+        return self.resolution // self.codec.downsample
+
+    @property
     def denoiser(self):
         """The joint model every step calls: the UNet here, the transformer in JeDiFluxPipeline."""
         return self.unet
@@ -203,7 +221,7 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self._execution_device)
-        return self.codec.encode_mode(pixels).to(self.denoiser.dtype)  # deterministic: the posterior mean
+        return self.codec.encode(pixels, sample=False).to(self.denoiser.dtype)  # deterministic: the posterior mean
 
     def _use_cache(self, use_reference_cache: bool | None, use_refs: bool) -> bool:
         ok = self.reference_cache_supported()
@@ -243,6 +261,95 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return value
 
     # -- sampling --------------------------------------------------------------------------------
+    @staticmethod
+    def check_inputs(prompts: list[str], output_type: str, num_images_per_prompt: int,
+                     num_inference_steps: int) -> None:
+        if not prompts:
+            raise ValueError("prompt is empty; give at least one prompt (a string or a list of strings)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is unknown; use one of {OUTPUT_TYPES}")
+        if num_images_per_prompt < 1 or num_inference_steps < 1:
+            raise ValueError("num_images_per_prompt and num_inference_steps must be >= 1")
+
+    def prepare_references(self, reference_images, image_guidance_scale: float):
+        """(latents or None when no reference is used, the references as PIL images the model sees)."""
+        ref_pixels, ref_pils = load_references(reference_images if reference_images is not None else [],
+                                               self.resolution)
+        k = len(ref_pils)
+        if k == 0 and image_guidance_scale != 0:
+            raise ValueError(f"image_guidance_scale={image_guidance_scale} needs at least one reference image; "
+                             "pass reference_images, or image_guidance_scale=0 for plain text-to-image")
+        use_refs = k > 0 and image_guidance_scale != 0
+        return (self.encode_references(ref_pixels) if use_refs else None), ref_pils
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str], ref_caps: list[str],
+                      num_images_per_prompt: int) -> tuple[TextEmbeddings, TextEmbeddings, TextEmbeddings]:
+        """(cond, uncond) per target, prompt-major, and the references' text: one text-encoder call."""
+        n = len(prompts)
+        emb = self.encode_text(prompts + negatives + ref_caps)
+        per_target = torch.arange(n * num_images_per_prompt, device=self._execution_device) // num_images_per_prompt
+        return emb[:n][per_target], emb[n:2 * n][per_target], emb[2 * n:]
+
+    def prepare_sets(self, cond: TextEmbeddings, uncond: TextEmbeddings, ref_text: TextEmbeddings,
+                     ref_latents: torch.Tensor | None, *, guidance_scale: float, image_guidance_scale: float,
+                     max_set_size: int, use_cache: bool, batch_guidance_branches: bool) -> GuidedSets:
+        """Sets and guidance branches (see set_plan.py); cached references leave the sets' batch slots,
+        their keys/values are recorded here, once."""
+        device, m = self._execution_device, len(cond)  # m targets
+        use_refs = ref_latents is not None
+        k = ref_latents.shape[0] if use_refs else 0
+        distilled = self.guidance_distilled  # text guidance is an input of the model, not a branch
+        branches = guidance_branches(1.0 if distilled else guidance_scale, image_guidance_scale, use_refs)
+        plan = SetPlan.build(m, 0 if use_cache else k, k, max_set_size)
+        guidance = guidance_scale if distilled else None  # every image's model input, references' too
+        cache = self._record_references(ref_latents, ref_text, guidance) if use_cache else None
+        calls = self._calls(plan, branches, batch_guidance_branches, cache, device)
+        text = {"cond": cond, "uncond": uncond}
+        branch_text = [plan.stack(ref_text, text[b.text]) for b in branches]
+        ref_flag = torch.zeros(plan.set_size, dtype=torch.bool, device=device)
+        ref_flag[:plan.num_refs] = True
+        clean = plan.stack(ref_latents, ref_latents.new_zeros(m, *ref_latents.shape[1:])) if plan.num_refs else None
+        return GuidedSets(plan, branches, calls, branch_text, ref_flag.repeat(plan.num_sets), ref_latents, clean,
+                          guidance)
+
+    def prepare_latents(self, m: int, generator, device, dtype) -> torch.Tensor:
+        """The targets' starting noise, scaled for the scheduler (after prepare_timesteps: the scale may
+        depend on them)."""
+        size = self.latent_size
+        latents = randn_tensor((m, self.denoiser.latent_channels, size, size), generator=generator, device=device,
+                               dtype=dtype)
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    def prepare_reference_noise(self, sets: GuidedSets, generator, device, dtype) -> torch.Tensor | None:
+        """Models trained with reference_timestep 'target': the noise that re-noises the references to each
+        step's t (drawn after the targets' noise). None: references stay clean at t = 0."""
+        if not sets.plan.num_refs or self.denoiser.jedi["reference_timestep"] != "target":
+            return None
+        g = generator[0] if isinstance(generator, list) else generator
+        return randn_tensor(sets.ref_latents.shape, generator=g, device=device, dtype=dtype)
+
+    def predict(self, sets: GuidedSets, x_in: torch.Tensor, t, ref_noise: torch.Tensor | None) -> torch.Tensor:
+        """One timestep's guided prediction for the targets: every branch's sets through its model call,
+        the branches' predictions summed with their weights."""
+        plan, model = sets.plan, self.denoiser
+        refs_in = None
+        if plan.num_refs:  # what training fed: clean at t = 0, or noised to the set's t
+            refs_in = sets.ref_latents if ref_noise is None else self.noise_references(sets.ref_latents, ref_noise, t)
+        noisy = plan.stack(refs_in, x_in)
+        t_img = torch.full((noisy.shape[0],), t, device=sets.is_ref.device, dtype=self.scheduler.timesteps.dtype)
+        if ref_noise is None:
+            t_img = torch.where(sets.is_ref, torch.zeros_like(t_img), t_img)
+        clean = sets.clean if sets.clean is not None else noisy
+        preds = []
+        for sel, layout in sets.calls:
+            n_b = len(sel)
+            visible = torch.cat([sets.is_ref & sets.branches[b].refs for b in sel])
+            model_in = model.assemble_input(noisy.repeat(n_b, 1, 1, 1), clean.repeat(n_b, 1, 1, 1), visible)
+            out = model.denoise(model_in, t_img.repeat(n_b), TextEmbeddings.cat([sets.text[b] for b in sel]),
+                                layout, guidance=sets.guidance)
+            preds += [plan.unstack(o) for o in out.chunk(n_b)]
+        return sum(b.weight * p for b, p in zip(sets.branches, preds))
+
     @torch.no_grad()
     def __call__(self, reference_images=None, prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
                  num_inference_steps: int = 30, guidance_scale: float = 7.5, image_guidance_scale: float = 1.5,
@@ -263,78 +370,43 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         batch_guidance_branches: False runs the guidance branches as separate UNet calls (less memory).
         Returns JeDiPipelineOutput(images, reference_images) or (images, reference_images).
         """
+        # 1. Check inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-        if not prompts:
-            raise ValueError("prompt is empty; give at least one prompt (a string or a list of strings)")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r} is unknown; use one of {OUTPUT_TYPES}")
-        if num_images_per_prompt < 1 or num_inference_steps < 1:
-            raise ValueError("num_images_per_prompt and num_inference_steps must be >= 1")
-        ref_pixels, ref_pils = load_references(reference_images if reference_images is not None else [],
-                                               self.resolution)
-        k = len(ref_pils)
-        if k == 0 and image_guidance_scale != 0:
-            raise ValueError(f"image_guidance_scale={image_guidance_scale} needs at least one reference image; "
-                             "pass reference_images, or image_guidance_scale=0 for plain text-to-image")
-        use_refs = k > 0 and image_guidance_scale != 0
-        use_cache = self._use_cache(use_reference_cache, use_refs)
-        model = self.denoiser
-        device, dtype = self._execution_device, model.dtype
+        self.check_inputs(prompts, output_type, num_images_per_prompt, num_inference_steps)
+        device, dtype = self._execution_device, self.denoiser.dtype
         m = len(prompts) * num_images_per_prompt
 
-        # text: targets (cond / uncond), references (their captions) -- one text-encoder call
+        # 2. Load and encode the references (none used: plain text-to-image)
+        ref_latents, ref_pils = self.prepare_references(reference_images, image_guidance_scale)
+        use_refs = ref_latents is not None
+        use_cache = self._use_cache(use_reference_cache, use_refs)
+
+        # 3. Encode prompt: the targets' cond / uncond text, the references' captions
         negatives = self._as_list(negative_prompt, len(prompts), "negative_prompt")
-        ref_caps = self._as_list(reference_captions, k, "reference_captions") if use_refs else []
-        emb = self.encode_text(prompts + negatives + ref_caps)
-        per_target = torch.arange(m, device=device) // num_images_per_prompt
-        text = {"cond": emb[:len(prompts)][per_target], "uncond": emb[len(prompts):2 * len(prompts)][per_target]}
-        ref_text = emb[2 * len(prompts):]
-        ref_latents = self.encode_references(ref_pixels) if use_refs else None
+        ref_caps = self._as_list(reference_captions, len(ref_pils), "reference_captions") if use_refs else []
+        cond, uncond, ref_text = self.encode_prompt(prompts, negatives, ref_caps, num_images_per_prompt)
 
-        # sets and branches (see set_plan.py); cached references leave the sets' batch slots
-        distilled = self.guidance_distilled  # text guidance is an input of the model, not a branch
-        branches = guidance_branches(1.0 if distilled else guidance_scale, image_guidance_scale, use_refs)
-        plan = SetPlan.build(m, k if use_refs and not use_cache else 0, k if use_refs else 0, max_set_size)
-        guidance = guidance_scale if distilled else None  # every image's model input, references' too
-        cache = self._record_references(ref_latents, ref_text, guidance) if use_cache else None
-        calls = self._calls(plan, branches, batch_guidance_branches, cache, device)
-        branch_text = [plan.stack(ref_text, text[b.text]) for b in branches]
-        ref_flag = torch.zeros(plan.set_size, dtype=torch.bool, device=device)
-        ref_flag[:plan.num_refs] = True
-        is_ref = ref_flag.repeat(plan.num_sets)  # per image of one branch's sets
-        clean = plan.stack(ref_latents, ref_latents.new_zeros(m, *ref_latents.shape[1:])) if plan.num_refs else None
-        size = self.resolution // self.codec.downsample
-        latents = randn_tensor((m, model.latent_channels, size, size), generator=generator, device=device, dtype=dtype)
-        ref_noise = None
-        if plan.num_refs and model.jedi["reference_timestep"] == "target":
-            g = generator[0] if isinstance(generator, list) else generator
-            ref_noise = randn_tensor(ref_latents.shape, generator=g, device=device, dtype=dtype)
-        self.prepare_timesteps(num_inference_steps, device, size)
-        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        # 4. Prepare sets and guidance branches (and record the reference cache)
+        sets = self.prepare_sets(cond, uncond, ref_text, ref_latents, guidance_scale=guidance_scale,
+                                 image_guidance_scale=image_guidance_scale, max_set_size=max_set_size,
+                                 use_cache=use_cache, batch_guidance_branches=batch_guidance_branches)
+
+        # 5. Prepare timesteps
+        self.prepare_timesteps(num_inference_steps, device, self.latent_size)
+
+        # 6. Prepare latents: the targets' noise is drawn before the references' (a seed's images depend on it)
+        latents = self.prepare_latents(m, generator, device, dtype)
+        ref_noise = self.prepare_reference_noise(sets, generator, device, dtype)
+
+        # 7. Denoising loop
         step_kwargs = self._step_kwargs(generator)
-
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(latents, t) if hasattr(self.scheduler, "scale_model_input") \
                 else latents
-            refs_in = None
-            if plan.num_refs:  # what training fed: clean at t = 0, or noised to the set's t
-                refs_in = ref_latents if ref_noise is None else self.noise_references(ref_latents, ref_noise, t)
-            noisy = plan.stack(refs_in, x_in)
-            t_img = torch.full((noisy.shape[0],), t, device=device, dtype=self.scheduler.timesteps.dtype)
-            if ref_noise is None:
-                t_img = torch.where(is_ref, torch.zeros_like(t_img), t_img)
-            preds = []
-            for sel, layout in calls:
-                n_b = len(sel)
-                visible = torch.cat([is_ref & branches[b].refs for b in sel])
-                model_in = model.assemble_input(noisy.repeat(n_b, 1, 1, 1),
-                                                (clean if clean is not None else noisy).repeat(n_b, 1, 1, 1), visible)
-                out = model.denoise(model_in, t_img.repeat(n_b), TextEmbeddings.cat([branch_text[b] for b in sel]),
-                                    layout, guidance=guidance)
-                preds += [plan.unstack(o) for o in out.chunk(n_b)]
-            pred = sum(b.weight * p for b, p in zip(branches, preds))
+            pred = self.predict(sets, x_in, t, ref_noise)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
 
+        # 8. Decode
         images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -67,15 +67,14 @@ class LatentCodec:
         params = torch.cat([mean, logvar], dim=1).to(self.vae.dtype)
         return (DiagonalGaussianDistribution(params).sample(generator) - self.shift) * self.vae.config.scaling_factor
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.sample(*self.posterior(images), generator)
-
-    def encode_mode(self, images: torch.Tensor) -> torch.Tensor:
-        """Deterministic encoding (the posterior mean): what sampling uses for reference photos."""
-        if self.vae is None:
-            return self.encode(images)
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return (dist.mode() - self.shift) * self.vae.config.scaling_factor
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               sample: bool = True) -> torch.Tensor:
+        """Images -> latents the denoiser sees: drawn from the posterior (training), or with sample=False its
+        mean, the mode (sampling's reference photos: deterministic)."""
+        mean, logvar = self.posterior(images)
+        if sample or logvar is None:
+            return self.sample(mean, logvar, generator)
+        return (mean - self.shift) * self.vae.config.scaling_factor
 
     @property
     def shift(self) -> float:
