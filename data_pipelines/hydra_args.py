@@ -6,6 +6,29 @@ module first and print its one line instead.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+
+def _conf_dir() -> Path:
+    """The Hydra config dir (train.yaml, synth.yaml and their groups), the one place both CLIs find it.
+
+    The configs live in the repository's top-level conf/. A wheel ships them as package data of this
+    package (pyproject.toml maps conf/ to `data_pipelines.conf`), so an installed copy finds them next to
+    this file; a source checkout or an editable install (this file still in the checkout) finds the
+    top-level conf/ beside the package. Nothing in a checkout creates data_pipelines/conf, so the two
+    cannot be confused. Neither found: the shipped path, which Hydra reports as missing."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "conf"
+    if shipped.is_dir():
+        return shipped
+    checkout = here.parent / "conf"
+    if (here.parent / "pyproject.toml").is_file() and (checkout / "train.yaml").is_file():
+        return checkout
+    return shipped
+
+
+CONF_DIR = _conf_dir()
+
 # flags that print information instead of running: nothing to check
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc"}
 # flags that pick another config (and take the next argument): that config is Hydra's to check

@@ -21,12 +21,13 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.hydra_args import CONF_DIR as _CONF_DIR
 from data_pipelines.synth.writer import atomic_write_text
 
 from .artifacts import wandb_offline
 from .checkpoints import AtomicCheckpointIO, checkpoint_step, newest_complete, remove_partials
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(_CONF_DIR)  # Hydra's APIs take a str; the directory is found in data_pipelines.hydra_args
 
 
 class _ContinuedWriter(ExperimentWriter):

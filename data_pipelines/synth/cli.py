@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from ..hydra_args import CONF_DIR  # the config dir (a Path), found once for jedi-synth and jedi-train
+
 # keys that may change between runs into the same out_dir without changing any set
 RUN_ONLY_KEYS = ("out_dir", "num_sets", "num_workers_total", "worker_index", "progress")
 
