@@ -7,7 +7,7 @@ Bytes per rank (fp32 trained weights as Lightning's mixed precision keeps them, 
 fp32 gradients, one fp32 EMA copy per rank): single / DDP hold all of it; ZeRO-2 shards gradients and
 optimizer states over the ranks; ZeRO-3 also the trained weights (offload moves optimizer states to CPU).
 Text encoders and VAE at `model.frozen_dtype`; a LoRA's frozen base at `model.lora.base_dtype` (its Linear /
-Conv weights; the rest fp32); `model.optimizer.name=adamw8bit`: 2 bytes of state per trained parameter.
+Conv weights; the rest fp32); `model/optimizer=adamw8bit`: 2 bytes of state per trained parameter.
 Activations are not estimated: they depend on the kernels and checkpointing; measure one step.
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ def estimate(cfg) -> dict:
     shard = world if stage >= 2 else 1
     ema = 4 * trained if (model_cfg.get("ema") or {}).get("enabled", True) else 0  # ZeRO-3: gathered, full copy
     frozen_bytes = DTYPE_BYTES.get(model_cfg.get("frozen_dtype"), 4)
-    adam8 = (model_cfg.get("optimizer") or {}).get("name") == "adamw8bit"  # bitsandbytes: 2 x 1 byte per parameter
+    adam8 = "8bit" in str((model_cfg.get("optimizer") or {}).get("_target_", ""))  # bitsandbytes: 2 x 1 byte per parameter
     optimizer = (2 if adam8 else 8) * trained / shard
     per_rank = {"trained weights (fp32)": 4 * trained / (world if stage >= 3 else 1),
                 "gradients (fp32)": 4 * trained / shard,

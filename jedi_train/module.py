@@ -9,10 +9,11 @@ import hashlib
 import os
 import time
 
+import hydra
 import lightning as L
 import torch
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from hydra.errors import InstantiationException
 from lightning.pytorch.utilities import rank_zero_info
 
 from .model.components import Components, load_components
@@ -44,16 +45,41 @@ def prepare_model_dir(model_dir: str, create_tiny_if_missing: dict | None = None
     return model_dir
 
 
-def adamw_8bit(params, device: torch.device, **kwargs):
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4, "betas": (0.9, 0.999),
+                     "weight_decay": 1e-2, "eps": 1e-8, "foreach": True}
+DEFAULT_LR_SCHEDULER = {"_target_": "diffusers.optimization.get_scheduler", "_partial_": True,
+                        "name": "constant_with_warmup", "num_warmup_steps": 0}
+
+
+def build_partial(key: str, default: dict, cfg: dict | None):
+    """`cfg` over `default` (a config without _target_ only changes kwargs), instantiated as a partial."""
+    cfg = dict(cfg or {})
+    if key == "model.optimizer" and "name" in cfg:  # the settings before the `_partial_` configs
+        raise ValueError(f"{key}.name is gone: choose the optimizer with model/optimizer=adamw or "
+                         "model/optimizer=adamw8bit (conf/model/optimizer/), or set model.optimizer._target_")
+    if key == "model.lr_scheduler" and "warmup_steps" in cfg:
+        raise ValueError(f"{key}.warmup_steps is now {key}.num_warmup_steps (diffusers' get_scheduler)")
+    merged = (default if "_target_" not in cfg else {}) | cfg
+    merged["_partial_"] = True
+    try:
+        return hydra.utils.instantiate(merged, _convert_="all")
+    except InstantiationException as e:  # Hydra wraps a bad _target_ in a page of context
+        raise ValueError(f"{key}._target_={merged.get('_target_')!r} could not be built "
+                         f"({str(e).splitlines()[0]}); use a class path such as torch.optim.AdamW") from None
+
+
+def adamw_8bit(params, **kwargs):
     """bitsandbytes' AdamW8bit (an optional extra: pip install bitsandbytes; CUDA only)."""
+    params = list(params)
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ValueError("model.optimizer.name=adamw8bit needs bitsandbytes: pip install bitsandbytes (or use "
-                         "model.optimizer.name=adamw)") from None
+        raise ValueError("model/optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes (or use "
+                         "model/optimizer=adamw)") from None
+    device = params[0].device if params else torch.device("cpu")
     if device.type != "cuda":
-        raise ValueError(f"model.optimizer.name=adamw8bit runs on CUDA GPUs only, this run is on {device.type}; use "
-                         "model.optimizer.name=adamw here (trainer=gpu for 8-bit AdamW)")
+        raise ValueError(f"model/optimizer=adamw8bit runs on CUDA GPUs only, this run is on {device.type}; use "
+                         "model/optimizer=adamw here (trainer=gpu for 8-bit AdamW)")
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
@@ -180,21 +206,12 @@ class JeDiModule(L.LightningModule):
 
     # -- optimizer ------------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt_cfg = {"name": "adamw", "lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8} | \
-            dict(self.hparams.optimizer or {})
+        """Optimizer and LR schedule from their `_partial_` configs (conf/model/optimizer, lr_scheduler)."""
         params = trained_parameters(self.unet)
-        kwargs = {"lr": opt_cfg["lr"], "betas": tuple(opt_cfg["betas"]), "weight_decay": opt_cfg["weight_decay"],
-                  "eps": opt_cfg["eps"]}
-        if opt_cfg["name"] == "adamw":  # foreach: torch only picks the multi-tensor kernel by itself on GPU
-            optimizer = torch.optim.AdamW(params, foreach=True, **kwargs)
-        elif opt_cfg["name"] == "adamw8bit":  # optimizer states in 8 bits: 2 bytes per parameter instead of 8
-            optimizer = adamw_8bit(params, self.device, **kwargs)
-        else:
-            raise ValueError(f"model.optimizer.name={opt_cfg['name']!r} is unknown; use adamw or adamw8bit")
-        sch = {"name": "constant_with_warmup", "warmup_steps": 0} | dict(self.hparams.lr_scheduler or {})
+        optimizer = build_partial("model.optimizer", DEFAULT_OPTIMIZER, self.hparams.optimizer)(params)
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**6
-        scheduler = get_scheduler(sch["name"], optimizer, num_warmup_steps=sch["warmup_steps"],
-                                  num_training_steps=total)
+        scheduler = build_partial("model.lr_scheduler", DEFAULT_LR_SCHEDULER,
+                                  self.hparams.lr_scheduler)(optimizer=optimizer, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints: EMA travels with them ---------------------------------------------------------

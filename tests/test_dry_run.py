@@ -32,7 +32,7 @@ def test_flux_counts_lora_and_zero_sharding(tmp_path):
     assert lora["per_rank"]["AdamW states (fp32)"] == 8 * lora["trained"] / 8  # ZeRO-2 shards the optimizer
     low = estimate(compose_train(["experiment=flux_s3", "model.model_dir=/nowhere", "trainer.devices=8",
                                   "model.lora.rank=16", "strategy=deepspeed_zero2", "model.lora.base_dtype=float8_e4m3fn",
-                                  "model.optimizer.name=adamw8bit"], tmp_path))
+                                  "model/optimizer=adamw8bit"], tmp_path))
     base = low["per_rank"]["frozen base of the denoiser (float8_e4m3fn)"]
     assert low["frozen_base"] <= base < 0.3 * lora["per_rank"]["frozen base of the denoiser (float32)"]  # ~1 byte each
     assert low["per_rank"]["AdamW states (8-bit)"] == 2 * low["trained"] / 8

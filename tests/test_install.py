@@ -32,7 +32,7 @@ SHORT = ["experiment=demo", "debug=fast", "trainer.max_steps=2", "data.batch_siz
          "data.synthesize_if_missing.num_sets=64", "data.heldout_synthesize_if_missing.num_sets=4",
          "callbacks.sample_grid.every_n_steps=2", "callbacks.identity_gain.every_n_steps=2",
          "callbacks.identity_gain.num_sets=4", "callbacks.identity_gain.train_num_sets=4",
-         "model.lr_scheduler.warmup_steps=1"]
+         "model.lr_scheduler.num_warmup_steps=1"]
 
 
 def _files(root: Path) -> set[str]:

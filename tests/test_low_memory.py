@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.batches import set_batch
 
 from jedi_train.module import JeDiModule
 
@@ -19,14 +20,8 @@ def _module(model_dir, base_dtype=None, rank=4, **kw):
 
 
 def _batch(module, sets=2, n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    is_ref = torch.zeros(sets, n, dtype=torch.bool)
-    is_ref[:, 0] = True
     ids = module.components.text.token_ids(["a photo of a toy on the beach"] * n)
-    r = module.resolution
-    return {"pixel_values": torch.rand(sets, n, 3, r, r, generator=g) * 2 - 1,
-            "input_ids": ids.expand(sets, *ids.shape).clone(), "is_ref": is_ref,
-            "valid": torch.ones(sets, n, dtype=torch.bool)}
+    return set_batch(ids.expand(sets, *ids.shape).clone(), sets, n, module.resolution, seed)
 
 
 def _loss(module, batch, seed=0):
@@ -82,8 +77,12 @@ def test_bad_low_memory_settings_are_one_clear_error(tiny_model_dir):
         _module(tiny_model_dir, "bfloat16", rank=0)
     with pytest.raises(ValueError, match=r"base_dtype='int3' is not supported; use one of bfloat16"):
         _module(tiny_model_dir, "int3")
-    m = JeDiModule(model_dir=tiny_model_dir, optimizer={"name": "adamw8bit"})
+    m = JeDiModule(model_dir=tiny_model_dir, optimizer={"_target_": "jedi_train.module.adamw_8bit", "lr": 1e-3})
     with pytest.raises(ValueError, match=r"adamw8bit (needs bitsandbytes: pip install bitsandbytes|runs on CUDA)"):
         m.configure_optimizers()
-    with pytest.raises(ValueError, match=r"model.optimizer.name='sgd' is unknown; use adamw or adamw8bit"):
-        JeDiModule(model_dir=tiny_model_dir, optimizer={"name": "sgd"}).configure_optimizers()
+    with pytest.raises(ValueError, match=r"model.optimizer._target_='torch.optim.SGDX' could not be built .*"
+                                         r"use a class path such as torch.optim.AdamW"):
+        JeDiModule(model_dir=tiny_model_dir, optimizer={"_target_": "torch.optim.SGDX"}).configure_optimizers()
+    with pytest.raises(ValueError, match=r"model.optimizer.name is gone: choose the optimizer with "
+                                         r"model/optimizer=adamw"):
+        JeDiModule(model_dir=tiny_model_dir, optimizer={"name": "adamw8bit"}).configure_optimizers()

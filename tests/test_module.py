@@ -96,3 +96,22 @@ def test_sample_grid_is_skipped_with_a_warning_under_zero3(tmp_path):
     with pytest.warns(UserWarning, match="ZeRO-3"):
         assert cb.render(trainer, pl_module=None) is None
     assert not list(tmp_path.iterdir())
+
+
+def test_optimizer_and_schedule_come_from_their_partial_configs(tiny_model_dir):
+    """model.optimizer / model.lr_scheduler are `_partial_` configs: any optimizer class, any diffusers schedule."""
+    m = JeDiModule(model_dir=tiny_model_dir, optimizer={"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9},
+                   lr_scheduler={"name": "linear", "num_warmup_steps": 2})
+    m.trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    out = m.configure_optimizers()
+    opt, sch = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    trained = {id(p) for p in m.unet.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trained
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    # linear warmup over 2 steps, then linear decay to 0 at max_steps = 6
+    assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.375, 0.25, 0.125])
