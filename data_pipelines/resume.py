@@ -105,7 +105,7 @@ class ResumableLoader:
         if st.batches >= len(self):
             st.next_epoch()
         st.fold_counts()  # the workers about to start count from zero
-        self.stream.set_plan(st.epoch, st.cursors, st.next_worker)
+        self.stream.plan_epoch(st.epoch, st.cursors, st.next_worker)
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
                             persistent_workers=False,  # workers must see each epoch's plan

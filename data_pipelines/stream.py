@@ -120,7 +120,7 @@ class SetStream(IterableDataset):
         self.epoch, self.cursors, self.rotation = 0, {}, 0
 
     # -- what the loader sets before each iteration (resume.py) -----------------------------------
-    def set_plan(self, epoch: int, cursors: dict[int, dict], rotation: int) -> None:
+    def plan_epoch(self, epoch: int, cursors: dict[int, dict], rotation: int) -> None:
         """Epoch to stream, each worker's start, and which worker the DataLoader's worker 0 plays."""
         self.epoch, self.cursors, self.rotation = epoch, dict(cursors), rotation
 

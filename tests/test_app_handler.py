@@ -2,12 +2,11 @@
 give what jedi-sample gives for the same settings; bad uploads raise gr.Error with one clear line."""
 import json
 import os
-import struct
 import zipfile
-import zlib
 
 import numpy as np
 import pytest
+from helpers.images import bomb_png
 from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
@@ -80,15 +79,6 @@ def test_defaults_are_jedi_samples(app, pipe_dir):
         d["steps"], d["guidance"], d["image_guidance"], str(d["seed"]), "default")
     info = app.model_info()
     assert "JointUNet2DConditionModel" in info and "pixel space" in info and "32 px" in info and "Reference KV cache** on" in info and pipe_dir in info
-
-
-def bomb_png(path, w, h):
-    """A PNG header announcing w x h pixels (PIL refuses it on open, before reading any pixel data)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) +
-                     chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    return str(path)
 
 
 def run(app, files, prompts="a can", **kw):

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 import torch
-from stream_helpers import write_shards
+from helpers.stream_helpers import write_shards
 from test_train_cli import jedi
 
 from data_pipelines import encode
@@ -164,7 +164,7 @@ def test_jedi_train_on_cached_shards(tiny_vae_model_dir, tiny_model_dir, shards,
             "data.heldout_sources=null", "data.heldout_synthesize_if_missing=null", "data.crop=center",
             "data.min_set=2", "data.max_set=4", "data.batch_size=4", "data.num_workers=1", "trainer.max_steps=3",
             "export_after_fit=false", "~callbacks.sample_grid", "~callbacks.identity_gain", "logger=none",
-            "callbacks.loss_curve.every_n_steps=1", "trainer.log_every_n_steps=1", "model.lr_scheduler.warmup_steps=0"]
+            "callbacks.loss_curve.every_n_steps=1", "trainer.log_every_n_steps=1", "model.lr_scheduler.num_warmup_steps=0"]
     jedi("jedi-train", *args, f"data.sources='{out}/*.tar'", "data.drop_text_encoders=true",
          f"paths.output_dir={tmp_path / 'cached_run'}", root=tmp_path)
     jedi("jedi-train", *args, f"data.sources='{shard_dir(shards)}/*.tar'", f"paths.output_dir={tmp_path / 'fly_run'}",

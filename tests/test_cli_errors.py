@@ -2,13 +2,12 @@
 jedi-train's checks come before the model, the data or W&B: the run dir gets no config.yaml."""
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
+from helpers.images import bomb_png
 from PIL import Image
 
 BIN = os.path.dirname(sys.executable)
@@ -54,7 +53,7 @@ def test_jedi_train_refuses_bad_values_before_building_anything(tmp_path, overri
 
 
 def test_stream_names_the_batch_size_key(tmp_path):
-    from stream_helpers import write_shards
+    from helpers.stream_helpers import write_shards
 
     from data_pipelines.stream import SetStream, StreamConfig
 
@@ -67,16 +66,6 @@ def test_stream_names_the_batch_size_key(tmp_path):
 def test_jedi_data_pipe_hint_names_its_flag(tmp_path):
     line = one_line_error(cli("jedi-data", "stats", "pipe:cat x.tar", cwd=tmp_path), "jedi-data")
     assert "--allow-pipe" in line and "data.allow_pipe" not in line
-
-
-def bomb_png(path, w, h):
-    """A PNG header announcing w x h pixels (PIL refuses it on open, before reading any pixel data)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
-                     chunk(b"IEND", b""))
-    return path
 
 
 def test_jedi_sample_decompression_bomb_is_one_line(pipe_dir, tmp_path):

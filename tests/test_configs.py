@@ -40,7 +40,7 @@ def _targets(node):
 
 
 def _importable(target):
-    if target.startswith("deepspeed_cpu."):
+    if target.startswith("helpers.deepspeed_cpu."):
         return
     try:
         get_class(target)

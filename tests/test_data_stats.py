@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.stream_zoo import KEPT, MAX_PIXELS, write_zoo
 from test_stream_robust import stream_all
-from test_stream_zoo import KEPT, MAX_PIXELS, write_zoo
 
 from data_pipelines.stats import main
 

@@ -2,6 +2,7 @@
 dropout, high-timestep sampling, zero terminal SNR + trailing sampling."""
 import pytest
 import torch
+from helpers.batches import set_batch
 
 from jedi_train.model.components import load_components, tokenize
 from jedi_train.model.objective import Dropout, JeDiObjective, ObjectiveConfig, identity_gain, latent_mask
@@ -17,14 +18,10 @@ def components(tiny_model_dir):
 
 
 def _batch(c, b=4, n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
     ids = tokenize(c.tokenizer, ["a photo of a mug on the beach"] * (b * n)).view(b, n, -1)
-    is_ref = torch.zeros(b, n, dtype=torch.bool)
-    is_ref[:, 0] = True
     mask = torch.zeros(b, n, 1, 32, 32)
     mask[..., 8:20, 10:24] = 1
-    return {"pixel_values": torch.rand(b, n, 3, 32, 32, generator=g) * 2 - 1, "input_ids": ids, "is_ref": is_ref,
-            "valid": torch.ones(b, n, dtype=torch.bool), "subject_mask": mask}
+    return {**set_batch(ids, b, n, 32, seed), "subject_mask": mask}
 
 
 def test_identity_gain_is_the_subject_pixel_error_ratio(components):

@@ -1,6 +1,7 @@
 """The training objective: references get no loss, dropout rates and effects, SNR weights, frozen parts."""
 import pytest
 import torch
+from helpers.batches import set_batch
 
 from jedi_train.model.components import load_components, tokenize
 from jedi_train.model.objective import Dropout, JeDiObjective, ObjectiveConfig
@@ -14,12 +15,8 @@ def components(tiny_model_dir):
 
 
 def _batch(components, b=2, n=3, seed=0, res=32):
-    g = torch.Generator().manual_seed(seed)
     ids = tokenize(components.tokenizer, CAPTIONS * b)[: b * n].view(b, n, -1)
-    is_ref = torch.zeros(b, n, dtype=torch.bool)
-    is_ref[:, 0] = True
-    return {"pixel_values": torch.rand(b, n, 3, res, res, generator=g) * 2 - 1, "input_ids": ids,
-            "is_ref": is_ref, "valid": torch.ones(b, n, dtype=torch.bool)}
+    return set_batch(ids, b, n, res, seed)
 
 
 def _no_dropout(batch):

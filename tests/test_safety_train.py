@@ -43,7 +43,7 @@ def jedi(tool: str, *args, root: Path, check: bool = True) -> subprocess.Complet
 def make_root(root: Path) -> Path:
     """A JEDI_ROOT with a few training shards (where ARGS points the data config)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from stream_helpers import write_shards
+    from helpers.stream_helpers import write_shards
 
     write_shards(str(root / "data" / "sets" / "safety"), num_shards=2, sets_per_shard=16, set_sizes=(2, 3, 4))
     return root

@@ -50,7 +50,7 @@ def cluster():
 def submit_dir(tmp_path_factory):
     """The dir jobs are submitted from (logs/ must exist before a job starts) and their JEDI_ROOT,
     with a few tiny set shards where the demo data config looks (so no job synthesizes data)."""
-    from stream_helpers import write_shards
+    from helpers.stream_helpers import write_shards
 
     d = tmp_path_factory.mktemp("slurm_submit")
     (d / "logs").mkdir()

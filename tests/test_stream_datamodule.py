@@ -6,8 +6,8 @@ import os
 import lightning as L
 import pytest
 import torch
+from helpers.stream_helpers import write_shards
 from lightning.pytorch.callbacks import ModelCheckpoint
-from stream_helpers import write_shards
 
 from jedi_train.datamodule import JeDiDataModule, build_datamodule
 from jedi_train.model.components import tokenize
@@ -157,9 +157,9 @@ def test_module_logs_data_counters_on_logging_steps(tiny_model_dir, tmp_path):
     """JeDiModule logs data/skipped_* / data/repaired_* (gathered only on steps that reach the logger)."""
     import csv
 
+    from helpers.stream_helpers import encode_image, set_json, write_raw_tar
     from lightning.pytorch.loggers import CSVLogger
     from PIL import Image
-    from stream_helpers import encode_image, set_json, write_raw_tar
 
     from jedi_train.module import JeDiModule
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from stream_helpers import write_shards
+from helpers.stream_helpers import write_shards
 
 from jedi_train.datamodule import JeDiDataModule
 from jedi_train.model.components import tokenize  # noqa: F401 - imported once, forked
@@ -78,8 +78,8 @@ def test_two_process_group_ranks_resume_from_one_gathered_state(tmp_path):
 
 def gray_shard(path, sets, size):
     """Replace the shard at `path` by one of `sets` 2-image sets of grayscale PNGs."""
+    from helpers.stream_helpers import encode_image, set_json, write_raw_tar
     from PIL import Image
-    from stream_helpers import encode_image, set_json, write_raw_tar
 
     members = {}
     for i in range(sets):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stream_helpers import write_shards
+from helpers.stream_helpers import write_shards
 
 from data_pipelines.resume import ResumableLoader, StreamState
 from data_pipelines.stream import SetStream, StreamConfig

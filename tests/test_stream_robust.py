@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from stream_helpers import write_raw_tar, write_shards
-from test_stream_zoo import KEPT, MAX_PIXELS, SKIPPED, write_zoo
+from helpers.stream_helpers import write_raw_tar, write_shards
+from helpers.stream_zoo import KEPT, MAX_PIXELS, SKIPPED, write_zoo
 
 from data_pipelines.resume import ResumableLoader
 from data_pipelines.shards import expand_sources
@@ -107,8 +107,8 @@ def test_brace_expansion_globs_and_weighted_sources(tmp_path):
 
 def test_truncated_last_sample_never_reaches_decode(tmp_path):
     # a set whose json announces 3 images but the tar ends after 2: validated away, not decoded
+    from helpers.stream_helpers import encode_image, set_json
     from PIL import Image
-    from stream_helpers import encode_image, set_json
 
     img = encode_image(Image.new("RGB", (16, 16)), "PNG")
     write_raw_tar(str(tmp_path / "t.tar"), {"ok.json": set_json("ok", 2), "ok.0.png": img, "ok.1.png": img,

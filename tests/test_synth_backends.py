@@ -2,17 +2,15 @@
 diffusers collage -> split -> shards, LLM subjects, open_clip consistency filter, captioning model."""
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers.synth import read_samples, synth_cfg, view_sets
 from PIL import Image
 
 from data_pipelines.schema import parse_meta, validate_sample
 from data_pipelines.synth import cli
-from data_pipelines.synth import procedural as P
 from data_pipelines.synth.collage import CollageDrawer
 from data_pipelines.synth.filter import build_filter
 from data_pipelines.synth.pipeline import set_seed
@@ -20,37 +18,20 @@ from data_pipelines.synth.prompts import build_prompt_source
 from data_pipelines.synth.split import split_grid
 from data_pipelines.synth.writer import SynthError
 
-
-def synth_cfg(out_dir, *overrides):
-    with initialize_config_dir(str(cli.CONF_DIR), version_base="1.3"):
-        return compose("synth", [f"out_dir={out_dir}", "progress=false", *overrides])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_sets(out_dir):
     """(meta, [decoded images]) per set, over every shard of out_dir in order."""
     sets = []
     for tar in sorted(out_dir.glob("*.tar")):
-        samples = {}
-        with tarfile.open(tar) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
-        for s in samples.values():
+        for s in read_samples(tar):
             assert validate_sample(s) is None
             meta = parse_meta(s["json"])
             imgs = [np.asarray(Image.open(io.BytesIO(s[f"{i}.{meta['image_ext']}"])).convert("RGB"))
                     for i in range(meta["num_images"])]
             sets.append((meta, imgs))
     return sets
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: extra threads only add overhead, and the machine is shared with other test runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- tiny models -------------------------------------------------------------------------------------
@@ -176,19 +157,6 @@ def test_llm_missing_model_dir_is_refused(tiny_t2i_dir, tmp_path):
 CLIP_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
                                             "head_width": 32},
             "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}}
-
-
-def view_sets(seed, n=4, res=32):
-    """One subject in n scenes, and n different subjects in the same scenes and poses (subjects large)."""
-    rng = np.random.default_rng(seed)
-    subject = P.sample_subject(rng)
-    scenes = [P.SCENE_NAMES[i] for i in rng.choice(len(P.SCENE_NAMES), n, replace=False)]
-    views = [dict(P.sample_view(rng, s), scale=0.42, cx=0.5, cy=0.5) for s in scenes]
-    seeds = [int(x) for x in rng.integers(0, 2**31, n)]
-    same = [P.render(subject, s, np.random.default_rng(k), res, view=v) for s, k, v in zip(scenes, seeds, views)]
-    mixed = [P.render(P.sample_subject(rng), s, np.random.default_rng(k), res, view=v)
-             for s, k, v in zip(scenes, seeds, views)]
-    return same, mixed
 
 
 @pytest.fixture(scope="module")

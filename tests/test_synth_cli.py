@@ -6,12 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers.synth import read_samples, synth_cfg
 from PIL import Image
 
 from data_pipelines.schema import parse_meta, validate_sample
@@ -20,21 +19,6 @@ from data_pipelines.synth.pipeline import Pipeline
 from data_pipelines.synth.writer import SynthError
 
 BIN = os.path.dirname(sys.executable)
-
-
-def synth_cfg(out_dir, *overrides):
-    with initialize_config_dir(str(cli.CONF_DIR), version_base="1.3"):
-        return compose("synth", [f"out_dir={out_dir}", "progress=false", *overrides])
-
-
-def read_samples(tar_path):
-    """Raw samples of one shard, grouped by key (what the stream sees before decoding)."""
-    samples = {}
-    with tarfile.open(tar_path) as tf:
-        for m in tf.getmembers():
-            key, ext = m.name.split(".", 1)
-            samples.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
-    return list(samples.values())
 
 
 def snapshot(d):

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers.synth import view_sets
 from omegaconf import OmegaConf
 
 from data_pipelines.synth import procedural as P
@@ -54,25 +55,11 @@ def test_blank_and_duplicate_panels_are_dropped():
     assert keep == [0, 2] and dropped == {1: "blank", 3: "duplicate"}
 
 
-def _large_view_sets(seed, n=4):
-    """A consistent set (one subject) and a mixed one (a new subject per image), same scenes and poses,
-    subjects drawn large so the weight-free histogram sees them."""
-    rng = np.random.default_rng(seed)
-    subject = P.sample_subject(rng)
-    scenes = [P.SCENE_NAMES[i] for i in rng.choice(len(P.SCENE_NAMES), n, replace=False)]
-    views = [dict(P.sample_view(rng, s), scale=0.42, cx=0.5, cy=0.5) for s in scenes]
-    seeds = [int(x) for x in rng.integers(0, 2**31, n)]
-    same = [P.render(subject, s, np.random.default_rng(k), 64, view=v) for s, k, v in zip(scenes, seeds, views)]
-    mixed = [P.render(P.sample_subject(rng), s, np.random.default_rng(k), 64, view=v)
-             for s, k, v in zip(scenes, seeds, views)]
-    return same, mixed
-
-
 def test_filter_keeps_one_subject_and_rejects_mixed_subjects():
     f = build_filter(OmegaConf.load(CONF / "filter" / "color_histogram.yaml"))  # the shipped threshold
     kept = rejected = 0
     for seed in range(8):
-        same, mixed = _large_view_sets(seed)
+        same, mixed = view_sets(seed, res=64)
         r_same, s_same = f.check(same)
         r_mixed, s_mixed = f.check(mixed)
         assert s_same["min"] > s_mixed["min"]  # the numbers behind each decision are returned
@@ -82,7 +69,7 @@ def test_filter_keeps_one_subject_and_rejects_mixed_subjects():
 
 
 def test_filter_reasons_and_thresholds():
-    same, _ = _large_view_sets(0)
+    same, _ = view_sets(0, res=64)
     emb = ColorHistogram()
     assert ConsistencyFilter(emb, min_similarity=0.0).check([same[0], same[0].copy()])[0] == "near_duplicate"
     assert ConsistencyFilter(emb, min_similarity=1.01, max_similarity=2).check(same)[0] == "inconsistent_subject"
@@ -104,7 +91,7 @@ def test_open_clip_filter_runs_on_a_tiny_local_model(tmp_path):
     path.write_text(json.dumps(cfg))
     f = build_filter({"embedder": "open_clip", "model": "synth-tiny-clip", "model_config": str(path),
                       "min_similarity": -1.0, "max_similarity": 2.0})
-    same, _ = _large_view_sets(1, n=3)
+    same, _ = view_sets(1, n=3, res=64)
     e = f.embed(same)
     assert e.shape == (3, 16) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
     reason, stats = f.check(same)

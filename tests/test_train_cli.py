@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from wandb_reader import read_run
+from helpers.wandb_reader import read_run
 
 BIN = Path(sys.executable).parent
 K = 4
 FAST = ["experiment=demo", "data.synthesize_if_missing.num_sets=64", "data.heldout_synthesize_if_missing.num_sets=4",
         "data.batch_size=4", "callbacks.sample_grid.every_n_steps=4", "callbacks.sample_grid.num_sets=2",
         "callbacks.sample_grid.num_inference_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "trainer.log_every_n_steps=1", "callbacks.loss_curve.every_n_steps=2", "model.lr_scheduler.warmup_steps=2",
+        "trainer.log_every_n_steps=1", "callbacks.loss_curve.every_n_steps=2", "model.lr_scheduler.num_warmup_steps=2",
         "callbacks.identity_gain.num_sets=4", "callbacks.identity_gain.train_num_sets=4", "callbacks.identity_gain.seeds=[0]"]
 
 

@@ -22,7 +22,8 @@ def collage_prompt(template: str, subject: str, scenes: Sequence[str], rows: int
     return template.format(rows=rows, cols=cols, n=len(scenes), subject=subject, scenes=", ".join(scenes))
 
 
-def check_model_dir(model_dir: str | None) -> None:
+def check_generator_dir(model_dir: str | None) -> None:
+    """generator.model_dir must be a local diffusers pipeline directory (model_index.json); else SynthError."""
     require_dir("generator.model_dir", model_dir,
                 "local diffusers text-to-image model directory (with model_index.json)")
     if not (Path(model_dir) / "model_index.json").is_file():
@@ -34,7 +35,7 @@ class CollageDrawer:
     def __init__(self, model_dir: str, rows: int = 2, cols: int = 2, panel: int = 512, steps: int = 30,
                  guidance_scale: float = 7.5, negative_prompt: str | None = None, device: str = "cpu",
                  dtype: str = "float32"):
-        check_model_dir(model_dir)
+        check_generator_dir(model_dir)
         import torch
         from diffusers import AutoPipelineForText2Image
 

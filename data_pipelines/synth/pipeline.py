@@ -66,9 +66,9 @@ class DiffusersGenerator:
     name = "diffusers"
 
     def __init__(self, cfg: Any, set_size: int, resolution: int, seed: int, prompts: Any, split_cfg: Any):
-        from .collage import DEFAULT_TEMPLATE, CollageDrawer, check_model_dir
+        from .collage import DEFAULT_TEMPLATE, CollageDrawer, check_generator_dir
 
-        check_model_dir(cfg.get("model_dir"))
+        check_generator_dir(cfg.get("model_dir"))
         self.rows, self.cols = int(cfg.get("rows", 2)), int(cfg.get("cols", 2))
         if self.rows * self.cols < set_size:
             raise SynthError(f"a {self.rows}x{self.cols} collage has fewer panels than set_size={set_size}; "

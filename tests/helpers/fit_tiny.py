@@ -12,9 +12,9 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-from deepspeed_cpu import CPUDeepSpeedStrategy
 from test_module import SameSets, _module
 
+from helpers.deepspeed_cpu import CPUDeepSpeedStrategy
 from jedi_train.callbacks import Checkpoint
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from stream_helpers import encode_image, set_json, write_raw_tar, write_shards
+
+from helpers.stream_helpers import encode_image, set_json, write_raw_tar, write_shards
 
 
 def _png(img):
