@@ -123,3 +123,24 @@ def test_good_overrides_and_sweeps_pass_the_check():
     assert config_error(CONF_DIR, "train", ["-m", "hparams_search=optuna", "experiment=demo", "strategy=single,ddp"]) is None
     assert config_error(CONF_DIR, "synth", ["generator=procedural", "num_sets=4", "out_dir=/tmp/x"]) is None
     assert config_error(CONF_DIR, "train", ["-cn", "my_train", "whatever.key=1"]) is None  # another config: Hydra's
+
+
+def test_callbacks_are_one_config_each_and_compose_as_a_list(tmp_path):
+    """conf/callbacks/: default.yaml lists one file per callback; a list picks some; ~ drops one."""
+    import hydra
+
+    names = {p.stem for p in (Path(CONF_DIR) / "callbacks").glob("*.yaml")} - {"default"}
+    cfg = compose_train([], tmp_path)
+    assert set(cfg.callbacks) == names
+    picked = compose_train(["callbacks=[model_checkpoint,loss_curve]"], tmp_path)
+    assert list(picked.callbacks) == ["model_checkpoint", "loss_curve"]
+    assert "sample_grid" not in compose_train(["~callbacks.sample_grid"], tmp_path).callbacks
+    cb = hydra.utils.instantiate(picked.callbacks.loss_curve)
+    assert type(cb).__name__ == "LossCurveCallback" and cb.out_dir == picked.paths.output_dir
+
+
+def test_optimizer_group_swaps_the_partial_config(tmp_path):
+    cfg = compose_train(["model=sdxl", "model/optimizer=adamw8bit"], tmp_path)
+    assert cfg.model.optimizer._target_ == "jedi_train.module.adamw_8bit" and cfg.model.optimizer._partial_
+    assert cfg.model.optimizer.lr == 5e-6  # the model's lr stays over the group's default
+    assert cfg.model.lr_scheduler.num_warmup_steps == 1000
