@@ -51,14 +51,13 @@ DEFAULT_LR_SCHEDULER = {"_target_": "diffusers.optimization.get_scheduler", "_pa
                         "name": "constant_with_warmup", "num_warmup_steps": 0}
 
 
-def build_partial(key: str, default: dict, cfg: dict | None):
-    """`cfg` over `default` (a config without _target_ only changes kwargs), instantiated as a partial."""
+def build_partial(key: str, default: dict, cfg: dict | None, renamed: dict[str, str] | None = None):
+    """`cfg` over `default` (a config without _target_ only changes kwargs), instantiated as a partial.
+    `renamed`: keys of the settings before the `_partial_` configs -> what replaces them (refused)."""
     cfg = dict(cfg or {})
-    if key == "model.optimizer" and "name" in cfg:  # the settings before the `_partial_` configs
-        raise ValueError(f"{key}.name is gone: choose the optimizer with model/optimizer=adamw or "
-                         "model/optimizer=adamw8bit (conf/model/optimizer/), or set model.optimizer._target_")
-    if key == "model.lr_scheduler" and "warmup_steps" in cfg:
-        raise ValueError(f"{key}.warmup_steps is now {key}.num_warmup_steps (diffusers' get_scheduler)")
+    for old, new in (renamed or {}).items():
+        if old in cfg:
+            raise ValueError(f"{key}.{old} is gone: {new}")
     merged = (default if "_target_" not in cfg else {}) | cfg
     merged["_partial_"] = True
     try:
@@ -208,10 +207,13 @@ class JeDiModule(L.LightningModule):
     def configure_optimizers(self):
         """Optimizer and LR schedule from their `_partial_` configs (conf/model/optimizer, lr_scheduler)."""
         params = trained_parameters(self.unet)
-        optimizer = build_partial("model.optimizer", DEFAULT_OPTIMIZER, self.hparams.optimizer)(params)
+        optimizer = build_partial("model.optimizer", DEFAULT_OPTIMIZER, self.hparams.optimizer, {
+            "name": "choose the optimizer with model/optimizer=adamw or model/optimizer=adamw8bit "
+                    "(conf/model/optimizer/), or set model.optimizer._target_"})(params)
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**6
-        scheduler = build_partial("model.lr_scheduler", DEFAULT_LR_SCHEDULER,
-                                  self.hparams.lr_scheduler)(optimizer=optimizer, num_training_steps=total)
+        scheduler = build_partial("model.lr_scheduler", DEFAULT_LR_SCHEDULER, self.hparams.lr_scheduler, {
+            "warmup_steps": "it is now model.lr_scheduler.num_warmup_steps (diffusers' get_scheduler)"})(
+            optimizer=optimizer, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints: EMA travels with them ---------------------------------------------------------
