@@ -14,12 +14,13 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from bench.bench_sampling import time_table
-from jedi_train.export import build_pipeline
-from jedi_train.model.attention import SetLayout, configure_reference_attention
+from jedi_train.model.attention import SetLayout
 from jedi_train.model.components import load_components
+from jedi_train.model.joint import JeDiConfig
 from jedi_train.model.joint_flux import image_ids, pack
 from jedi_train.model.text import TextEmbeddings
 from jedi_train.model.tiny import create_tiny_model_dir
+from jedi_train.pipeline import JeDiPipeline
 
 B, N, STEPS = 4, 3, 10
 SHAPE = {"width": 64, "heads": 4, "layers": 2, "single_layers": 2, "guidance_embeds": True}
@@ -45,7 +46,7 @@ def _step_time(model, call, reps=3):
 
 def step_ratio(tmp):
     model_dir = create_tiny_model_dir(tmp, family="flux", transformer_kwargs=SHAPE)
-    c = load_components(model_dir, resolution=32, prediction_type="flow")
+    c = load_components(model_dir, JeDiConfig(resolution=32), prediction_type="flow")
     joint = c.unet.train()
     plain = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer").train()  # the base
     g = torch.Generator().manual_seed(0)
@@ -86,8 +87,8 @@ def main():
     try:
         with tempfile.TemporaryDirectory() as tmp:
             c, _ = step_ratio(tmp)
-            configure_reference_attention(c.unet, "references")
-            pipe = build_pipeline(c)
+            c.unet.set_reference_attention("references")
+            pipe = JeDiPipeline.from_components(c)
             pipe.set_progress_bar_config(disable=True)
             time_table(pipe=pipe, label="tiny FLUX-shaped MM-DiT 32 px, {steps} flow-matching Euler steps")
     finally:

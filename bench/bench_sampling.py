@@ -13,18 +13,17 @@ import time
 import numpy as np
 import torch
 
-from jedi_train.export import build_pipeline
-from jedi_train.model.attention import configure_reference_attention
 from jedi_train.model.components import load_components
 from jedi_train.model.tiny import create_tiny_model_dir
+from jedi_train.pipeline import JeDiPipeline
 
 KS = (0, 1, 3, 5)
 
 
 def _pipeline(tmp):
     components = load_components(create_tiny_model_dir(tmp, resolution=32, pixel_fold=2))
-    configure_reference_attention(components.unet, "references")
-    pipe = build_pipeline(components)
+    components.unet.set_reference_attention("references")
+    pipe = JeDiPipeline.from_components(components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

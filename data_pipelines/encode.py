@@ -80,6 +80,7 @@ def frozen_encoders(model_dir: str, resolution: int | None = None, device: str =
     from diffusers import AutoencoderKL
 
     from jedi_train.model.components import LatentCodec, check_model_dir, load_text_parts
+    from jedi_train.model.joint import infer_pixel_fold
     from jedi_train.model.text import PromptEncoder
 
     family = check_model_dir(model_dir)
@@ -90,9 +91,8 @@ def frozen_encoders(model_dir: str, resolution: int | None = None, device: str =
     if os.path.isdir(os.path.join(model_dir, "vae")):
         vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").requires_grad_(False).eval().to(device)
     fold = 1
-    if vae is None:  # as load_joint_unet infers it: in_channels = 3 fold^2
-        fold = jedi.get("pixel_fold") or round((cfg["in_channels"] / 3) ** 0.5)
-        fold = fold if 3 * fold * fold == cfg["in_channels"] else 1
+    if vae is None:  # a joint model records its fold; a base one implies it (in_channels = 3 fold^2)
+        fold = jedi.get("pixel_fold") or infer_pixel_fold(cfg["in_channels"])
     codec = LatentCodec(vae, fold)
     native = jedi.get("resolution") if family == "flux" else cfg["sample_size"] * codec.downsample
     if resolution is None and native is None:

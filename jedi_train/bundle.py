@@ -27,6 +27,7 @@ MODULES = {
     ENTRY: "jedi_train.pipeline",
     "jedi_attention": "jedi_train.model.attention",
     "jedi_components": "jedi_train.model.components",
+    "jedi_joint": "jedi_train.model.joint",
     "jedi_joint_unet": "jedi_train.model.joint_unet",
     "jedi_joint_flux": "jedi_train.model.joint_flux",
     "jedi_text": "jedi_train.model.text",

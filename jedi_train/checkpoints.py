@@ -8,7 +8,9 @@
   Lightning checkpoints need nothing beyond torch's defaults (ints, floats, strings, dicts, lists,
   tensors; checked on real runs); DeepSpeed's ZeRO shards need the few classes in DEEPSPEED_GLOBALS.
 - `newest_complete`: the newest checkpoint of a run dir that loads, whatever its name.
-- `publish`: a finished temp file or dir renamed into place (strategies.AtomicDeepSpeedStrategy, exports).
+- reading a run's weights back (jedi-export, resume): `load_checkpoint` (a file or a ZeRO dir, consolidated),
+  `unet_state_from_checkpoint`, `load_unet_weights`, `copy_ema`, and the refusals of a checkpoint of another
+  family or LoRA base (`check_family`, `check_lora_checkpoint`) that export and resume share.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ import importlib
 import os
 import pickle
 import re
-import shutil
+import tempfile
 
 import torch
+from diffusers.training_utils import EMAModel
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-PARTIAL = ".partial-"  # temp files are ".<name>.partial-<pid>": hidden, and never a checkpoint's name
+from data_pipelines.atomic import PARTIAL, publish, remove_partials  # noqa: F401  (re-exported for callers)
+from data_pipelines.errors import missing
+
 # what DeepSpeed's ZeRO optimizer shards hold besides plain data (ZeRO-2/3, fp32/bf16/fp16)
 DEEPSPEED_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
                      "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
@@ -54,44 +59,6 @@ def atomic_save(obj, path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def publish(tmp: str, path: str) -> None:
-    """Put the finished file or directory `tmp` at `path`, replacing what is there. A directory cannot be
-    renamed over another one: the old one is moved aside (a hidden name) first, then removed."""
-    directory, name = os.path.split(os.path.abspath(path))
-    old = os.path.join(directory, f".{name}{PARTIAL}old-{os.getpid()}")
-    if os.path.isdir(path) and not os.path.islink(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_partials(*dirs: str, name: str = "*", only_dead: bool = False) -> list[str]:
-    """Temp files and dirs left by a save that was killed (they never carry a final name).
-    only_dead: keep those of a live process (a directory other jobs publish into, e.g. exports): their
-    names hold the writer's pid (`.<name>.partial-<pid>...`)."""
-    removed = []
-    for d in dirs:
-        for p in glob.glob(os.path.join(glob.escape(str(d)), f".{name}{PARTIAL}*")):
-            if only_dead:
-                pid = re.match(r"(?:old-)?(\d+)", os.path.basename(p).split(PARTIAL, 1)[1])
-                if pid is None or _pid_alive(int(pid.group(1))):
-                    continue
-            with contextlib.suppress(OSError):
-                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
-                removed.append(p)
-    return removed
 
 
 def _resolve(names) -> list:
@@ -178,3 +145,76 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return safe_load(os.fspath(path), map_location=map_location)
+
+
+# -- reading a run's weights back (jedi-export, resume) ----------------------------------------------
+def load_checkpoint(path: str) -> dict:
+    if os.path.isdir(path):  # DeepSpeed ZeRO checkpoint directory: consolidate shards to one fp32 state
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        # the converter unpickles the shards with weights_only=False: first prove that each one loads safely
+        for shard in deepspeed_files(path):
+            safe_load(shard, mmap=True, extra_globals=DEEPSPEED_GLOBALS)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "consolidated.ckpt")
+            convert_zero_checkpoint_to_fp32_state_dict(path, out)
+            return safe_load(out, extra_globals=DEEPSPEED_GLOBALS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} {missing(path)}; give a .ckpt file or a DeepSpeed checkpoint dir")
+    return safe_load(path)
+
+
+def unet_state_from_checkpoint(ckpt: dict) -> dict:
+    state = ckpt.get("state_dict") or ckpt.get("module") or {}
+    unet = {k.split("unet.", 1)[1]: v for k, v in state.items() if k.startswith(("unet.", "_forward_module.unet."))}
+    if not unet:
+        raise ValueError("checkpoint holds no UNet weights (no 'unet.*' keys); is it a jedi-train checkpoint?")
+    return unet
+
+
+def load_unet_weights(unet, state: dict, source: str) -> None:
+    own = unet.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    if bad or missing:
+        example = (bad or missing)[0]
+        raise ValueError(f"{source} is from another model ({len(bad)} unexpected/mismatched and {len(missing)} "
+                         f"missing weights, e.g. {example!r}); use the model config it was trained with")
+    unet.load_state_dict(state)
+
+
+def check_family(ckpt: dict, family: str, source: str) -> None:
+    """A checkpoint trained on one backbone family is refused, in one line, against another family's model."""
+    from .model.components import FAMILIES  # the model package loads diffusers' models: only when asked
+
+    trained = ckpt.get("family")
+    if trained and trained != family:
+        raise ValueError(f"{source} is a {FAMILIES.get(trained, trained)} checkpoint but the model directory holds a "
+                         f"{FAMILIES[family]} model; point model.model_dir (or --model-dir) at the base "
+                         "model it was trained from")
+
+
+def check_lora_checkpoint(ckpt: dict, fingerprint: str, names: list[str], source: str) -> None:
+    """A LoRA checkpoint holds the trained weights only: it needs the base it was trained on and all of them."""
+    if ckpt.get("lora_base") and ckpt["lora_base"] != fingerprint:
+        raise ValueError(f"{source} holds a LoRA trained on another base model (base fingerprint "
+                         f"{ckpt['lora_base']}, this one {fingerprint}); point model.model_dir (or --model-dir) at "
+                         "the base model it was trained from")
+    state = unet_state_from_checkpoint(ckpt)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} of the {len(names)} LoRA-trained weights (e.g. "
+                         f"{missing[0]!r}); use the model.lora settings it was trained with")
+
+
+def copy_ema(unet, ckpt: dict) -> None:
+    """The checkpoint's EMA weights into the UNet: the EMA follows ckpt['trained_names'] (all weights in
+    checkpoints written before that key existed)."""
+    params = dict(unet.named_parameters())
+    names = ckpt.get("trained_names") or list(params)
+    ema = EMAModel([params[n] for n in names])
+    ema.load_state_dict(ckpt["ema"])
+    if len(ema.shadow_params) != len(names):
+        raise ValueError(f"the checkpoint's EMA holds {len(ema.shadow_params)} tensors for {len(names)} trained "
+                         "weights; export with --no-ema")
+    ema.copy_to([params[n] for n in names])

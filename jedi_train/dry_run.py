@@ -95,6 +95,7 @@ def build_on_meta(model_cfg: dict):
     """(family, joint denoiser with LoRA if configured, frozen modules), all on the meta device."""
     from diffusers import AutoencoderKL
 
+    from .model.joint import JeDiConfig
     from .model.joint_flux import JointFluxTransformer2DModel
     from .model.joint_unet import JointUNet2DConditionModel
     from .model.lora import LoraSettings, add_lora
@@ -104,13 +105,10 @@ def build_on_meta(model_cfg: dict):
     with torch.device("meta"):
         if family == "flux":
             denoiser = JointFluxTransformer2DModel.from_config(clean)
-            if denoiser_cfg.get("_jedi") is None:
-                denoiser.make_joint(model_cfg.get("conditioning", "channels"), model_cfg.get("reference_timestep", "zero"),
-                                    model_cfg.get("resolution") or 1024, model_cfg.get("reference_positions", "same"))
         else:
             denoiser = JointUNet2DConditionModel.from_config(clean)
-            if denoiser_cfg.get("_jedi") is None:
-                denoiser.make_joint(model_cfg.get("conditioning", "channels"), model_cfg.get("reference_timestep", "zero"))
+        if denoiser_cfg.get("_jedi") is None:
+            denoiser.make_joint(JeDiConfig.from_dict(model_cfg))
         lora = LoraSettings(**(model_cfg.get("lora") or {}))
         if lora.enabled:
             add_lora(denoiser, lora)

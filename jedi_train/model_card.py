@@ -80,7 +80,7 @@ def _backbone(pipe) -> str:
     model = pipe.denoiser
     u, jedi = model.config, model.jedi
     params = sum(p.numel() for p in model.parameters())
-    space = (f"pixel space (pixels folded {jedi['pixel_fold']}x{jedi['pixel_fold']})" if pipe.vae is None
+    space = (f"pixel space (pixels folded {jedi.pixel_fold}x{jedi.pixel_fold})" if pipe.vae is None
              else f"latent space ({type(pipe.vae).__name__}, /{pipe.codec.downsample})")
     shape = (f"blocks {list(u.block_out_channels)}" if "block_out_channels" in u else
              f"{u.num_layers} double + {u.num_single_layers} single-stream blocks")
@@ -117,8 +117,8 @@ def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: 
     world *= info.get("num_nodes") or 1
     rows = [("backbone", _backbone(pipe)),
             ("base model", base or f"local `{hparams.get('model_dir', '?')}`"),
-            ("JeDi", (f"conditioning {jedi['conditioning']}, reference timestep {jedi['reference_timestep']}, "
-                      f"reference attention {jedi.get('reference_attention', 'set')}, "
+            ("JeDi", (f"conditioning {jedi.conditioning}, reference timestep {jedi.reference_timestep}, "
+                      f"reference attention {jedi.reference_attention}, "
                       f"reference cache {'on' if pipe.reference_cache_supported() else 'off'}")),
             ("prediction", pipe.scheduler.config.get("prediction_type") or "flow (velocity)"),
             ("data", ", ".join(f"`{s}`" for s in info.get("sources") or []) or "?"),

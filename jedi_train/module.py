@@ -16,7 +16,9 @@ from diffusers.training_utils import EMAModel
 from hydra.errors import InstantiationException
 from lightning.pytorch.utilities import rank_zero_info
 
+from .checkpoints import check_family, check_lora_checkpoint, load_unet_weights
 from .model.components import Components, load_components
+from .model.joint import JeDiConfig
 from .model.lora import (
     LoraSettings,
     add_lora,
@@ -95,11 +97,12 @@ class JeDiModule(L.LightningModule):
         self.save_hyperparameters()
         prepare_model_dir(model_dir, create_tiny_if_missing)
         dtype = getattr(torch, frozen_dtype) if frozen_dtype else None
-        self.components: Components = load_components(model_dir, conditioning, reference_timestep,
-                                                      prediction_type, dtype=dtype,
-                                                      reference_attention=reference_attention,
-                                                      noise_schedule=noise_schedule, resolution=resolution,
-                                                      reference_positions=reference_positions)
+        # JeDi's settings, set once here from the flat model config and passed whole
+        self.jedi = JeDiConfig(conditioning=conditioning, reference_timestep=reference_timestep,
+                               reference_attention=reference_attention, resolution=resolution,
+                               reference_positions=reference_positions)
+        self.components: Components = load_components(model_dir, self.jedi, prediction_type, dtype=dtype,
+                                                      noise_schedule=noise_schedule)
         # the joint denoiser (UNet, or FLUX's transformer) is the only trained module: what state_dict / ZeRO see
         self.unet = self.components.unet
         native = self.components.resolution
@@ -230,12 +233,6 @@ class JeDiModule(L.LightningModule):
             checkpoint["lora_base"] = self.lora_base
 
     def on_load_checkpoint(self, checkpoint):
-        from .export import (  # the checks jedi-export uses
-            check_family,
-            check_lora_checkpoint,
-            load_unet_weights,
-        )
-
         check_family(checkpoint, self.components.family, "the checkpoint being resumed")
         state = {k[len("unet."):]: v for k, v in (checkpoint.get("state_dict") or {}).items() if k.startswith("unet.")}
         if self.lora.enabled:

@@ -18,6 +18,7 @@ swapped in through small hooks (`denoiser`, `prepare_timesteps`, `noise_referenc
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -27,14 +28,14 @@ from typing import ClassVar
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .model.attention import ReferenceKVCache, SetLayout, reference_attention
+from .model.attention import ReferenceKVCache, SetLayout
 from .model.components import LatentCodec, model_resolution
 from .model.joint_flux import JointFluxTransformer2DModel, as_joint_flux, flow_mu
 from .model.joint_unet import JointUNet2DConditionModel, as_joint_unet
@@ -102,9 +103,9 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"the pipeline's unet is a plain {type(unet).__name__} without JeDi settings (_jedi), "
                              "not a joint UNet; export the trained model with jedi-export (or convert it with "
                              "load_joint_unet)")
-        if vae is None and unet.latent_channels != 3 * unet.jedi["pixel_fold"] ** 2:
+        if vae is None and unet.latent_channels != 3 * unet.jedi.pixel_fold ** 2:
             raise ValueError(f"no vae, but the unet has {unet.latent_channels} channels (not pixels folded by "
-                             f"{unet.jedi['pixel_fold']}); the pipeline directory is missing its vae/")
+                             f"{unet.jedi.pixel_fold}); the pipeline directory is missing its vae/")
         if (text_encoder_2 is None) != (tokenizer_2 is None):
             raise ValueError("an SDXL pipeline needs both text_encoder_2 and tokenizer_2; one of them is missing")
         wants_pooled = unet.config.get("addition_embed_type") == "text_time"
@@ -185,10 +186,25 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return JeDiFluxPipeline.from_pretrained(path, **kwargs)  # one entry point: the export names its family
         return super().from_pretrained(path, **kwargs)
 
+    @classmethod
+    def from_components(cls, components, denoiser=None) -> JeDiPipeline:
+        """The pipeline of a model being trained (validation grids, export), as diffusers' training scripts
+        build theirs: the loaded components, with `denoiser` (e.g. an EMA or fused copy) in place of theirs.
+        The family's pipeline class and scheduler: DDIM with "trailing" spacing for UNets (same betas and
+        prediction type; sampling starts at t = 999, not 960 as "leading" does), FLUX's flow-matching one."""
+        c = components
+        if c.family == "flux":
+            return JeDiFluxPipeline(transformer=denoiser or c.unet, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                                    text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                                    scheduler=copy.deepcopy(c.noise_scheduler), vae=c.vae)
+        scheduler = DDIMScheduler.from_config(c.noise_scheduler.config, timestep_spacing="trailing")
+        return JeDiPipeline(unet=denoiser or c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                            scheduler=scheduler, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2)
+
     # -- geometry --------------------------------------------------------------------------------
     @property
     def codec(self) -> LatentCodec:
-        return LatentCodec(self.vae, 1 if self.vae is not None else self.denoiser.jedi["pixel_fold"])
+        return LatentCodec.of(self.vae, self.denoiser)
 
     @property
     def resolution(self) -> int:
@@ -207,7 +223,7 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return self.unet
 
     def reference_cache_supported(self) -> bool:
-        return self.denoiser.jedi["reference_timestep"] == "zero" and reference_attention(self.denoiser) == "references"
+        return self.denoiser.jedi.reference_timestep == "zero" and self.denoiser.jedi.reference_attention == "references"
 
     # -- pieces ----------------------------------------------------------------------------------
     @property
@@ -229,8 +245,8 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(
                 "use_reference_cache=True needs a model trained with references at timestep 0 that attend only "
                 f"to references (reference_timestep='zero', reference_attention='references'); this model has "
-                f"reference_timestep={self.denoiser.jedi['reference_timestep']!r}, reference_attention="
-                f"{reference_attention(self.denoiser)!r}, so cached keys/values would differ. Use use_reference_cache=False")
+                f"reference_timestep={self.denoiser.jedi.reference_timestep!r}, reference_attention="
+                f"{self.denoiser.jedi.reference_attention!r}, so cached keys/values would differ. Use use_reference_cache=False")
         return use_refs and ok and use_reference_cache is not False
 
     @property
@@ -323,7 +339,7 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def prepare_reference_noise(self, sets: GuidedSets, generator, device, dtype) -> torch.Tensor | None:
         """Models trained with reference_timestep 'target': the noise that re-noises the references to each
         step's t (drawn after the targets' noise). None: references stay clean at t = 0."""
-        if not sets.plan.num_refs or self.denoiser.jedi["reference_timestep"] != "target":
+        if not sets.plan.num_refs or self.denoiser.jedi.reference_timestep != "target":
             return None
         g = generator[0] if isinstance(generator, list) else generator
         return randn_tensor(sets.ref_latents.shape, generator=g, device=device, dtype=dtype)
@@ -466,10 +482,6 @@ class JeDiFluxPipeline(JeDiPipeline):
     @property
     def denoiser(self):
         return self.transformer
-
-    @property
-    def codec(self) -> LatentCodec:
-        return LatentCodec(self.vae)
 
     @property
     def guidance_distilled(self) -> bool:

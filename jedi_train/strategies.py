@@ -12,7 +12,7 @@ import shutil
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from .checkpoints import PARTIAL, publish
+from data_pipelines.atomic import PARTIAL, publish
 
 
 class AtomicDeepSpeedStrategy(DeepSpeedStrategy):

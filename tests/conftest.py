@@ -65,14 +65,13 @@ def one_thread():
 def pipe_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model exported as a pipeline with the demo's settings for the reference KV cache
     (reference_attention 'references', references at t = 0), as jedi-export writes it."""
-    from jedi_train.export import build_pipeline
-    from jedi_train.model.attention import configure_reference_attention
     from jedi_train.model.components import load_components
+    from jedi_train.model.joint import JeDiConfig
+    from jedi_train.pipeline import JeDiPipeline
 
-    c = load_components(tiny_model_dir)
-    configure_reference_attention(c.unet, "references")
+    c = load_components(tiny_model_dir, JeDiConfig(reference_attention="references"))
     out = str(tmp_path_factory.mktemp("exported") / "pipeline")
-    build_pipeline(c).save_pretrained(out, safe_serialization=True)
+    JeDiPipeline.from_components(c).save_pretrained(out, safe_serialization=True)
     return out
 
 

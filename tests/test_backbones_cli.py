@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from test_pipeline import CAN, load, needs_dreambench, run
-from test_train_cli import FAST, jedi
+from helpers.cli import FAST, run_jedi
+from helpers.pipelines import CAN, load, needs_dreambench, run
 
 from jedi_train.export import export_checkpoint
 
@@ -20,14 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
                                                             ("tiny_flux", "FLUX.1", "transformer")])
 def test_train_export_sample_through_the_cli(model, family, component, tmp_path, tiny_model_dir):
     run_dir, pipe_dir = tmp_path / "run", tmp_path / "pipe"
-    jedi("jedi-train", *FAST, f"model={model}", "trainer.max_steps=3", "export_after_fit=false",
-         "~callbacks.sample_grid", "~callbacks.identity_gain", f"paths.output_dir={run_dir}", root=tmp_path)
+    run_jedi("jedi-train", *FAST, f"model={model}", "trainer.max_steps=3", "export_after_fit=false",
+             "~callbacks.sample_grid", "~callbacks.identity_gain", f"paths.output_dir={run_dir}", root=tmp_path)
     ckpt = str(run_dir / "checkpoints" / "last.ckpt")
-    jedi("jedi-export", ckpt, str(pipe_dir), root=tmp_path)
+    run_jedi("jedi-export", ckpt, str(pipe_dir), root=tmp_path)
     assert os.path.isdir(pipe_dir / component)
     refs = [a for path in CAN[:3] for a in ("--ref", path)]
-    jedi("jedi-sample", str(pipe_dir), *refs, "--prompt", "a can on a beach", "--num", "2", "--steps", "2",
-         "--out", str(tmp_path / "k3"), root=tmp_path)
+    run_jedi("jedi-sample", str(pipe_dir), *refs, "--prompt", "a can on a beach", "--num", "2", "--steps", "2",
+             "--out", str(tmp_path / "k3"), root=tmp_path)
     assert len([f for f in os.listdir(tmp_path / "k3") if f.endswith(".png")]) == 3  # 2 images + grid
     assert len(os.listdir(tmp_path / "k3" / "references")) == 3
     one = run(load(pipe_dir), CAN[:1])

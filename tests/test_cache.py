@@ -9,13 +9,14 @@ import tarfile
 
 import pytest
 import torch
+from helpers.cli import run_jedi
 from helpers.stream_helpers import write_shards
-from test_train_cli import jedi
 
 from data_pipelines import encode
 from data_pipelines.stats import main as jedi_data
 from jedi_train.datamodule import JeDiDataModule
 from jedi_train.model.components import load_components
+from jedi_train.model.joint import JeDiConfig
 from jedi_train.model.objective import JeDiObjective, ObjectiveConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +53,7 @@ def first_batch(model_dir, components, src, **kw):
                                                         ("tiny_flux_model_dir", "float16", 2e-3)])
 def test_cached_and_on_the_fly_batches_give_the_same_loss(fixture, dtype, tol, shards, tmp_path, request):
     model_dir = request.getfixturevalue(fixture)
-    c = load_components(model_dir, resolution=32)
+    c = load_components(model_dir, JeDiConfig(resolution=32))
     out = encoded(model_dir, shard_dir(shards), str(tmp_path / "cached"), "--dtype", dtype, "--resolution", "32")
     fly, cached = first_batch(model_dir, c, shard_dir(shards)), first_batch(model_dir, c, out)
     assert "latent_mean" not in fly and cached["set_id"] == fly["set_id"]
@@ -157,22 +158,22 @@ def test_jedi_train_on_cached_shards(tiny_vae_model_dir, tiny_model_dir, shards,
     """SD layout end to end: jedi-data encode, then jedi-train with the text encoders dropped (so every batch
     must come from the cache) reaches the losses of the on-the-fly run; another model's run is refused."""
     out = tmp_path / "cached"
-    p = jedi("jedi-data", "encode", f"{shard_dir(shards)}/*.tar", str(out), "--model", tiny_vae_model_dir,
-             root=tmp_path)
+    p = run_jedi("jedi-data", "encode", f"{shard_dir(shards)}/*.tar", str(out), "--model", tiny_vae_model_dir,
+                 root=tmp_path)
     assert "4 shard(s) written" in p.stdout
     args = ["experiment=demo", f"model.model_dir={tiny_vae_model_dir}", "data.synthesize_if_missing=null",
             "data.heldout_sources=null", "data.heldout_synthesize_if_missing=null", "data.crop=center",
             "data.min_set=2", "data.max_set=4", "data.batch_size=4", "data.num_workers=1", "trainer.max_steps=3",
             "export_after_fit=false", "~callbacks.sample_grid", "~callbacks.identity_gain", "logger=none",
             "callbacks.loss_curve.every_n_steps=1", "trainer.log_every_n_steps=1", "model.lr_scheduler.num_warmup_steps=0"]
-    jedi("jedi-train", *args, f"data.sources='{out}/*.tar'", "data.drop_text_encoders=true",
-         f"paths.output_dir={tmp_path / 'cached_run'}", root=tmp_path)
-    jedi("jedi-train", *args, f"data.sources='{shard_dir(shards)}/*.tar'", f"paths.output_dir={tmp_path / 'fly_run'}",
-         root=tmp_path)
+    run_jedi("jedi-train", *args, f"data.sources='{out}/*.tar'", "data.drop_text_encoders=true",
+             f"paths.output_dir={tmp_path / 'cached_run'}", root=tmp_path)
+    run_jedi("jedi-train", *args, f"data.sources='{shard_dir(shards)}/*.tar'", f"paths.output_dir={tmp_path / 'fly_run'}",
+             root=tmp_path)
     cached, fly = loss_rows(tmp_path / "cached_run"), loss_rows(tmp_path / "fly_run")
     assert len(cached) == len(fly) == 3 and cached == pytest.approx(fly, rel=5e-3)
-    bad = jedi("jedi-train", *args, f"model.model_dir={tiny_model_dir}", f"data.sources='{out}/*.tar'",
-               f"paths.output_dir={tmp_path / 'bad_run'}", root=tmp_path, check=False)
+    bad = run_jedi("jedi-train", *args, f"model.model_dir={tiny_model_dir}", f"data.sources='{out}/*.tar'",
+                   f"paths.output_dir={tmp_path / 'bad_run'}", root=tmp_path, check=False)
     assert bad.returncode != 0
     err = [line for line in bad.stderr.splitlines() if "re-encode" in line]
     assert len(err) == 1 and "data.use_cache=false" in err[0] and tiny_model_dir in err[0]

@@ -2,29 +2,12 @@
 jedi-train's checks come before the model, the data or W&B: the run dir gets no config.yaml."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers.cli import cli, compose_train, one_line_error
 from helpers.images import bomb_png
 from PIL import Image
-
-BIN = os.path.dirname(sys.executable)
-
-
-def cli(tool, *args, cwd, timeout=300):
-    env = {**os.environ, "JEDI_ROOT": str(cwd), "WANDB_MODE": "offline", "WANDB_API_KEY": "", "HYDRA_FULL_ERROR": "0",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([os.path.join(BIN, tool), *map(str, args)], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
-
-def one_line_error(p, tool):
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith((f"{tool}: error:", f"{tool}: refusing")), p.stderr[-3000:]
-    return last
 
 
 def text_file(tmp_path):
@@ -92,8 +75,6 @@ def test_jedi_sample_seed_defaults_to_0_and_tiny_reference_warns(pipe_dir, tmp_p
 @pytest.mark.parametrize("overrides", [[], ["experiment=demo"], ["experiment=proof"], ["experiment=sd15_s3"],
                                        ["model=sd15", "trainer=gpu"], ["model=sd21", "debug=fast"]])
 def test_shipped_configs_pass_the_checks(tmp_path, overrides):
-    from test_configs import compose_train
-
     from jedi_train.config_checks import check_config
 
     check_config(compose_train(overrides, tmp_path))

@@ -3,29 +3,17 @@ import itertools
 from pathlib import Path
 
 import pytest
+from helpers.cli import compose_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, get_method
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from jedi_train.train import CONF_DIR
 
 
 def _options(group):
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
-
-
-def compose_train(overrides, tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(tmp_path)
-            del cfg["hydra"]  # read-only; its interpolations are resolved through HydraConfig above
-        OmegaConf.resolve(cfg)
-        return cfg
 
 
 def _targets(node):

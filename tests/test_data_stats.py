@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.stream_zoo import KEPT, MAX_PIXELS, write_zoo
-from test_stream_robust import stream_all
+from helpers.stream_zoo import KEPT, MAX_PIXELS, stream_all, write_zoo
 
 from data_pipelines.stats import main
 

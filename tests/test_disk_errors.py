@@ -9,8 +9,7 @@ import uuid
 
 import pytest
 import torch
-from test_cli_errors import cli, one_line_error
-from test_train_cli import FAST
+from helpers.cli import FAST, cli, one_line_error
 
 
 def _mount(*args):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from jedi_train.export import load_checkpoint, load_unet_weights, unet_state_from_checkpoint
+from jedi_train.checkpoints import load_checkpoint, load_unet_weights, unet_state_from_checkpoint
 from jedi_train.model.joint_unet import load_joint_unet
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "helpers", "fit_tiny.py")

@@ -5,10 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_configs import compose_train
+from helpers.cli import compose_train
 
 from jedi_train.dry_run import estimate
 from jedi_train.model.components import load_components
+from jedi_train.model.joint import JeDiConfig
 
 SD15_UNET, CLIP_L, SD_VAE = 859_520_964, 123_060_480, 83_653_863  # published parameter counts
 FLUX_DEV, T5_XXL, FLUX_VAE = 11_901_408_320, 4_762_310_656, 83_819_683
@@ -41,7 +42,7 @@ def test_flux_counts_lora_and_zero_sharding(tmp_path):
 def test_a_model_directory_is_read_from_its_configs(tiny_flux_model_dir, tmp_path):
     e = estimate(compose_train(["experiment=demo", "model=tiny_flux", f"model.model_dir={tiny_flux_model_dir}"],
                                tmp_path))
-    c = load_components(tiny_flux_model_dir, resolution=32)
+    c = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32))
     assert e["trained"] == sum(p.numel() for p in c.unet.parameters())
     assert e["frozen_parts"] == sum(p.numel() for m in (c.text_encoder, c.text_encoder_2, c.vae)
                                     for p in m.parameters())

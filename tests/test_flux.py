@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from test_generic_loading import run_generic
-from test_pipeline import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run
+from helpers.pipelines import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run, run_generic
 
 from jedi_train.model.attention import SetLayout
 from jedi_train.model.components import load_components
+from jedi_train.model.joint import JeDiConfig
 from jedi_train.model.joint_flux import shifted_sigmas
 from jedi_train.model.objective import JeDiObjective
 from jedi_train.pipeline import JeDiFluxPipeline, JeDiPipeline
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def components(tiny_flux_model_dir):
-    return load_components(tiny_flux_model_dir, resolution=32)
+    return load_components(tiny_flux_model_dir, JeDiConfig(resolution=32))
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,9 @@ def test_flow_matching_objective(components):
 def test_reference_position_offset_moves_references_only(tiny_flux_model_dir):
     """reference_positions 'offset' (UNO): references at shifted rotary positions. A lone target is unchanged;
     in a set with a reference, the targets' outputs change (they see the reference at another position)."""
-    same = load_components(tiny_flux_model_dir, resolution=32).unet.eval()
-    moved = load_components(tiny_flux_model_dir, resolution=32, reference_positions="offset").unet.eval()
-    assert moved.jedi["reference_positions"] == "offset"
+    same = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32)).unet.eval()
+    moved = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32, reference_positions="offset")).unet.eval()
+    assert moved.jedi.reference_positions == "offset"
     g = torch.Generator().manual_seed(0)
     x, text = torch.randn(3, 33, 16, 16, generator=g), same.config
     from jedi_train.model.text import TextEmbeddings
@@ -111,7 +111,7 @@ def test_pipeline_cache_guidance_and_persistence(cache_pipe_dir, tmp_path):
 
 def test_bad_flux_settings_fail_in_one_line(tiny_flux_model_dir, tmp_path):
     with pytest.raises(ValueError, match="FLUX is a flow-matching model: set model.prediction_type=flow"):
-        load_components(tiny_flux_model_dir, prediction_type="epsilon", resolution=32)
+        load_components(tiny_flux_model_dir, JeDiConfig(resolution=32), prediction_type="epsilon")
     sd3 = tmp_path / "sd3"
     (sd3 / "transformer").mkdir(parents=True)
     (sd3 / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
@@ -122,11 +122,11 @@ def test_bad_flux_settings_fail_in_one_line(tiny_flux_model_dir, tmp_path):
 def test_lora_adapter_export_loads_into_the_base_flux_pipeline(tiny_flux_model_dir, tmp_path):
     """LoRA on the joint transformer (adapters + the widened x_embedder in full) -> --lora-only's file ->
     JeDiFluxPipeline.load_lora_weights on the base: the in-training predictions, exactly."""
-    from jedi_train.export import build_pipeline, save_lora_atomically
+    from jedi_train.export import save_lora_atomically
     from jedi_train.model.lora import LoraSettings, add_lora, trained_names
     from jedi_train.model.text import TextEmbeddings
 
-    c = load_components(tiny_flux_model_dir, resolution=32)
+    c = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32))
     add_lora(c.unet, LoraSettings(rank=4))
     assert {n for n in trained_names(c.unet) if "lora" not in n} == {"x_embedder.weight", "x_embedder.bias"}
     with torch.no_grad():  # as if trained: every trained weight moves
@@ -140,7 +140,7 @@ def test_lora_adapter_export_loads_into_the_base_flux_pipeline(tiny_flux_model_d
     with torch.no_grad():
         want = c.unet.eval().denoise(x, t, e, layout)
     out = save_lora_atomically(c.unet, str(tmp_path / "lora"))
-    pipe = build_pipeline(load_components(tiny_flux_model_dir, resolution=32))
+    pipe = JeDiPipeline.from_components(load_components(tiny_flux_model_dir, JeDiConfig(resolution=32)))
     with torch.no_grad():
         assert (pipe.transformer.denoise(x, t, e, layout) - want).abs().max() > 1e-2  # the base alone differs
         pipe.load_lora_weights(out)

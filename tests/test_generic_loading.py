@@ -2,44 +2,14 @@
 imported at all: DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True) (bundle.py)."""
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from test_pipeline import make_pipeline_dir
+from helpers.pipelines import make_pipeline_dir, run_generic
 
 from jedi_train.bundle import MODULES, bundle_sources
 from jedi_train.pipeline import JeDiPipeline
-
-# a fresh interpreter that cannot import this project (as on a colleague's machine without it)
-GENERIC = textwrap.dedent("""
-    import sys
-    for name in ("jedi_train", "data_pipelines"):
-        sys.modules[name] = None  # any import of it raises ImportError
-    import numpy as np, torch
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    refs = [np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)]
-    out = pipe(reference_images=refs, prompt=["a can", "a can on a beach"], num_inference_steps=2,
-               guidance_scale=3.0, image_guidance_scale=2.0, output_type="np",
-               generator=torch.Generator().manual_seed(0))
-    np.save(sys.argv[2], out.images)
-    print("LOADED", type(pipe).__module__, type(pipe.denoiser).__name__, flush=True)
-    if len(sys.argv) > 3:
-        pipe.save_pretrained(sys.argv[3])
-""")
-
-
-def run_generic(pipe_dir, out_npy, tmp_path, save_to=None):
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-c", GENERIC, pipe_dir, str(out_npy)] + ([save_to] if save_to else [])
-    p = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return next(line for line in p.stdout.splitlines() if line.startswith("LOADED"))
 
 
 def jedi_images(pipe_dir):

@@ -6,6 +6,7 @@ from helpers.batches import set_batch
 
 from jedi_train.model.components import load_components, tokenize
 from jedi_train.model.objective import Dropout, JeDiObjective, ObjectiveConfig, identity_gain, latent_mask
+from jedi_train.pipeline import JeDiPipeline
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +79,11 @@ def test_reference_caption_dropout_and_high_timesteps(components):
 
 
 def test_zero_terminal_snr_and_trailing_sampling(tiny_model_dir):
-    from jedi_train.export import build_pipeline
-
     plain = load_components(tiny_model_dir)
     zsnr = load_components(tiny_model_dir, noise_schedule={"rescale_betas_zero_snr": True})
     assert plain.noise_scheduler.alphas_cumprod[-1] > 1e-3  # SD's schedule keeps signal at t = 999
     assert zsnr.noise_scheduler.alphas_cumprod[-1] < 1e-6
-    pipe = build_pipeline(zsnr)
+    pipe = JeDiPipeline.from_components(zsnr)
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
     pipe.scheduler.set_timesteps(25)
     assert int(pipe.scheduler.timesteps[0]) == 999  # sampling starts from pure noise, not t = 960

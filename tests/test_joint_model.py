@@ -5,6 +5,7 @@ import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 from jedi_train.model.attention import SetLayout
+from jedi_train.model.joint import JeDiConfig
 from jedi_train.model.joint_flux import image_ids, load_joint_flux, pack, unpack
 from jedi_train.model.joint_unet import JointUNet2DConditionModel, load_joint_unet
 from jedi_train.model.text import TextEmbeddings
@@ -31,7 +32,7 @@ def base(model_dir, family):
 
 @pytest.fixture(scope="module")
 def joint(model_dir, family):
-    return (load_joint_flux(model_dir, resolution=32) if family == "flux" else load_joint_unet(model_dir)).eval()
+    return (load_joint_flux(model_dir, jedi=JeDiConfig(resolution=32)) if family == "flux" else load_joint_unet(model_dir)).eval()
 
 
 def _base_output(base, x, t, e):
@@ -165,8 +166,8 @@ def test_save_load_round_trip(joint, tmp_path):
 
 
 def test_replacement_mode_keeps_input_channels(tiny_model_dir):
-    unet = load_joint_unet(tiny_model_dir, conditioning="replacement", reference_timestep="target")
-    assert unet.config.in_channels == 12 and unet.jedi["conditioning"] == "replacement"
+    unet = load_joint_unet(tiny_model_dir, jedi=JeDiConfig(conditioning="replacement", reference_timestep="target"))
+    assert unet.config.in_channels == 12 and unet.jedi.conditioning == "replacement"
     x = torch.randn(2, 12, 16, 16)
     assert torch.equal(unet.assemble_input(x, torch.randn_like(x), torch.ones(2, dtype=torch.bool)), x)
 
@@ -187,9 +188,9 @@ def test_make_joint_validates_options(tiny_model_dir):
     unet = JointUNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     assert unet.jedi is None  # a base checkpoint stays a base model until converted
     with pytest.raises(ValueError, match="conditioning='pixels' is unknown"):
-        unet.make_joint(conditioning="pixels")
+        unet.make_joint(JeDiConfig(conditioning="pixels"))
     unet.make_joint()
-    with pytest.raises(ValueError, match="already a joint UNet"):
+    with pytest.raises(ValueError, match="already joint"):
         unet.make_joint()
 
 

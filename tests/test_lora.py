@@ -9,8 +9,9 @@ import os
 
 import pytest
 import torch
-from test_train_cli import FAST, jedi, losses
+from helpers.cli import FAST, losses, run_jedi
 
+from jedi_train.model.joint import JeDiConfig
 from jedi_train.model.lora import LoraSettings, add_lora, trained_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,9 +65,9 @@ def test_a_target_that_matches_nothing_is_one_clear_error(tiny_model_dir):
 def lora_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("jedi_lora")
     full, resumed = root / "full", root / "resumed"
-    jedi("jedi-train", *FAST, *LORA, "trainer.max_steps=4", f"paths.output_dir={full}", root=root)
-    jedi("jedi-train", *FAST, *LORA, "trainer.max_steps=2", f"paths.output_dir={resumed}", root=root)
-    second = jedi("jedi-train", *FAST, *LORA, "trainer.max_steps=4", f"paths.output_dir={resumed}", root=root)
+    run_jedi("jedi-train", *FAST, *LORA, "trainer.max_steps=4", f"paths.output_dir={full}", root=root)
+    run_jedi("jedi-train", *FAST, *LORA, "trainer.max_steps=2", f"paths.output_dir={resumed}", root=root)
+    second = run_jedi("jedi-train", *FAST, *LORA, "trainer.max_steps=4", f"paths.output_dir={resumed}", root=root)
     return {"root": root, "full": full, "resumed": resumed, "second": second}
 
 
@@ -86,25 +87,24 @@ def test_lora_checkpoints_hold_only_trained_weights_and_resume_exactly(lora_runs
 
 
 def test_fused_export_equals_the_adapter_loaded_into_the_base_pipeline(lora_runs, tmp_path):
-    from jedi_train.export import build_pipeline
     from jedi_train.model.components import load_components
     from jedi_train.pipeline import JeDiPipeline
 
     root, ckpt = lora_runs["root"], str(lora_runs["full"] / "checkpoints" / "last.ckpt")
     fused, adapter = tmp_path / "fused", tmp_path / "lora"
-    jedi("jedi-export", ckpt, str(fused), root=root)
-    out = jedi("jedi-export", ckpt, str(adapter), "--lora-only", root=root)
+    run_jedi("jedi-export", ckpt, str(fused), root=root)
+    out = run_jedi("jedi-export", ckpt, str(adapter), "--lora-only", root=root)
     assert "exported LoRA adapter" in out.stdout
     assert os.listdir(adapter) == ["pytorch_lora_weights.safetensors"]
     pipe = JeDiPipeline.from_pretrained(str(fused))
     hp = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
-    base = build_pipeline(load_components(hp["model_dir"], hp["conditioning"], hp["reference_timestep"],
-                                          hp["prediction_type"], reference_attention=hp["reference_attention"]))
+    base = JeDiPipeline.from_components(load_components(hp["model_dir"], JeDiConfig.from_dict(hp),
+                                                        hp["prediction_type"]))
     plain = _predict(base.unet)
     base.load_lora_weights(str(adapter))
     assert not torch.allclose(_predict(base.unet), plain, atol=1e-5)  # the adapter (and conv_in) took effect
     torch.testing.assert_close(_predict(base.unet), _predict(pipe.unet), atol=2e-5, rtol=1e-4)
-    again = jedi("jedi-export", ckpt, str(adapter), "--lora-only", root=root, check=False)
+    again = run_jedi("jedi-export", ckpt, str(adapter), "--lora-only", root=root, check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 

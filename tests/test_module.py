@@ -2,34 +2,11 @@
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from helpers.tiny_module import SameSets, make_module
+from torch.utils.data import DataLoader
 
 from jedi_train.callbacks import Checkpoint
-from jedi_train.model.components import tokenize
 from jedi_train.module import JeDiModule
-
-
-class SameSets(Dataset):
-    """Sets of 3 (1 reference); item i is seeded by i, optionally poisoned with NaN."""
-
-    def __init__(self, tokenizer, nan_from: int | None = None):
-        self.ids = tokenize(tokenizer, ["a photo of a mug on the beach"] * 3)
-        self.nan_from = nan_from
-
-    def __len__(self):
-        return 10**6
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(0)
-        px = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
-        if self.nan_from is not None and i >= self.nan_from:
-            px = px * float("nan")
-        return {"pixel_values": px, "input_ids": self.ids, "is_ref": torch.tensor([True, False, False]),
-                "valid": torch.ones(3, dtype=torch.bool)}
-
-
-def _module(model_dir, **kw):
-    return JeDiModule(model_dir=model_dir, optimizer={"lr": 1e-3}, ema={"enabled": True, "decay": 0.9}, **kw)
 
 
 def _fit(module, steps, ckpt_dir=None, ckpt_path=None, nan_from=None, root=None):
@@ -50,18 +27,18 @@ def _fit(module, steps, ckpt_dir=None, ckpt_path=None, nan_from=None, root=None)
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_model_dir, tmp_path):
-    full, _ = _fit(_module(tiny_model_dir), 4)
-    first, _ = _fit(_module(tiny_model_dir), 2, ckpt_dir=tmp_path)  # last.ckpt written at stop (step 2)
+    full, _ = _fit(make_module(tiny_model_dir), 4)
+    first, _ = _fit(make_module(tiny_model_dir), 2, ckpt_dir=tmp_path)  # last.ckpt written at stop (step 2)
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 and "ema" in ckpt and ckpt["lr_schedulers"]
-    rest, _ = _fit(_module(tiny_model_dir), 4, ckpt_path=str(tmp_path / "last.ckpt"))
+    rest, _ = _fit(make_module(tiny_model_dir), 4, ckpt_path=str(tmp_path / "last.ckpt"))
     assert len(first + rest) == 4
     assert max(abs(a - b) for a, b in zip(full, first + rest)) < 1e-6
     assert full[0] != full[-1]  # the weights did move
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_model_dir):
-    module = _module(tiny_model_dir, max_nonfinite_steps=3)
+    module = make_module(tiny_model_dir, max_nonfinite_steps=3)
     before = {k: v.clone() for k, v in module.unet.state_dict().items()}
     with pytest.raises(RuntimeError, match="NaN/inf for 3 steps in a row"):
         _fit(module, 10, nan_from=0)
@@ -70,7 +47,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_model_dir):
 
 
 def test_frozen_parts_stay_out_of_the_optimizer_and_checkpoint(tiny_model_dir):
-    module = _module(tiny_model_dir)
+    module = make_module(tiny_model_dir)
     names = set(module.state_dict())
     assert names and all(n.startswith("unet.") for n in names)  # text encoder / VAE not saved or sharded
     opt = module.configure_optimizers  # needs a trainer for max_steps: check the parameter set instead
@@ -80,7 +57,7 @@ def test_frozen_parts_stay_out_of_the_optimizer_and_checkpoint(tiny_model_dir):
 
 
 def test_trainable_prefixes_limit_what_trains(tiny_model_dir):
-    module = _module(tiny_model_dir, trainable=["conv_in", "down_blocks.1.attentions"])
+    module = make_module(tiny_model_dir, trainable=["conv_in", "down_blocks.1.attentions"])
     trained = [n for n, p in module.unet.named_parameters() if p.requires_grad]
     assert trained and all(n.startswith(("conv_in", "down_blocks.1.attentions")) for n in trained)
 

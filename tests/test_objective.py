@@ -4,6 +4,7 @@ import torch
 from helpers.batches import set_batch
 
 from jedi_train.model.components import load_components, tokenize
+from jedi_train.model.joint import JeDiConfig
 from jedi_train.model.objective import Dropout, JeDiObjective, ObjectiveConfig
 
 CAPTIONS = ["a photo of a mug on the beach", "a photo of a mug in the snow", "a photo of a mug on a table"]
@@ -42,7 +43,7 @@ def test_loss_ignores_reference_noise(components):
 
 
 def test_references_get_no_gradient_from_their_prediction(tiny_model_dir):
-    comps = load_components(tiny_model_dir, reference_timestep="target")  # refs noised too: the hard case
+    comps = load_components(tiny_model_dir, JeDiConfig(reference_timestep="target"))  # refs noised too: the hard case
     obj = JeDiObjective(comps)
     batch = _batch(comps)
     seen = {}

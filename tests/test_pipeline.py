@@ -7,39 +7,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from helpers.pipelines import CAN, DOG, DREAMBENCH, load, make_pipeline_dir, needs_dreambench, run
 from PIL import Image
 
-from jedi_train.export import build_pipeline
-from jedi_train.model.attention import configure_reference_attention
 from jedi_train.model.components import load_components
+from jedi_train.model.joint import JeDiConfig
 from jedi_train.pipeline import JeDiPipeline
 from jedi_train.references import load_references, prepare_reference
 from jedi_train.set_plan import SetPlan, guidance_branches
 
-DREAMBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dreambench")
-CAN = [os.path.join(DREAMBENCH, "can", f"{i:02d}.jpg") for i in range(5)]
-DOG = [os.path.join(DREAMBENCH, "dog2", f"{i:02d}.jpg") for i in range(3)]
-needs_dreambench = pytest.mark.skipif(not os.path.isdir(DREAMBENCH), reason="../shared/dreambench not present")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_pipeline_dir(model_dir, out_dir, reference_attention="set", reference_timestep="zero", **load_kwargs):
-    """Export a tiny joint model as a pipeline. The zero-initialised reference input channels get random
-    weights, so references reach the model through their input channels as well as attention."""
-    c = load_components(model_dir, reference_timestep=reference_timestep, **load_kwargs)
-    base = c.unet.jedi["latent_channels"] * (4 if c.family == "flux" else 1)  # FLUX: packed 2x2 patches
-    with torch.no_grad():
-        getattr(c.unet, c.unet.joint_input_module).weight[:, base:].normal_(
-            0, 0.1, generator=torch.Generator().manual_seed(1))
-    configure_reference_attention(c.unet, reference_attention)
-    build_pipeline(c).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
-def load(path):
-    pipe = JeDiPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +32,6 @@ def pipe(pipe_dir):
 @pytest.fixture(scope="module")
 def cache_pipe(tiny_model_dir, tmp_path_factory):
     return load(make_pipeline_dir(tiny_model_dir, str(tmp_path_factory.mktemp("pipe_cache")), "references"))
-
-
-def run(pipe, refs, prompts=("a can", "a can on a beach"), seed=0, **kw):
-    kw = {"num_inference_steps": 2, "guidance_scale": 3.0, "image_guidance_scale": 2.0, "output_type": "pt", **kw}
-    return pipe(reference_images=refs, prompt=list(prompts), generator=torch.Generator().manual_seed(seed),
-                **kw).images
 
 
 def count_unet_batches(pipe):
@@ -290,9 +261,8 @@ def test_reference_cache_gives_the_same_images(cache_pipe, prompts, max_set_size
 @needs_dreambench
 def test_reference_cache_with_replacement_conditioning(tiny_model_dir):
     """'replacement' models see references only as clean images at t = 0 (no extra input channels)."""
-    c = load_components(tiny_model_dir, conditioning="replacement")
-    configure_reference_attention(c.unet, "references")
-    pipe = build_pipeline(c)
+    c = load_components(tiny_model_dir, JeDiConfig(conditioning="replacement", reference_attention="references"))
+    pipe = JeDiPipeline.from_components(c)
     pipe.set_progress_bar_config(disable=True)
     cached = run(pipe, CAN[:2], use_reference_cache=True)
     torch.testing.assert_close(cached, run(pipe, CAN[:2], use_reference_cache=False), atol=1e-4, rtol=0)

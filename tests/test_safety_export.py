@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_safety_train import ARGS, jedi, make_root
+from helpers.safety_runs import ARGS, make_root, run_safety_jedi
 
 
 class Payload:
@@ -38,9 +38,9 @@ def trained(tmp_path_factory):
     run = root / "runs" / "r"
     common = [*ARGS, "export_after_fit=true", "data.num_workers=0", "callbacks.model_checkpoint.every_n_train_steps=2",
               f"paths.output_dir={run}"]
-    jedi("jedi-train", *common, "trainer.max_steps=2", root=root)
+    run_safety_jedi("jedi-train", *common, "trainer.max_steps=2", root=root)
     first = digest(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
-    second = jedi("jedi-train", *common, "trainer.max_steps=3", root=root)
+    second = run_safety_jedi("jedi-train", *common, "trainer.max_steps=3", root=root)
     return {"root": root, "run": run, "first": first, "second": second, "ckpt": run / "checkpoints" / "last.ckpt"}
 
 
@@ -56,7 +56,7 @@ def test_export_refuses_a_non_empty_directory_that_is_not_an_export(trained, tmp
     out.mkdir()
     (out / "chapter1.tex").write_text("years of work")
     for extra in ([], ["--overwrite"]):
-        p = jedi("jedi-export", trained["ckpt"], out, *extra, root=trained["root"], check=False)
+        p = run_safety_jedi("jedi-export", trained["ckpt"], out, *extra, root=trained["root"], check=False)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
         assert "not a previous export" in p.stderr
         assert (out / "chapter1.tex").read_text() == "years of work" and os.listdir(out) == ["chapter1.tex"]
@@ -64,14 +64,14 @@ def test_export_refuses_a_non_empty_directory_that_is_not_an_export(trained, tmp
 
 def test_export_replaces_a_previous_export_only_with_overwrite(trained, tmp_path):
     out = tmp_path / "pipe"
-    jedi("jedi-export", trained["ckpt"], out, root=trained["root"])
+    run_safety_jedi("jedi-export", trained["ckpt"], out, root=trained["root"])
     assert (out / "model_index.json").is_file()
-    p = jedi("jedi-export", trained["ckpt"], out, root=trained["root"], check=False)
+    p = run_safety_jedi("jedi-export", trained["ckpt"], out, root=trained["root"], check=False)
     assert p.returncode == 2 and "--overwrite" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = jedi("jedi-export", trained["ckpt"], out, "--overwrite", "--no-ema", root=trained["root"])
+    p = run_safety_jedi("jedi-export", trained["ckpt"], out, "--overwrite", "--no-ema", root=trained["root"])
     assert (out / "model_index.json").is_file() and str(out) in p.stdout
     (out / "notes.txt").write_text("mine")  # an export with something else in it is not replaced either
-    p = jedi("jedi-export", trained["ckpt"], out, "--overwrite", root=trained["root"], check=False)
+    p = run_safety_jedi("jedi-export", trained["ckpt"], out, "--overwrite", root=trained["root"], check=False)
     assert p.returncode == 2 and "notes.txt" in p.stderr and (out / "notes.txt").read_text() == "mine"
 
 
@@ -79,8 +79,8 @@ def test_train_refuses_to_export_over_other_files_before_training(trained, tmp_p
     run = tmp_path / "run"
     (run / "pipeline").mkdir(parents=True)
     (run / "pipeline" / "notes.txt").write_text("mine")
-    p = jedi("jedi-train", *ARGS, "export_after_fit=true", "trainer.max_steps=2", "data.num_workers=0",
-             f"paths.output_dir={run}", root=trained["root"], check=False)
+    p = run_safety_jedi("jedi-train", *ARGS, "export_after_fit=true", "trainer.max_steps=2", "data.num_workers=0",
+                        f"paths.output_dir={run}", root=trained["root"], check=False)
     assert p.returncode == 2 and "not a previous export" in p.stderr, p.stderr[-2000:]
     assert not (run / "checkpoints").exists() and (run / "pipeline" / "notes.txt").read_text() == "mine"
 
@@ -88,7 +88,7 @@ def test_train_refuses_to_export_over_other_files_before_training(trained, tmp_p
 def test_a_pickle_payload_in_a_checkpoint_is_never_run(trained, tmp_path):
     marker = tmp_path / "payload-ran"
     ckpt = evil_checkpoint(tmp_path / "evil.ckpt", marker)
-    p = jedi("jedi-export", ckpt, tmp_path / "out", root=trained["root"], check=False)
+    p = run_safety_jedi("jedi-export", ckpt, tmp_path / "out", root=trained["root"], check=False)
     assert not marker.exists(), "the checkpoint's pickle payload was executed"
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
     assert "system" in p.stderr and "weights_only=True" in p.stderr and not (tmp_path / "out").exists()
@@ -96,15 +96,14 @@ def test_a_pickle_payload_in_a_checkpoint_is_never_run(trained, tmp_path):
     run = tmp_path / "run"  # resuming: an explicit ckpt_path, and the run dir's own checkpoints
     for extra in ([f"ckpt_path={ckpt}"], []):
         evil_checkpoint(run / "checkpoints" / "last.ckpt", marker)
-        p = jedi("jedi-train", *ARGS, "trainer.max_steps=2", "data.num_workers=0", f"paths.output_dir={run}", *extra,
-                 root=trained["root"], check=False)
+        p = run_safety_jedi("jedi-train", *ARGS, "trainer.max_steps=2", "data.num_workers=0", f"paths.output_dir={run}", *extra,
+                            root=trained["root"], check=False)
         assert not marker.exists(), "the checkpoint's pickle payload was executed"
         assert p.returncode == 2 and "system" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
 def test_deepspeed_shards_are_checked_before_the_converter_unpickles_them(tmp_path):
-    from jedi_train.checkpoints import UnsafeCheckpointError
-    from jedi_train.export import load_checkpoint
+    from jedi_train.checkpoints import UnsafeCheckpointError, load_checkpoint
 
     marker = tmp_path / "payload-ran"
     ds = tmp_path / "last.ckpt"
@@ -118,7 +117,7 @@ def test_deepspeed_shards_are_checked_before_the_converter_unpickles_them(tmp_pa
 def test_temp_dirs_of_killed_exports_are_removed_and_live_ones_kept(tmp_path):
     """A kill during an export leaves a hidden `.<name>.partial-<pid>-*` dir; the next export into the same
     place removes it, unless its writer is still running (another job exporting there)."""
-    from jedi_train.export import staged_dir
+    from data_pipelines.atomic import staged_dir
 
     dead = tmp_path / ".pipe.partial-999999999-abc"  # no such pid
     live = tmp_path / f".pipe.partial-{os.getpid()}-xyz"

@@ -17,36 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-BIN = Path(sys.executable).parent
-# the base config (tiny pixel model, CPU) on the shards make_root writes; no W&B, grids or identity gain
-ARGS = ["logger=csv", "~callbacks.sample_grid", "~callbacks.identity_gain", "~callbacks.progress",
-        "trainer.enable_progress_bar=false", "data.sources=[{url: '${paths.data_dir}/sets/safety/*.tar'}]",
-        "data.heldout_sources=null", "data.synthesize_if_missing=null", "data.min_set=2", "data.max_set=4",
-        "data.batch_size=2", "model.objective.subject_loss_weight=1.0", "trainer.log_every_n_steps=1",
-        "callbacks.loss_curve.every_n_steps=1", "export_after_fit=false"]
-
-
-def env(root: Path) -> dict:
-    return {**os.environ, "JEDI_ROOT": str(root), "WANDB_MODE": "offline", "WANDB_API_KEY": "", "HYDRA_FULL_ERROR": "0",
-            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def jedi(tool: str, *args, root: Path, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(BIN / tool), *map(str, args)], env=env(root), cwd=root, capture_output=True, text=True,
-                       timeout=600, check=False)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def make_root(root: Path) -> Path:
-    """A JEDI_ROOT with a few training shards (where ARGS points the data config)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from helpers.stream_helpers import write_shards
-
-    write_shards(str(root / "data" / "sets" / "safety"), num_shards=2, sets_per_shard=16, set_sizes=(2, 3, 4))
-    return root
+from helpers.safety_runs import ARGS, BIN, env, make_root, run_safety_jedi
 
 
 def step_of(path: Path) -> int:
@@ -104,8 +75,8 @@ def test_sigterm_saves_the_current_step_exits_143_and_the_rerun_resumes(root):
     assert stopped >= seen and f"saved {last}" in out  # the step it was at, not an older periodic one
     assert "Traceback" not in out
 
-    p = jedi("jedi-train", *ARGS, f"trainer.max_steps={stopped + 2}", "data.num_workers=2", f"paths.output_dir={run}",
-             root=root)
+    p = run_safety_jedi("jedi-train", *ARGS, f"trainer.max_steps={stopped + 2}", "data.num_workers=2", f"paths.output_dir={run}",
+                        root=root)
     assert f"Restoring states from the checkpoint path at {last}" in output(p)
     assert f"(step {stopped + 2})" in p.stdout and step_of(last) == stopped + 2
     assert csv_steps(run) == list(range(stopped + 2))  # one history: the interrupted segment, then the rest
@@ -136,15 +107,15 @@ def test_sigterm_to_rank_0_of_a_ddp_run_saves_on_every_rank_and_resumes(root):
     assert rc == 128 + signal.SIGTERM, out[-3000:]
     stopped = step_of(run / "checkpoints" / "last.ckpt")
     assert stopped >= seen
-    p = jedi("jedi-train", *ARGS, *ddp, f"trainer.max_steps={stopped + 1}", "data.num_workers=0",
-             f"paths.output_dir={run}", root=root)
+    p = run_safety_jedi("jedi-train", *ARGS, *ddp, f"trainer.max_steps={stopped + 1}", "data.num_workers=0",
+                        f"paths.output_dir={run}", root=root)
     assert "Restoring states from the checkpoint path" in output(p) and step_of(run / "checkpoints" / "last.ckpt") == stopped + 1
 
 
 def test_resume_skips_truncated_checkpoints_and_keeps_one_metrics_history(root):
     run = root / "runs" / "truncated"
     common = [*ARGS, "callbacks.model_checkpoint.every_n_train_steps=2", "data.num_workers=0", f"paths.output_dir={run}"]
-    jedi("jedi-train", *common, "trainer.max_steps=4", root=root)
+    run_safety_jedi("jedi-train", *common, "trainer.max_steps=4", root=root)
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
     for name in ("last.ckpt", "step0000004.ckpt"):  # as a kill during a non-atomic copy leaves them
@@ -153,7 +124,7 @@ def test_resume_skips_truncated_checkpoints_and_keeps_one_metrics_history(root):
     stale = ckpts / f".last.ckpt.partial-{os.getpid()}"  # a temp file of a save that was killed
     stale.write_bytes(b"half")
 
-    p = jedi("jedi-train", *common, "trainer.max_steps=4", root=root)
+    p = run_safety_jedi("jedi-train", *common, "trainer.max_steps=4", root=root)
     text = output(p)
     assert "last.ckpt is not a complete checkpoint" in text and "resuming from step0000002.ckpt" in text, text[-3000:]
     assert f"Restoring states from the checkpoint path at {ckpts / 'step0000002.ckpt'}" in text
@@ -168,8 +139,8 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(root, tmp_path):
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
     (ckpts / "last.ckpt").write_bytes(b"PK\x03\x04 not really")
-    p = jedi("jedi-train", *ARGS, "trainer.max_steps=2", "data.num_workers=0", f"paths.output_dir={tmp_path / 'run'}",
-             root=root, check=False)
+    p = run_safety_jedi("jedi-train", *ARGS, "trainer.max_steps=2", "data.num_workers=0", f"paths.output_dir={tmp_path / 'run'}",
+                        root=root, check=False)
     assert p.returncode == 2 and "last.ckpt" in p.stderr and "Traceback" not in p.stderr, output(p)[-3000:]
     assert (ckpts / "last.ckpt").read_bytes() == b"PK\x03\x04 not really"  # left alone
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from test_pipeline import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run
+from helpers.pipelines import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run
 
 from jedi_train.model.components import load_components
 from jedi_train.model.objective import JeDiObjective

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.stream_helpers import write_raw_tar, write_shards
-from helpers.stream_zoo import KEPT, MAX_PIXELS, SKIPPED, write_zoo
+from helpers.stream_zoo import KEPT, SKIPPED, stream_all, write_zoo
 
 from data_pipelines.resume import ResumableLoader
 from data_pipelines.shards import expand_sources
@@ -20,21 +20,6 @@ def zoo(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("zoo"))
     write_zoo(root)
     return root
-
-
-def stream_all(pattern, **kw):
-    cfg = StreamConfig(sources=pattern, resolution=16, batch_size=1, shuffle_buffer=1, epoch_sets=200,
-                       max_image_pixels=MAX_PIXELS, **kw)
-    loader = ResumableLoader(SetStream(cfg, num_workers=0), 0)
-    it = iter(loader)
-    seen = {}
-    for batch in it:  # the truncated + garbage shards come round in every pass: one pass is enough
-        sid = batch["set_id"][0]
-        if sid in seen:
-            break
-        seen[sid] = batch
-    it.close()
-    return seen, loader
 
 
 def test_bad_and_odd_data_is_skipped_or_repaired_and_counted(zoo):

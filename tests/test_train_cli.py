@@ -10,46 +10,25 @@ import csv
 import glob
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import FAST, losses, run_jedi
 from helpers.wandb_reader import read_run
 
-BIN = Path(sys.executable).parent
 K = 4
-FAST = ["experiment=demo", "data.synthesize_if_missing.num_sets=64", "data.heldout_synthesize_if_missing.num_sets=4",
-        "data.batch_size=4", "callbacks.sample_grid.every_n_steps=4", "callbacks.sample_grid.num_sets=2",
-        "callbacks.sample_grid.num_inference_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "trainer.log_every_n_steps=1", "callbacks.loss_curve.every_n_steps=2", "model.lr_scheduler.num_warmup_steps=2",
-        "callbacks.identity_gain.num_sets=4", "callbacks.identity_gain.train_num_sets=4", "callbacks.identity_gain.seeds=[0]"]
-
-
-def jedi(tool: str, *args: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JEDI_ROOT": str(root), "WANDB_MODE": "offline", "WANDB_API_KEY": "",
-           "HYDRA_FULL_ERROR": "0"}
-    p = subprocess.run([str(BIN / tool), *args], env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def losses(run_dir: Path) -> list[tuple[int, float, str]]:
-    with open(run_dir / "loss_curve.csv") as f:
-        return [(int(r["step"]), float(r["loss"]), r["sets"]) for r in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("jedi_root")
     full, resumed = root / "full", root / "resumed"
-    jedi("jedi-train", *FAST, f"trainer.max_steps={2 * K}", f"paths.output_dir={full}", "log_checkpoint_artifact=true",
-         root=root)
-    first = jedi("jedi-train", *FAST, f"trainer.max_steps={K}", f"paths.output_dir={resumed}", root=root)
+    run_jedi("jedi-train", *FAST, f"trainer.max_steps={2 * K}", f"paths.output_dir={full}", "log_checkpoint_artifact=true",
+             root=root)
+    first = run_jedi("jedi-train", *FAST, f"trainer.max_steps={K}", f"paths.output_dir={resumed}", root=root)
     at_k = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    second = jedi("jedi-train", *FAST, f"trainer.max_steps={2 * K}", f"paths.output_dir={resumed}", root=root)
+    second = run_jedi("jedi-train", *FAST, f"trainer.max_steps={2 * K}", f"paths.output_dir={resumed}", root=root)
     return {"root": root, "full": full, "resumed": resumed, "at_k": at_k, "first": first, "second": second}
 
 
@@ -146,7 +125,7 @@ def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path)
 
     ckpt = runs["resumed"] / "checkpoints" / "last.ckpt"
     out = tmp_path / "pipe"
-    p = jedi("jedi-export", str(ckpt), str(out), root=runs["root"])
+    p = run_jedi("jedi-export", str(ckpt), str(out), root=runs["root"])
     assert str(out) in p.stdout
     assert (out / "model_index.json").is_file()
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -170,19 +149,19 @@ def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path)
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path):
-    p = jedi("jedi-train", "experiment=demo", "model=sd15", f"model.model_dir={tmp_path}/nowhere",
-             f"paths.output_dir={tmp_path}/run", root=tmp_path, check=False)
+    p = run_jedi("jedi-train", "experiment=demo", "model=sd15", f"model.model_dir={tmp_path}/nowhere",
+                 f"paths.output_dir={tmp_path}/run", root=tmp_path, check=False)
     assert p.returncode == 2 and "nowhere" in p.stderr and "Traceback" not in p.stderr
-    p = jedi("jedi-train", "experiment=demo", f"ckpt_path={tmp_path}/missing.ckpt",
-             f"paths.output_dir={tmp_path}/run", root=tmp_path, check=False)
+    p = run_jedi("jedi-train", "experiment=demo", f"ckpt_path={tmp_path}/missing.ckpt",
+                 f"paths.output_dir={tmp_path}/run", root=tmp_path, check=False)
     assert p.returncode == 2 and "missing.ckpt" in p.stderr
-    p = jedi("jedi-train", "experiment=demo", "data.sources=[{url: /nowhere/*.tar}]", "data.synthesize_if_missing=null",
-             "model.create_tiny_if_missing.resolution=32", f"paths.output_dir={tmp_path}/run", "logger=none",
-             root=tmp_path, check=False)
+    p = run_jedi("jedi-train", "experiment=demo", "data.sources=[{url: /nowhere/*.tar}]", "data.synthesize_if_missing=null",
+                 "model.create_tiny_if_missing.resolution=32", f"paths.output_dir={tmp_path}/run", "logger=none",
+                 root=tmp_path, check=False)
     assert p.returncode == 2 and "/nowhere/*.tar" in p.stderr and "Traceback" not in p.stderr
-    p = jedi("jedi-train", "experiment=demo", "model.learning_rat=1", root=tmp_path, check=False)
+    p = run_jedi("jedi-train", "experiment=demo", "model.learning_rat=1", root=tmp_path, check=False)
     assert p.returncode == 2 and "learning_rat" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = jedi("jedi-export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out"), root=tmp_path, check=False)
+    p = run_jedi("jedi-export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out"), root=tmp_path, check=False)
     assert p.returncode == 2 and "missing.ckpt" in p.stderr and not (tmp_path / "out").exists()
 
 
@@ -191,7 +170,7 @@ def test_export_refuses_a_checkpoint_from_another_model(runs, tmp_path):
 
     other = create_tiny_model_dir(str(tmp_path / "other"), unet_kwargs={"block_out_channels": (16, 32)})
     ckpt = runs["resumed"] / "checkpoints" / "last.ckpt"
-    p = jedi("jedi-export", str(ckpt), str(tmp_path / "out"), "--model-dir", other, root=runs["root"], check=False)
+    p = run_jedi("jedi-export", str(ckpt), str(tmp_path / "out"), "--model-dir", other, root=runs["root"], check=False)
     assert p.returncode == 2 and "another model" in p.stderr and "last.ckpt" in p.stderr
     assert not (tmp_path / "out").exists()
 
@@ -202,10 +181,10 @@ def test_optuna_sweep_runs_trials_in_their_own_dirs(tmp_path):
     import yaml
 
     sweep = tmp_path / "sweep"
-    p = jedi("jedi-train", "-m", "hparams_search=optuna", "experiment=demo", "debug=fast", "~callbacks.sample_grid",
-             "data.synthesize_if_missing.num_sets=32", "data.heldout_synthesize_if_missing.num_sets=2",
-             "data.batch_size=2", "trainer.max_steps=2", "export_after_fit=false", "hydra.sweeper.n_trials=2",
-             f"hydra.sweep.dir={sweep}", root=tmp_path)
+    p = run_jedi("jedi-train", "-m", "hparams_search=optuna", "experiment=demo", "debug=fast", "~callbacks.sample_grid",
+                 "data.synthesize_if_missing.num_sets=32", "data.heldout_synthesize_if_missing.num_sets=2",
+                 "data.batch_size=2", "trainer.max_steps=2", "export_after_fit=false", "hydra.sweeper.n_trials=2",
+                 f"hydra.sweep.dir={sweep}", root=tmp_path)
     trials = sorted(d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit())
     assert [d.name for d in trials] == ["0", "1"], p.stdout[-2000:]
     lrs = set()
@@ -254,8 +233,8 @@ def test_push_to_hub_offline_fails_in_one_line_after_a_complete_local_export(run
     # no network here: the upload itself is not testable beyond this line (huggingface_hub's upload_folder)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "pipe"
-    p = jedi("jedi-export", str(runs["resumed"] / "checkpoints" / "last.ckpt"), str(out),
-             "--push-to-hub", "someone/jedi-demo", root=runs["root"], check=False)
+    p = run_jedi("jedi-export", str(runs["resumed"] / "checkpoints" / "last.ckpt"), str(out),
+                 "--push-to-hub", "someone/jedi-demo", root=runs["root"], check=False)
     assert p.returncode == 3
     errors = [line for line in p.stderr.splitlines() if "jedi-export: error" in line]
     assert len(errors) == 1 and "Hub" in errors[0] and str(out) in errors[0] and "Traceback" not in p.stderr
@@ -264,13 +243,13 @@ def test_push_to_hub_offline_fails_in_one_line_after_a_complete_local_export(run
 
 def test_jedi_eval_puts_its_table_into_the_model_card(runs, tmp_path):
     out = tmp_path / "pipe"
-    jedi("jedi-export", str(runs["resumed"] / "checkpoints" / "last.ckpt"), str(out), root=runs["root"])
-    jedi("jedi-eval", "procedural", str(out), "--out", str(tmp_path / "eval"), "--subjects", "2", "--refs", "0,1",
-         "--image-guidance", "1", "--samples", "1", "--steps", "2", "--layout", "centered", root=runs["root"])
+    run_jedi("jedi-export", str(runs["resumed"] / "checkpoints" / "last.ckpt"), str(out), root=runs["root"])
+    run_jedi("jedi-eval", "procedural", str(out), "--out", str(tmp_path / "eval"), "--subjects", "2", "--refs", "0,1",
+             "--image-guidance", "1", "--samples", "1", "--steps", "2", "--layout", "centered", root=runs["root"])
     card = (out / "README.md").read_text()
     assert card.count("<!-- jedi-eval:begin -->") == 1 and "| refs | image guidance |" in card
-    jedi("jedi-eval", "procedural", str(out), "--out", str(tmp_path / "eval2"), "--subjects", "2", "--refs", "0",
-         "--samples", "1", "--steps", "2", "--layout", "centered", root=runs["root"])
+    run_jedi("jedi-eval", "procedural", str(out), "--out", str(tmp_path / "eval2"), "--subjects", "2", "--refs", "0",
+             "--samples", "1", "--steps", "2", "--layout", "centered", root=runs["root"])
     card = (out / "README.md").read_text()
     assert card.count("<!-- jedi-eval:begin -->") == 1  # replaced, not appended
     assert "| 1 | 1 |" not in card.split("<!-- jedi-eval:begin -->")[1]
@@ -283,9 +262,9 @@ def test_jedi_eval_logs_its_table_to_the_training_run(runs, tmp_path):
     shutil.copytree(runs["resumed"] / "pipeline", run / "pipeline")
     for name in ("wandb_id.txt", "config.yaml"):
         shutil.copy(runs["resumed"] / name, run / name)
-    p = jedi("jedi-eval", "procedural", str(run / "pipeline"), "--out", str(tmp_path / "eval"), "--subjects", "2",
-             "--refs", "0,1", "--image-guidance", "1", "--samples", "1", "--steps", "2", "--grids", "2",
-             root=runs["root"])
+    p = run_jedi("jedi-eval", "procedural", str(run / "pipeline"), "--out", str(tmp_path / "eval"), "--subjects", "2",
+                 "--refs", "0,1", "--image-guidance", "1", "--samples", "1", "--steps", "2", "--grids", "2",
+                 root=runs["root"])
     run_id = (run / "wandb_id.txt").read_text().strip()
     assert f"logged to the training run {run_id}" in p.stdout
     files = glob.glob(str(run / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))

@@ -131,24 +131,18 @@ def _hydra_entry() -> None:
     def _main(cfg) -> None:
         from omegaconf.errors import MissingMandatoryValue
 
+        from ..errors import cli_errors
         from .writer import SynthError
 
-        try:
-            print_summary(run(cfg))
-        except SynthError as e:
-            _error(str(e))
-            sys.exit(2)
-        except MissingMandatoryValue as e:
-            _error(f"{e.full_key} is required; give {e.full_key}=<value> on the command line")
-            sys.exit(2)
-        except Exception as e:  # a disk that filled up (or went read-only) while writing: one line
-            from ..errors import disk_error
+        def explain(e: BaseException) -> str | None:  # before the disk: a SynthError says it all
+            if isinstance(e, SynthError):
+                return str(e)
+            if isinstance(e, MissingMandatoryValue):
+                return f"{e.full_key} is required; give {e.full_key}=<value> on the command line"
+            return None
 
-            line = disk_error(e, where="out_dir")
-            if line is None:
-                raise
-            _error(line)
-            sys.exit(2)
+        with cli_errors("jedi-synth", "out_dir", explain=explain):  # and a full/read-only disk: one line, exit 2
+            print_summary(run(cfg))
 
     _main()
 

@@ -82,7 +82,7 @@ class JeDiApp:
         if pipe.reference_cache_supported():
             cache = "on (references at t = 0, attending only to references: keys/values computed once)"
         else:
-            cache = (f"off (this model has reference_timestep={pipe.denoiser.jedi['reference_timestep']}; "
+            cache = (f"off (this model has reference_timestep={pipe.denoiser.jedi.reference_timestep}; "
                      "references are recomputed at every step)")
         return (f"**Model** `{self.pipeline_dir}`  \n**Backbone** {_backbone(pipe)}  \n"
                 f"**Resolution** {pipe.resolution} px  \n**Reference KV cache** {cache}  \n"

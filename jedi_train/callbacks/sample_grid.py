@@ -72,13 +72,13 @@ class SampleGridCallback(L.Callback):
             rank_zero_warn("sample grids are skipped under ZeRO-3; render them from a checkpoint with "
                            "jedi-export + jedi-sample", category=UserWarning)
             return None
-        from ..export import build_pipeline
+        from ..pipeline import JeDiPipeline
 
         rows = []
         with pl_module.ema_weights() as unet:
             was_training = unet.training
             unet.eval()
-            pipe = build_pipeline(pl_module.components, unet)
+            pipe = JeDiPipeline.from_components(pl_module.components, unet)
             pipe.set_progress_bar_config(disable=True)
             g = torch.Generator(device="cpu").manual_seed(self.seed)
             for s in self.sets:

@@ -35,13 +35,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except Exception as e:
-        from data_pipelines.errors import disk_error
+    except Exception as e:  # user errors and disk trouble: one line; anything else: the traceback
+        from data_pipelines.errors import report_error
 
-        msg = disk_error(e, where="--out")
-        if msg is None and not isinstance(e, (EvalError, FileNotFoundError)):
+        if not report_error(e, "jedi-eval", "--out", (EvalError, FileNotFoundError)):
             raise
-        print(f"jedi-eval: error: {msg or ' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -33,19 +33,12 @@ def main(argv=None) -> None:
                    help="after the local export, upload it to this Hugging Face Hub model repo (private)")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public")
     args = p.parse_args(argv)
+    from data_pipelines.errors import cli_errors
     from jedi_train.export import export_checkpoint
 
-    try:
+    with cli_errors("jedi-export", "OUT_DIR", (FileNotFoundError, ValueError)):  # one line, exit 2
         out = export_checkpoint(args.checkpoint, args.out_dir, use_ema=not args.no_ema, model_dir=args.model_dir,
                                 overwrite=args.overwrite, lora_only=args.lora_only)
-    except Exception as e:
-        from data_pipelines.errors import disk_error
-
-        line = disk_error(e, where="OUT_DIR") or (str(e) if isinstance(e, (FileNotFoundError, ValueError)) else None)
-        if line is None:
-            raise
-        print(f"jedi-export: error: {line}", file=sys.stderr)
-        sys.exit(2)
     print(f"exported {'LoRA adapter' if args.lora_only else 'pipeline'}: {out}")
     if args.push_to_hub:
         try:

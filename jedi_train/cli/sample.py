@@ -201,7 +201,7 @@ def settings_dict(pipe, pipeline_dir, ref_files, prompts, num, seed, steps, guid
         "scheduler": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
         "reference_cache": bool(not no_cache and pipe.reference_cache_supported() and image_guidance != 0),
         "max_set_size": max_set_size, "resolution": pipe.resolution, "device": str(pipe.device),
-        "jedi": dict(pipe.denoiser.jedi), "outputs": output_names(prompts, num), "grid": "grid.png",
+        "jedi": pipe.denoiser.jedi.to_dict(), "outputs": output_names(prompts, num), "grid": "grid.png",
         "sampling_seconds": round(seconds, 3), "command": list(command),
     }
 
@@ -221,7 +221,7 @@ def write_results(out_dir: str, result, settings: dict) -> None:
 
 
 def run(args) -> str:
-    from jedi_train.export import staged_dir
+    from data_pipelines.atomic import staged_dir
 
     ref_files, warnings = prepare_references(args.ref)
     for w in warnings:
@@ -246,13 +246,10 @@ def main(argv=None) -> int:
         check_args(args)
         out = run(args)
     except Exception as e:  # user errors and disk trouble: one line; anything else: the traceback
-        from data_pipelines.errors import disk_error
+        from data_pipelines.errors import report_error
 
-        msg = disk_error(e, where="--out")
-        if msg is None and not isinstance(e, (UsageError, FileNotFoundError, ValueError)):
+        if not report_error(e, "jedi-sample", "--out", (UsageError, FileNotFoundError, ValueError)):
             raise
-        msg = msg or " ".join(str(e).split())  # one line, whatever the source wrapped
-        print(f"jedi-sample: error: {msg}", file=sys.stderr)
         return 2
     print(f"wrote {out}: {len(args.prompt) * args.num} images (seed {args.seed}), grid {os.path.join(out, 'grid.png')}, "
           f"settings {os.path.join(out, 'settings.json')}")

@@ -4,7 +4,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from data_pipelines.errors import disk_error
+from data_pipelines.errors import cli_errors
 from data_pipelines.hydra_args import config_error, writable_error
 from jedi_train.config_checks import check_config
 from jedi_train.train import CONF_DIR
@@ -23,7 +23,8 @@ def user_error(e: BaseException) -> BaseException | None:
 def _main(cfg: DictConfig) -> float | None:
     from jedi_train.train import train
 
-    try:
+    # user errors (also when raised inside hydra.utils.instantiate) and disk trouble: one line, exit 2
+    with cli_errors("jedi-train", "paths.output_dir", explain=user_error):
         check_config(cfg)  # wrong types/ranges: one line now, not a traceback after the model is built
         if cfg.get("dry_run"):  # size the job: meta-device model, bytes per rank; nothing trains
             from jedi_train.dry_run import report
@@ -31,12 +32,6 @@ def _main(cfg: DictConfig) -> float | None:
             print(report(cfg))
             return None
         result = train(cfg)
-    except Exception as e:  # user errors (also when raised inside hydra.utils.instantiate): one line
-        cause = user_error(e) or disk_error(e, where="paths.output_dir")
-        if cause is None:
-            raise
-        print(f"jedi-train: error: {cause}", file=sys.stderr)
-        sys.exit(2)
     print(f"run dir: {result['output_dir']} (step {result['global_step']})")
     if "pipeline_dir" in result:
         print(f"exported pipeline: {result['pipeline_dir']}")

@@ -444,7 +444,7 @@ def run(args) -> int:
                            "seconds_generation": round(t_gen, 2), "seconds_total": round(time.time() - t0, 2)}
     summary["pipeline"] = {"path": os.path.realpath(args.pipeline_dir), "resolution": pipe.resolution,
                            "scheduler": type(pipe.scheduler).__name__, "vae": pipe.vae is not None,
-                           "jedi": dict(pipe.denoiser.jedi)}
+                           "jedi": pipe.denoiser.jedi.to_dict()}
     summary["published"] = PUBLISHED
     metrics = [m for m in METRICS if m in summary["rows"][0]]
     common.write_text_atomic(os.path.join(args.out, "summary.md"), _markdown(summary, metrics))

@@ -16,7 +16,7 @@ Masks depend only on the *key* image within each query group (targets / referenc
 key-only masks (B, 1, 1, N*L): no (N*L)^2 matrix is built, and when nothing is masked the mask is
 None and SDPA may use its flash kernel. A decoupled batch costs two SDPA calls (one per group).
 
-Reference attention (unet config ``_jedi["reference_attention"]``, read by `joint_attn_processors`):
+Reference attention (`JeDiConfig.reference_attention`, read by `joint_attn_processors`):
   * ``"set"`` (default): a reference's queries see every image of its set, targets included;
   * ``"references"``: a reference's queries see only references. Then references never depend on
     the targets, and with references fed at t = 0 their keys/values are the same at every sampling
@@ -250,32 +250,8 @@ class PerImageAttnProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
-REFERENCE_ATTENTION = ("set", "references")
-
-
-def reference_attention(unet) -> str:
-    """'set' (references attend to the whole set; the default) or 'references' (to references only)."""
-    mode = (unet.config.get("_jedi") or {}).get("reference_attention", "set")
-    if mode not in REFERENCE_ATTENTION:
-        raise ValueError(f"reference_attention={mode!r} is unknown; use one of {REFERENCE_ATTENTION}")
-    return mode
-
-
 def joint_attn_processors(unet) -> dict:
     """Processor map for `unet.set_attn_processor`: coupled attn1, per-image everything else."""
-    see_targets = reference_attention(unet) == "set"
+    see_targets = unet.jedi.reference_attention == "set"
     return {name: JointAttnProcessor(see_targets) if name.endswith("attn1.processor") else PerImageAttnProcessor()
             for name in unet.attn_processors}
-
-
-def configure_reference_attention(unet, mode: str):
-    """Set a joint model's (UNet or FLUX transformer) reference attention ('set' | 'references'); stored in its config, so it is
-    saved and restored with the model. Train with 'references' (and reference_timestep 'zero') to
-    allow the reference key/value cache at sampling time."""
-    if unet.config.get("_jedi") is None:
-        raise ValueError("configure_reference_attention needs a joint UNet (make_joint / load_joint_unet first)")
-    if mode not in REFERENCE_ATTENTION:
-        raise ValueError(f"reference_attention={mode!r} is unknown; use one of {REFERENCE_ATTENTION}")
-    unet.register_to_config(_jedi={**unet.config["_jedi"], "reference_attention": mode})
-    unet.set_attn_processor(unet.joint_processors() if hasattr(unet, "joint_processors") else joint_attn_processors(unet))
-    return unet

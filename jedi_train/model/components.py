@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .attention import configure_reference_attention
+from .joint import JeDiConfig
 from .joint_flux import load_joint_flux
 from .joint_unet import JointUNet2DConditionModel, load_joint_unet
 from .text import PromptEncoder, tokenize  # noqa: F401  (tokenize: re-exported for callers)
@@ -42,6 +42,11 @@ class LatentCodec:
 
     def __init__(self, vae: AutoencoderKL | None = None, pixel_fold: int = 1):
         self.vae, self.fold = vae, pixel_fold
+
+    @classmethod
+    def of(cls, vae: AutoencoderKL | None, denoiser) -> LatentCodec:
+        """The codec of a joint denoiser: its VAE, or (pixel-space models) the fold its settings record."""
+        return cls(vae, 1 if vae is not None else (denoiser.jedi.pixel_fold or 1))
 
     @property
     def downsample(self) -> int:
@@ -99,7 +104,7 @@ class Components:
 
     @property
     def codec(self) -> LatentCodec:
-        return LatentCodec(self.vae, self.unet.jedi.get("pixel_fold", 1))
+        return LatentCodec.of(self.vae, self.unet)
 
     @property
     def resolution(self) -> int:
@@ -128,7 +133,7 @@ def model_resolution(denoiser, codec: LatentCodec) -> int:
     """Pixel size the model works at: a UNet's sample size x the codec's downsampling; a FLUX transformer
     has no fixed size: the resolution it was made joint for (its _jedi settings)."""
     if denoiser_family(denoiser) == "flux":
-        return int(denoiser.jedi["resolution"])
+        return int(denoiser.jedi.resolution)
     return denoiser.config.sample_size * codec.downsample
 
 
@@ -144,7 +149,7 @@ def model_family(model_dir: str) -> str:
                     cls = json.load(f).get("_class_name")
             except (OSError, ValueError):
                 cls = None
-            if cls == "FluxTransformer2DModel":
+            if cls in ("FluxTransformer2DModel", "JointFluxTransformer2DModel"):  # base, or a jedi-train export
                 return "flux"
             raise ValueError(f"model directory {model_dir} holds a diffusion transformer ({cls or found or 'transformer/'}"
                              f"{', ' + found if found and cls else ''}) that jedi-train does not support; it supports "
@@ -155,7 +160,8 @@ def model_family(model_dir: str) -> str:
     added = cfg.get("addition_embed_type")
     if added == "text_time":
         return "sdxl"
-    if added is not None or cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+    if added is not None or cfg.get("_class_name", "UNet2DConditionModel") not in ("UNet2DConditionModel",
+                                                                                  "JointUNet2DConditionModel"):
         raise ValueError(f"model directory {model_dir} holds a {cfg.get('_class_name')} with addition_embed_type="
                          f"{added!r} ({_pipeline_class(model_dir) or 'unknown pipeline'}); jedi-train supports "
                          f"{', '.join(FAMILIES.values())}")
@@ -223,36 +229,32 @@ def load_text_parts(model_dir: str, family: str) -> tuple:
 
 
 @refuse_pickled_weights
-def load_denoiser(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
-                  reference_attention: str | None = None, resolution: int | None = None,
-                  reference_positions: str = "same"):
-    """The joint denoiser alone (UNet, or FLUX's transformer), with its reference-attention rule."""
+def load_denoiser(model_dir: str, jedi: JeDiConfig | None = None):
+    """The joint denoiser alone (UNet, or FLUX's transformer). A base model is made joint with `jedi`; a
+    saved joint model keeps its settings, except the reference-attention rule (no weights depend on it),
+    which `jedi` sets when given."""
     family = check_model_dir(model_dir)
+    make = jedi or JeDiConfig()
     if family == "flux":
-        unet = load_joint_flux(model_dir, "transformer", conditioning, reference_timestep, resolution or 1024,
-                               reference_positions)
+        unet = load_joint_flux(model_dir, "transformer", make)
     else:
-        has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
-        unet = load_joint_unet(model_dir, "unet", conditioning, reference_timestep,
-                               pixel_fold=None if not has_vae else 1)
-    if reference_attention is not None:
-        configure_reference_attention(unet, reference_attention)
+        if os.path.isdir(os.path.join(model_dir, "vae")):  # latents are not folded pixels, whatever their channels
+            make = make.replace(pixel_fold=1)
+        unet = load_joint_unet(model_dir, "unet", make)
+    if jedi is not None and unet.jedi.reference_attention != jedi.reference_attention:
+        unet.set_reference_attention(jedi.reference_attention)
     return unet
 
 
 @refuse_pickled_weights
-def load_components(model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
-                    prediction_type: str | None = None, dtype: torch.dtype | None = None,
-                    reference_attention: str | None = None, noise_schedule: dict | None = None,
-                    resolution: int | None = None, reference_positions: str = "same") -> Components:
-    """Load every component of a diffusers SD-style directory; the UNet becomes (or stays) joint.
-    reference_attention: 'set' | 'references' (None keeps what a joint UNet's config says, else 'set').
+def load_components(model_dir: str, jedi: JeDiConfig | None = None, prediction_type: str | None = None,
+                    dtype: torch.dtype | None = None, noise_schedule: dict | None = None) -> Components:
+    """Load every component of a diffusers directory; the denoiser becomes (or stays) joint (see load_denoiser).
     noise_schedule: DDPMScheduler config overrides, e.g. {"rescale_betas_zero_snr": True} (zero terminal
     SNR: at t = 999 the noisy image holds nothing of the image, as sampling from pure noise assumes)."""
     family = check_model_dir(model_dir)
     has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
-    unet = load_denoiser(model_dir, conditioning, reference_timestep, reference_attention, resolution,
-                         reference_positions)
+    unet = load_denoiser(model_dir, jedi)
     text_encoder, tokenizer, text_encoder_2, tokenizer_2 = load_text_parts(model_dir, family)
     if family == "flux":  # flow matching: the velocity is the only target
         if prediction_type not in (None, "flow") or noise_schedule:

@@ -29,11 +29,8 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from .attention import SetLayout
+from .joint import JeDiConfig, JointDenoiserMixin, widen
 from .text import TextEmbeddings
-
-CONDITIONING_MODES = ("channels", "replacement")
-REFERENCE_TIMESTEPS = ("zero", "target")
-REFERENCE_POSITIONS = ("same", "offset")
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -150,78 +147,39 @@ class JointFluxAttnProcessor(FluxAttnProcessor):
 
 
 def joint_flux_processors(model) -> dict:
-    see_targets = (model.config.get("_jedi") or {}).get("reference_attention", "set") == "set"
+    see_targets = model.jedi.reference_attention == "set"
     return {name: JointFluxAttnProcessor(see_targets) for name in model.attn_processors}
 
 
-class JointFluxTransformer2DModel(FluxTransformer2DModel):
+class JointFluxTransformer2DModel(JointDenoiserMixin, FluxTransformer2DModel):
     """A FluxTransformer2DModel that denoises sets of images jointly: use `denoise(...)`."""
 
-    joint_input_module = "x_embedder"  # the weights 'channels' conditioning adds (trained in full under LoRA)
-
-    @classmethod
-    def from_config(cls, config=None, **kwargs):
-        model = super().from_config(config, **kwargs)
-        out = model[0] if isinstance(model, tuple) else model
-        if out.jedi is not None:
-            out.set_attn_processor(joint_flux_processors(out))
-        return model
-
-    @property
-    def jedi(self) -> dict | None:
-        return self.config.get("_jedi")
+    joint_input_module = "x_embedder"
 
     @property
     def latent_channels(self) -> int:
         return self.out_channels // 4  # packed 2x2 patches of the VAE latent
 
-    def make_joint(self, conditioning: str = "channels", reference_timestep: str = "zero",
-                   resolution: int = 1024, reference_positions: str = "same") -> JointFluxTransformer2DModel:
-        """Convert in place; outputs are unchanged for sets of one image without references."""
-        if self.jedi is not None:
-            raise ValueError("this transformer is already a joint transformer")
-        for value, allowed, name in ((conditioning, CONDITIONING_MODES, "conditioning"),
-                                     (reference_timestep, REFERENCE_TIMESTEPS, "reference_timestep"),
-                                     (reference_positions, REFERENCE_POSITIONS, "reference_positions")):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is unknown; use one of {allowed}")
+    def joint_processors(self) -> dict:
+        return joint_flux_processors(self)
+
+    def _widen_input(self, config: JeDiConfig) -> JeDiConfig:
         c = self.latent_channels
         if self.config.in_channels != 4 * c or self.config.patch_size != 1:
             raise ValueError(f"base transformer has in_channels={self.config.in_channels}, out_channels="
                              f"{self.out_channels}, patch_size={self.config.patch_size}; start from a plain "
                              "FLUX.1 text-to-image transformer (not Fill/Depth/Redux variants)")
-        if conditioning == "channels":
-            old = self.x_embedder
-            new = torch.nn.Linear(4 * (2 * c + 1), old.out_features, device=old.weight.device, dtype=old.weight.dtype)
-            with torch.no_grad():
-                new.weight.zero_()
-                new.weight[:, :4 * c] = old.weight
-                new.bias.copy_(old.bias)
-            self.x_embedder = new
+        if config.conditioning == "channels":  # per packed 2x2 patch: [noisy | clean reference | mask]
+            self.x_embedder = widen(self.x_embedder, 4 * (2 * c + 1), keep=4 * c)
             self.register_to_config(in_channels=4 * (2 * c + 1), out_channels=4 * c)
-        self.register_to_config(_jedi={"conditioning": conditioning, "reference_timestep": reference_timestep,
-                                       "latent_channels": c, "resolution": int(resolution),
-                                       "reference_positions": reference_positions, "reference_attention": "set"})
-        self.set_attn_processor(joint_flux_processors(self))
-        return self
-
-    def joint_processors(self) -> dict:
-        return joint_flux_processors(self)
-
-    # -- inputs --------------------------------------------------------------------------------
-    def assemble_input(self, noisy: torch.Tensor, clean: torch.Tensor, ref_visible: torch.Tensor) -> torch.Tensor:
-        """Spatial input (B*N, C', h, w): [noisy | clean * visible | mask] ('channels') or noisy; packed in denoise."""
-        if self.jedi["conditioning"] == "replacement":
-            return noisy
-        m = ref_visible.to(noisy.dtype)[:, None, None, None]
-        return torch.cat([noisy, clean * m, m.expand(-1, 1, *noisy.shape[2:])], dim=1)
+        return config.replace(latent_channels=c, resolution=int(config.resolution or 1024), pixel_fold=1)
 
     def _rope(self, set_layout: SetLayout | None, text_len: int, h: int, w: int, device):
         """Per-image rotary tables (M or 1, text_len + h/2*w/2, d): text at 0, images at (0, row, col) or,
         with reference_positions 'offset', the r-th reference of a set at r x (rows, cols)."""
         txt = torch.zeros(text_len, 3, device=device)
         offsets = torch.zeros(1, dtype=torch.long, device=device)
-        if set_layout is not None and self.jedi["reference_positions"] == "offset" and bool(set_layout.is_ref.any()):
+        if set_layout is not None and self.jedi.reference_positions == "offset" and bool(set_layout.is_ref.any()):
             is_ref = set_layout.is_ref.to(device).long()
             offsets = (is_ref.cumsum(1) * is_ref).flatten()  # 1, 2, ... for a set's references; 0 for targets
         tables = [self.pos_embed(torch.cat([txt, image_ids(h, w, device, int(o))])) for o in range(int(offsets.max()) + 1)]
@@ -255,18 +213,19 @@ def as_joint_flux(model):
     """A joint transformer's folder loaded as a plain FluxTransformer2DModel -> the joint class it is."""
     if type(model) is FluxTransformer2DModel and model.config.get("_jedi") is not None:
         model.__class__ = JointFluxTransformer2DModel
-        model.set_attn_processor(joint_flux_processors(model))
+        model.set_attn_processor(model.joint_processors())
     return model
 
 
-def load_joint_flux(path: str, subfolder: str | None = "transformer", conditioning: str = "channels",
-                    reference_timestep: str = "zero", resolution: int = 1024, reference_positions: str = "same",
+def load_joint_flux(path: str, subfolder: str | None = "transformer", jedi: JeDiConfig | None = None,
                     **from_pretrained_kwargs) -> JointFluxTransformer2DModel:
+    """Load a FLUX transformer; a base one is made joint with `jedi` (resolution None: 1024), a joint one
+    is restored as saved."""
     where = os.path.join(path, subfolder) if subfolder else path
     if not os.path.isfile(os.path.join(where, "config.json")):
         raise FileNotFoundError(f"transformer folder {where} has no config.json; point model.model_dir at a "
                                 "diffusers FLUX.1 directory with a transformer/ subfolder")
     model = JointFluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, **from_pretrained_kwargs)
     if model.jedi is None:
-        model.make_joint(conditioning, reference_timestep, resolution, reference_positions)
+        model.make_joint(jedi)
     return model

@@ -39,7 +39,7 @@ class LoraSettings:
 def joint_specific_modules(unet) -> list[str]:
     """Weights the base model never had: the widened input layer under 'channels' conditioning (the UNet's
     conv_in, the FLUX transformer's x_embedder)."""
-    return [unet.joint_input_module] if (unet.jedi or {}).get("conditioning") == "channels" else []
+    return [unet.joint_input_module] if unet.jedi is not None and unet.jedi.conditioning == "channels" else []
 
 
 def _matches(name: str, target: str) -> bool:

@@ -192,7 +192,7 @@ class JeDiObjective:
         t_img = timesteps.repeat_interleave(n)
         ref_flat = is_ref.flatten()
         noisy = self.add_noise(latents, noise, t_img)
-        if unet.jedi["reference_timestep"] == "zero":  # references enter clean, at t = 0
+        if unet.jedi.reference_timestep == "zero":  # references enter clean, at t = 0
             t_img = torch.where(ref_flat, torch.zeros_like(t_img), t_img)
             noisy = torch.where(ref_flat[:, None, None, None], latents, noisy)
         ref_visible = (is_ref & valid & ~dropout.reference[:, None]).flatten()

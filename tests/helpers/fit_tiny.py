@@ -12,9 +12,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-from test_module import SameSets, _module
-
 from helpers.deepspeed_cpu import CPUDeepSpeedStrategy
+from helpers.tiny_module import SameSets, make_module
 from jedi_train.callbacks import Checkpoint
 
 
@@ -24,7 +23,7 @@ def main():
     strat = {"ddp": lambda: "ddp", "zero2": lambda: CPUDeepSpeedStrategy(stage=2, exclude_frozen_parameters=True),
              "zero3": lambda: CPUDeepSpeedStrategy(stage=3, exclude_frozen_parameters=True)}[strategy]()
     lora = {"lora": {"rank": 4}} if sys.argv[6:7] == ["lora"] else {}
-    module = _module(model_dir, **lora)
+    module = make_module(model_dir, **lora)
     trainer = L.Trainer(max_steps=int(steps), accelerator="cpu", devices=int(devices), strategy=strat,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                         callbacks=[Checkpoint(dirpath=os.path.join(out, "checkpoints"), save_last=True,

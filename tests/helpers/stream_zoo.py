@@ -1,4 +1,5 @@
-"""A zoo of broken and odd data, shared by the robustness and `jedi-data stats` tests."""
+"""A zoo of broken and odd data, shared by the robustness and `jedi-data stats` tests, and stream_all
+(one pass of the training stream over it)."""
 import json
 import os
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_pipelines.resume import ResumableLoader
+from data_pipelines.stream import SetStream, StreamConfig
 from helpers.stream_helpers import encode_image, set_json, write_raw_tar, write_shards
 
 
@@ -65,3 +68,18 @@ def write_zoo(root: str) -> dict:
 
 
 MAX_PIXELS = 5_000_000
+
+
+def stream_all(pattern, **kw):
+    cfg = StreamConfig(sources=pattern, resolution=16, batch_size=1, shuffle_buffer=1, epoch_sets=200,
+                       max_image_pixels=MAX_PIXELS, **kw)
+    loader = ResumableLoader(SetStream(cfg, num_workers=0), 0)
+    it = iter(loader)
+    seen = {}
+    for batch in it:  # the truncated + garbage shards come round in every pass: one pass is enough
+        sid = batch["set_id"][0]
+        if sid in seen:
+            break
+        seen[sid] = batch
+    it.close()
+    return seen, loader
