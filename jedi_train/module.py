@@ -6,7 +6,6 @@ Trainer: which parameters train, how the optimizer steps, what goes into a check
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 
 import hydra
@@ -28,24 +27,7 @@ from .model.lora import (
     trained_parameters,
 )
 from .model.objective import JeDiObjective, ObjectiveConfig
-from .model.tiny import create_tiny_model_dir
-
-
-def prepare_model_dir(model_dir: str, create_tiny_if_missing: dict | None = None) -> str:
-    """The base model directory; the embedded tiny model is created (random weights) if asked and absent."""
-    if create_tiny_if_missing is not None and not os.path.isfile(os.path.join(model_dir, "unet", "config.json")):
-        tmp = f"{model_dir}.tmp-{os.getpid()}"
-        create_tiny_model_dir(tmp, **dict(create_tiny_if_missing))
-        os.makedirs(os.path.dirname(os.path.abspath(model_dir)), exist_ok=True)
-        try:
-            os.replace(tmp, model_dir)  # atomic: another rank may have won the race, which is fine
-        except OSError:
-            pass
-        rank_zero_info(f"model.model_dir {model_dir} held no model: created the embedded tiny random-init model "
-                       "there (model.create_tiny_if_missing); set model.model_dir to a diffusers model directory "
-                       "to train a real one")
-    return model_dir
-
+from .model.tiny import create_tiny_model_dir_if_missing
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4, "betas": (0.9, 0.999),
                      "weight_decay": 1e-2, "eps": 1e-8, "foreach": True}
@@ -95,7 +77,10 @@ class JeDiModule(L.LightningModule):
                  architecture: str | None = None):  # architecture: only read by dry_run.py
         super().__init__()
         self.save_hyperparameters()
-        prepare_model_dir(model_dir, create_tiny_if_missing)
+        if create_tiny_if_missing is not None and create_tiny_model_dir_if_missing(model_dir, create_tiny_if_missing):
+            rank_zero_info(f"model.model_dir {model_dir} held no model: created the embedded tiny random-init model "
+                           "there (model.create_tiny_if_missing); set model.model_dir to a diffusers model directory "
+                           "to train a real one")
         dtype = getattr(torch, frozen_dtype) if frozen_dtype else None
         # JeDi's settings, set once here from the flat model config and passed whole
         self.jedi = JeDiConfig(conditioning=conditioning, reference_timestep=reference_timestep,

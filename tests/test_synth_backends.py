@@ -13,9 +13,9 @@ from data_pipelines.schema import parse_meta, validate_sample
 from data_pipelines.synth import cli
 from data_pipelines.synth.collage import CollageDrawer
 from data_pipelines.synth.filter import build_filter
-from data_pipelines.synth.pipeline import set_seed
 from data_pipelines.synth.prompts import build_prompt_source
 from data_pipelines.synth.split import split_grid
+from data_pipelines.synth.stages import set_seed
 from data_pipelines.synth.writer import SynthError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_pipelines.schema import parse_meta, validate_sample
 from data_pipelines.synth import cli, procedural
-from data_pipelines.synth.pipeline import Pipeline
+from data_pipelines.synth.stages import SynthStages
 from data_pipelines.synth.writer import SynthError
 
 BIN = os.path.dirname(sys.executable)
@@ -87,7 +87,7 @@ def test_slurm_array_variables_pick_the_slice(tmp_path, monkeypatch):
 
 def test_resume_after_crash_redoes_only_the_broken_unit(tmp_path, monkeypatch):
     args = ("num_sets=30", "set_size=2", "resolution=16", "sets_per_shard=10")
-    original = Pipeline.unit_results
+    original = SynthStages.unit_results
 
     def crashing(self, unit):
         for k, r in enumerate(original(self, unit)):
@@ -95,7 +95,7 @@ def test_resume_after_crash_redoes_only_the_broken_unit(tmp_path, monkeypatch):
                 raise KeyboardInterrupt("simulated crash mid-unit")
             yield r
 
-    monkeypatch.setattr(Pipeline, "unit_results", crashing)
+    monkeypatch.setattr(SynthStages, "unit_results", crashing)
     with pytest.raises(KeyboardInterrupt):
         cli.run(synth_cfg(tmp_path / "run", *args))
     run = tmp_path / "run"
@@ -103,7 +103,7 @@ def test_resume_after_crash_redoes_only_the_broken_unit(tmp_path, monkeypatch):
     assert (run / ".sets-000001.tar.partial").exists()  # the half-written unit has no final name
     assert not (run / "manifest.json").exists()
     done0 = (run / "sets-000000.tar").stat().st_mtime_ns
-    monkeypatch.setattr(Pipeline, "unit_results", original)
+    monkeypatch.setattr(SynthStages, "unit_results", original)
     s = cli.run(synth_cfg(run, *args))
     assert s["units_skipped"] == 1 and s["units_written"] == 2 and s["manifest_complete"]
     assert (run / "sets-000000.tar").stat().st_mtime_ns == done0  # complete unit not redone

@@ -61,11 +61,11 @@ def run(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
-    from .pipeline import Pipeline
+    from .stages import SynthStages
     from .writer import ShardOutput, plan_units, worker_units
 
     num_workers, worker = validate(cfg)
-    pipeline = Pipeline(cfg)  # loads models: a bad model directory fails here, before out_dir exists
+    stages = SynthStages(cfg)  # loads models: a bad model directory fails here, before out_dir exists
     config = OmegaConf.to_container(cfg, resolve=True)
     config = {k: v for k, v in config.items() if k not in ("num_workers_total", "worker_index", "progress")}
     fingerprint = {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}
@@ -80,7 +80,7 @@ def run(cfg: Any) -> dict[str, Any]:
     with tqdm(total=sum(u.stop - u.start for u in todo), unit="set", desc=f"jedi-synth w{worker}/{num_workers}",
               disable=not cfg.progress, dynamic_ncols=True) as bar:
         for unit in todo:
-            stats = out.write_unit(unit, _ticking(pipeline.unit_results(unit), bar))
+            stats = out.write_unit(unit, _ticking(stages.unit_results(unit), bar))
             written["sets"] += stats["sets"]
             written["images"] += stats["images"]
             for k, v in stats["rejects"].items():

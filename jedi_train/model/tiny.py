@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
@@ -129,3 +130,20 @@ def _create_tiny_flux_dir(out_dir: str, width: int = 32, heads: int = 2, layers:
                            axes_dims_rope=(4, 6, 6)).save_pretrained(os.path.join(out_dir, "transformer"))
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(out_dir, "scheduler"))
     return out_dir
+
+
+def create_tiny_model_dir_if_missing(model_dir: str, spec: dict) -> bool:
+    """`create_tiny_model_dir(model_dir, **spec)` unless a model (unet/ or transformer/) is there already.
+    Written beside and renamed into place: ranks racing to create it are fine (the first one wins).
+    Returns whether this call created it."""
+    if any(os.path.isfile(os.path.join(model_dir, sub, "config.json")) for sub in ("unet", "transformer")):
+        return False
+    os.makedirs(os.path.dirname(os.path.abspath(model_dir)), exist_ok=True)
+    tmp = f"{model_dir}.tmp-{os.getpid()}"
+    create_tiny_model_dir(tmp, **dict(spec))
+    try:
+        os.replace(tmp, model_dir)
+    except OSError:  # another rank won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True

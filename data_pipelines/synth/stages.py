@@ -2,7 +2,7 @@
 
 Both generators share one interface, `generate(indices) -> [Candidate]`, working in batches of
 `batch_size` sets; set i always comes from set_seed(seed, i), so results do not depend on batching,
-shards or workers. `Pipeline.unit_results(unit)` yields the writer's SetResults for one shard.
+shards or workers. `SynthStages.unit_results(unit)` yields the writer's SetResults for one shard.
 """
 from __future__ import annotations
 
@@ -126,7 +126,9 @@ class DiffusersGenerator:
         return out
 
 
-class Pipeline:
+class SynthStages:
+    """Generator -> (split) -> filter -> caption for one jedi-synth config (a chain of stages, not a diffusers pipeline)."""
+
     def __init__(self, cfg: Any):
         gname = cfg.generator.get("name")
         set_size, res, seed = int(cfg.set_size), int(cfg.resolution), int(cfg.seed)
