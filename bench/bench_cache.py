@@ -6,12 +6,12 @@ encoder, CPU: objective + backward + AdamW. The cached batch comes from shards w
 """
 import os
 import tempfile
-import time
 
 import numpy as np
 import torch
 import webdataset as wds
 
+from bench.timing import objective_step, seconds_per_call
 from data_pipelines.schema import encode_set
 from data_pipelines.stats import main as jedi_data
 from jedi_train.datamodule import JeDiDataModule
@@ -42,18 +42,7 @@ def _batch(model_dir, c, src):
 
 
 def _steps_per_s(objective, params, batch) -> float:
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def one(i):
-        objective(batch, generator=torch.Generator().manual_seed(i))["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    one(0)
-    t0 = time.perf_counter()
-    for i in range(STEPS):
-        one(i + 1)
-    return STEPS / (time.perf_counter() - t0)
+    return 1 / seconds_per_call(objective_step(objective, torch.optim.AdamW(params, lr=1e-4), batch), STEPS)
 
 
 def main():

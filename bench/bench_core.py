@@ -7,11 +7,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from bench.timing import seconds_per_call
 from jedi_train.model.attention import SetLayout
 from jedi_train.model.joint_unet import JointUNet2DConditionModel
 from jedi_train.model.tiny import tiny_unet_config
@@ -45,11 +45,7 @@ def _step_fns(res, sets, n):
 
 
 def _time(fn, reps):
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
+    return seconds_per_call(lambda i: fn(), reps)
 
 
 def speed_table(sets=8, n=3, reps=6):

@@ -7,10 +7,10 @@ weights only), serialized with torch.save.
 """
 import io
 import tempfile
-import time
 
 import torch
 
+from bench.timing import objective_step, seconds_per_call
 from jedi_train.model.tiny import create_tiny_model_dir
 from jedi_train.module import JeDiModule
 
@@ -35,17 +35,7 @@ def measure(model_dir, lora: dict | None) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     batch = _batch(m)
 
-    def step(i):
-        loss = m.objective(batch, generator=torch.Generator().manual_seed(i))["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step(0)
-    t0 = time.perf_counter()
-    for i in range(STEPS):
-        step(i + 1)
-    seconds = (time.perf_counter() - t0) / STEPS
+    seconds = seconds_per_call(objective_step(m.objective, opt, batch), STEPS)
     ckpt = {"state_dict": {f"unet.{k}": v for k, v in m.unet.state_dict().items()}}
     m.on_save_checkpoint(ckpt)
     buf = io.BytesIO()
