@@ -199,7 +199,8 @@ def run(patterns: list[str], out_dir: str, model_dir: str, dtype: str = "float16
         prefix: str = "sets", allow_pipe: bool = False, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from .synth.writer import SetResult, ShardOutput, Unit, atomic_write_text, worker_units
+    from .atomic import atomic_write_text
+    from .synth.writer import SetResult, ShardOutput, Unit, worker_units
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype} is not supported; use float16, bfloat16 or float32")

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from data_pipelines.synth.writer import atomic_write_text
+from data_pipelines.atomic import atomic_write_text
 
 
 def wandb_key_configured() -> bool:

@@ -13,7 +13,7 @@ import shutil
 
 import yaml
 
-from data_pipelines.synth.writer import atomic_write_text
+from data_pipelines.atomic import atomic_write_text
 
 EVAL_BEGIN, EVAL_END = "<!-- jedi-eval:begin -->", "<!-- jedi-eval:end -->"
 TAGS = ["jedi", "joint-image-diffusion", "personalization", "subject-driven-generation", "text-to-image",

@@ -21,8 +21,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.atomic import atomic_write_text
 from data_pipelines.hydra_args import CONF_DIR as _CONF_DIR
-from data_pipelines.synth.writer import atomic_write_text
 
 from .artifacts import wandb_offline
 from .checkpoints import AtomicCheckpointIO, checkpoint_step, newest_complete, remove_partials

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from data_pipelines.atomic import atomic_path
+from data_pipelines.atomic import atomic_path, atomic_write_text
 
 
 class EvalError(Exception):
@@ -56,14 +56,8 @@ def load_pipeline(pipeline_dir: str, device: str | None = None):
     return pipe
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    from data_pipelines.synth.writer import atomic_write_text  # the project's one atomic text writer
-
-    atomic_write_text(path, text)
-
-
 def write_json_atomic(path: str, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_csv_atomic(path: str, rows: list[dict]) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from data_pipelines.atomic import atomic_path
+from data_pipelines.atomic import atomic_path, atomic_write_text
 from jedi_train.artifacts import log_eval_to_run
 from jedi_train.eval import common, extractors
 from jedi_train.eval.common import EvalError
@@ -447,7 +447,7 @@ def run(args) -> int:
                            "jedi": pipe.denoiser.jedi.to_dict()}
     summary["published"] = PUBLISHED
     metrics = [m for m in METRICS if m in summary["rows"][0]]
-    common.write_text_atomic(os.path.join(args.out, "summary.md"), _markdown(summary, metrics))
+    atomic_write_text(os.path.join(args.out, "summary.md"), _markdown(summary, metrics))
     common.write_json_atomic(os.path.join(args.out, "summary.json"), summary)  # last: marks the run complete
     update_eval_section(args.pipeline_dir, _markdown(summary, metrics))  # the export's model card
     grids = sorted(glob.glob(os.path.join(args.out, "grids", "*.png")))

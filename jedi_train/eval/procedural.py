@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from data_pipelines.atomic import atomic_path
+from data_pipelines.atomic import atomic_path, atomic_write_text
 from data_pipelines.synth import procedural
 from data_pipelines.synth.scenes import SCENE_NAMES
 
@@ -49,7 +49,6 @@ from .common import (
     parse_int_list,
     write_csv_atomic,
     write_json_atomic,
-    write_text_atomic,
 )
 
 EVAL_TAG = 7_000_003  # subjects come from SeedSequence([EVAL_TAG, seed, i]): never a training set's seed
@@ -340,7 +339,7 @@ def run(args) -> int:
         write_grids(args.out, cases, cells, images, truths, args.grids)
     write_csv_atomic(os.path.join(args.out, "per_image.csv"), [
         {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in per_image])
-    write_text_atomic(os.path.join(args.out, "summary.md"), summary_markdown(summary))
+    atomic_write_text(os.path.join(args.out, "summary.md"), summary_markdown(summary))
     write_json_atomic(os.path.join(args.out, "summary.json"), summary)  # last: its presence means complete
     if args.oracle == "none" and update_eval_section(args.pipeline_dir, summary_markdown(summary)):
         print(f"model card {os.path.join(args.pipeline_dir, 'README.md')}: evaluation section updated")
