@@ -8,7 +8,13 @@ fp32 gradients, one fp32 EMA copy per rank): single / DDP hold all of it; ZeRO-2
 optimizer states over the ranks; ZeRO-3 also the trained weights (offload moves optimizer states to CPU).
 Text encoders and VAE at `model.frozen_dtype`; a LoRA's frozen base at `model.lora.base_dtype` (its Linear /
 Conv weights; the rest fp32); `model/optimizer=adamw8bit`: 2 bytes of state per trained parameter.
-Activations are not estimated: they depend on the kernels and checkpointing; measure one step.
+
+Activations: one training forward of the joint denoiser over a batch (data.batch_size sets of data.max_set
+images, one reference each, at the training resolution) is traced on the meta device, and every tensor autograd
+keeps for the backward is counted once (views share their storage; weights are not activations). In the
+trainer's precision (bf16/fp16 when it says so); with model.gradient_checkpointing only the checkpointed blocks'
+inputs (plus what lies outside them). What it leaves out: the backward's own transients (one block's recompute
+under checkpointing, gradients in flight) and the kernels' workspaces -- measure one step before a long run.
 """
 from __future__ import annotations
 
@@ -118,6 +124,144 @@ def build_on_meta(model_cfg: dict):
     return family, denoiser, frozen
 
 
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel (flash / memory-efficient, as CUDA and CPU pick) keeps for the backward:
+    q, k, v, the output and the log-sum-exp. The meta device would take the math path instead, which keeps
+    the whole attention matrix (quadratic in the set's tokens): not what a GPU run holds."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the trace only counts
+        raise NotImplementedError
+
+
+def _fused_sdpa(query, key, value, *args, **kwargs):
+    return _FusedAttention.apply(query, key, value)
+
+
+def _count_saved(params: set[int]):
+    """(hooks, counter): saved_tensors_hooks that count each storage autograd keeps once, and the running total."""
+    seen: set[int] = set()
+    total = [0]
+
+    def add(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage._cdata not in seen and storage._cdata not in params:
+            seen.add(storage._cdata)
+            total[0] += storage.nbytes()
+
+    def pack(t):
+        add(t)
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), add, total
+
+
+def _dummy_inputs(denoiser, family: str, images: int, latent: int, text_len: int, dtype, device):
+    """What the objective hands the denoiser for `images` images: the assembled input, timesteps, text."""
+    from .model.text import TextEmbeddings
+
+    cfg = denoiser.config
+    if family == "flux":
+        text = TextEmbeddings(torch.empty(images, text_len, cfg.joint_attention_dim, dtype=dtype, device=device),
+                              torch.empty(images, cfg.pooled_projection_dim, dtype=dtype, device=device))
+        channels = cfg.in_channels // 4  # denoise() packs 2x2 patches itself
+    else:
+        pooled = time_ids = None
+        if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 time ids per image
+            dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            pooled = torch.empty(images, dim, dtype=dtype, device=device)
+            time_ids = torch.empty(images, 6, dtype=dtype, device=device)
+        text = TextEmbeddings(torch.empty(images, text_len, cfg.cross_attention_dim, dtype=dtype, device=device),
+                              pooled, time_ids)
+        channels = cfg.in_channels
+    sample = torch.empty(images, channels, latent, latent, dtype=dtype, device=device)
+    return sample, torch.empty(images, device=device), text
+
+
+def activation_bytes(denoiser, family: str, sets: int, set_size: int, resolution: int, downsample: int,
+                     text_len: int, dtype=torch.float32, gradient_checkpointing: bool = False) -> int:
+    """Bytes autograd keeps for the backward of one training forward (see the module doc). Works on a model
+    on any device; on the meta device nothing is allocated."""
+    from .model.attention import SetLayout
+
+    device = next(denoiser.parameters()).device
+    is_ref = torch.zeros(sets, set_size, dtype=torch.bool)  # the layout lives on the CPU, as a batch's would
+    is_ref[:, 0] = set_size > 1
+    layout = SetLayout.build(is_ref)
+    sample, t, text = _dummy_inputs(denoiser, family, sets * set_size, resolution // downsample, text_len, dtype,
+                                    device)
+    params = {p.untyped_storage()._cdata for p in denoiser.parameters()}
+    hooks, add, total = _count_saved(params)
+    if gradient_checkpointing:  # torch's checkpoint, counting what each checkpointed block keeps: its inputs
+        def counting(module, *args):
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    add(a)
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+        denoiser.enable_gradient_checkpointing(counting)
+    was_training = denoiser.training
+    denoiser.train()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if device.type == "meta":
+        torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
+    try:
+        with torch.enable_grad(), hooks:
+            out = denoiser.denoise(sample, t, text, layout)
+            add(out)  # the output lives until the loss is taken
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        denoiser.train(was_training)
+        if gradient_checkpointing:
+            denoiser.disable_gradient_checkpointing()
+    return total[0]
+
+
+def _text_len(model_cfg: dict, family: str) -> int:
+    """Tokens per caption the denoiser sees: the tokenizer's model_max_length (FLUX: T5's, SD: CLIP's)."""
+    model_dir = model_cfg.get("model_dir") or ""
+    sub = "tokenizer_2" if family == "flux" else "tokenizer"
+    path = os.path.join(model_dir, sub, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            length = json.load(f).get("model_max_length")
+        if isinstance(length, int) and 0 < length < 10**5:
+            return length
+    return 512 if family == "flux" else 77
+
+
+def vae_downsample(frozen) -> int | None:
+    from diffusers import AutoencoderKL
+
+    vae = next((m for m in frozen if isinstance(m, AutoencoderKL)), None)
+    return None if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _activations(cfg, model_cfg: dict, family: str, denoiser, downsample: int | None) -> tuple[int, dict]:
+    """(bytes, the batch it is for) of one training forward at the run's batch, set size, resolution, precision."""
+    data = cfg.get("data") or {}
+    sets, set_size = int(data.get("batch_size", 1) or 1), int(data.get("max_set", 2) or 2)
+    downsample = downsample or (denoiser.jedi.pixel_fold or 1)
+    if family == "flux":
+        resolution = int(model_cfg.get("resolution") or denoiser.jedi.resolution or 1024)
+    else:
+        resolution = int(model_cfg.get("resolution") or denoiser.config.sample_size * downsample)
+    precision = str((cfg.get("trainer") or {}).get("precision", "32"))
+    dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+    checkpointing = bool(model_cfg.get("gradient_checkpointing"))
+    # torch.nn.Module.to: diffusers' own .to() warns about fp32-only modules, which a meta trace does not have
+    n = activation_bytes(torch.nn.Module.to(denoiser, dtype), family, sets, set_size, resolution, downsample,
+                         _text_len(model_cfg, family), dtype, checkpointing)
+    return n, {"sets": sets, "set_size": set_size, "resolution": resolution, "dtype": str(dtype).split(".")[-1],
+               "gradient_checkpointing": checkpointing}
+
+
 def _world(cfg) -> int:
     devices = cfg.trainer.get("devices", 1)
     nodes = int(cfg.trainer.get("num_nodes", 1) or 1)
@@ -153,7 +297,10 @@ def estimate(cfg) -> dict:
                 "EMA copy (fp32)": float(ema),
                 f"frozen base of the denoiser ({base_dtype or 'float32'})": float(base_bytes),
                 f"text encoders + VAE ({model_cfg.get('frozen_dtype') or 'float32'})": float(frozen_bytes * frozen_parts)}
+    activations, batch = _activations(cfg, model_cfg, family, denoiser, vae_downsample(frozen))
+    per_rank["activations (estimate)"] = float(activations)
     return {"family": family, "denoiser": type(denoiser).__name__, "trained": trained, "frozen_base": frozen_base,
+            "activations": activations, "batch": batch,
             "frozen_parts": frozen_parts, "world": world, "stage": stage, "per_rank": per_rank,
             "total_per_rank": sum(per_rank.values()),
             "cpu_optimizer": optimizer if strategy.get("offload_optimizer") else 0.0}
@@ -162,13 +309,19 @@ def estimate(cfg) -> dict:
 def report(cfg) -> str:
     e = estimate(cfg)
     strategy = f"ZeRO-{e['stage']}" if e["stage"] else (cfg.strategy.get("_target_", "single").rsplit(".", 1)[-1]
-                                                         if "_target_" in cfg.strategy else "single device")
+                                                         if "_target_" in cfg.strategy else
+                                                         "single device" if e["world"] == 1 else
+                                                         "Lightning's auto strategy (DDP)")
     lines = [f"jedi-train dry run: {e['denoiser']} ({e['family']}), {strategy} over {e['world']} rank(s)",
              (f"  parameters: {e['trained'] / 1e6:,.1f} M trained, {e['frozen_base'] / 1e6:,.1f} M frozen in the "
              f"denoiser, {e['frozen_parts'] / 1e6:,.1f} M in text encoders + VAE"),
-             "  memory per rank (weights and optimizer; activations not included: measure one step):"]
+             "  memory per rank:"]
     lines += [f"    {name:<40} {value / 2**30:9.2f} GiB" for name, value in e["per_rank"].items()]
     lines.append(f"    {'total':<40} {e['total_per_rank'] / 2**30:9.2f} GiB")
+    b = e["batch"]
+    lines.append(f"    (activations: {b['sets']} sets x {b['set_size']} images at {b['resolution']} px, {b['dtype']}"
+                 f"{', gradient checkpointing' if b['gradient_checkpointing'] else ''}; what autograd keeps for the "
+                 "backward, traced on the meta device: measure one step before a long run)")
     if e["cpu_optimizer"]:
         lines.append(f"    AdamW states offloaded to CPU: {e['cpu_optimizer'] / 2**30:.2f} GiB per rank")
     return "\n".join(lines)

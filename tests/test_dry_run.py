@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers.cli import compose_train
 
-from jedi_train.dry_run import estimate
+from jedi_train.dry_run import activation_bytes, estimate
 from jedi_train.model.components import load_components
 from jedi_train.model.joint import JeDiConfig
 
@@ -54,6 +54,7 @@ def test_cli_prints_the_table_and_trains_nothing(tmp_path):
                         f"paths.output_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "JointFluxTransformer2DModel (flux), ZeRO-3" in p.stdout and "total" in p.stdout
+    assert "activations (estimate)" in p.stdout and "1 sets x 3 images at 512 px, bfloat16" in p.stdout
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
     bad = subprocess.run([str(exe), "experiment=demo", "dry_run=true", "model.model_dir=/nowhere"],
                          capture_output=True, text=True, timeout=300, check=False)
@@ -64,3 +65,35 @@ def test_cli_prints_the_table_and_trains_nothing(tmp_path):
 def test_models_without_a_preset_need_their_directory(name, tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no model and model.architecture=None"):
         estimate(compose_train([f"model={name}", "model.model_dir=/nowhere"], tmp_path))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_sdxl_model_dir", "tiny_flux_model_dir"])
+def test_activation_trace_on_meta_matches_real_tensors(fixture, request):
+    """The meta-device trace counts what the same forward on real CPU tensors keeps for the backward (SDPA's
+    meta trace models the fused kernels CPU and CUDA pick), grows linearly with the sets in the batch, and
+    shrinks under gradient checkpointing."""
+    c = load_components(request.getfixturevalue(fixture), JeDiConfig(resolution=32))
+    family, down = c.family, c.codec.downsample
+    real = activation_bytes(c.unet, family, 2, 3, 32, down, 16)
+    double = activation_bytes(c.unet, family, 4, 3, 32, down, 16)
+    checkpointed = activation_bytes(c.unet, family, 2, 3, 32, down, 16, gradient_checkpointing=True)
+    meta = activation_bytes(c.unet.to("meta"), family, 2, 3, 32, down, 16)
+    assert real > 0 and 0 <= (meta - real) / real < 0.06  # meta copies a few reshapes CPU aliases: a little high
+    assert 1.9 < double / real < 2.1  # linear in the sets of the batch
+    assert checkpointed < 0.5 * real
+
+
+def test_the_estimate_follows_batch_precision_and_checkpointing(tmp_path):
+    def act(*overrides):
+        return estimate(compose_train(["model=sd15", "model.model_dir=/nowhere", *overrides], tmp_path))
+
+    base = act("data.batch_size=2", "data.max_set=3", "model.gradient_checkpointing=false", "trainer.precision=32-true")
+    assert base["batch"] == {"sets": 2, "set_size": 3, "resolution": 512, "dtype": "float32",
+                             "gradient_checkpointing": False}
+    assert base["per_rank"]["activations (estimate)"] == base["activations"] > 2**30  # SD 1.5, 6 images at 512 px
+    bf16 = act("data.batch_size=2", "data.max_set=3", "model.gradient_checkpointing=false", "trainer.precision=bf16-mixed")
+    assert 0.4 < bf16["activations"] / base["activations"] < 0.6
+    more = act("data.batch_size=4", "data.max_set=3", "model.gradient_checkpointing=false", "trainer.precision=32-true")
+    assert 1.8 < more["activations"] / base["activations"] < 2.2
+    ckpt = act("data.batch_size=2", "data.max_set=3", "model.gradient_checkpointing=true", "trainer.precision=32-true")
+    assert ckpt["activations"] < 0.5 * base["activations"]

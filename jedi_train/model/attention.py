@@ -100,9 +100,25 @@ class SetLayout:
         coupled sets see them, decoupled sets do not; padded images are never keys. None = no mask."""
         key = ("cached", tokens_per_image, ref_tokens, device)
         if key not in self._cache:
-            refs = self.coupled.to(device)[:, None].expand(-1, ref_tokens)
-            keys = torch.cat([refs, self.valid.to(device).repeat_interleave(tokens_per_image, dim=1)], dim=1)
-            self._cache[key] = None if bool(keys.all()) else keys[:, None, None, :]
+            refs = self.coupled[:, None].expand(-1, ref_tokens)
+            keys = torch.cat([refs, self.valid.repeat_interleave(tokens_per_image, dim=1)], dim=1)
+            self._cache[key] = None if bool(keys.all()) else keys[:, None, None, :].to(device)
+        return self._cache[key]
+
+    def per_image_key_mask(self, text_len: int, tokens_per_image: int, references_see_targets: bool, device,
+                           ref_tokens: int = 0):
+        """(B*N, 1, 1, text_len + ref_tokens + N*tokens_per_image) bool, or None when nothing is masked, for
+        transformers whose queries are split by image and see their own text first (FLUX): own text, then
+        `ref_tokens` cached reference tokens (coupled sets only), then the set's image tokens. Cached."""
+        key = ("per_image", text_len, tokens_per_image, references_see_targets, ref_tokens, device)
+        if key not in self._cache:
+            b, n = self.is_ref.shape
+            img = self.image_key_mask(references_see_targets, self.is_ref.device).repeat_interleave(tokens_per_image, 2)
+            if ref_tokens:
+                img = torch.cat([self.coupled[:, None, None].expand(b, n, ref_tokens), img], dim=2)
+            own_text = torch.ones(b * n, text_len, dtype=torch.bool, device=self.is_ref.device)
+            mask = torch.cat([own_text, img.reshape(b * n, -1)], dim=1)
+            self._cache[key] = None if bool(mask.all()) else mask[:, None, None, :].to(device)
         return self._cache[key]
 
     def _visible_keys(self, device, references_see_targets: bool):
@@ -122,16 +138,17 @@ class SetLayout:
         return torch.where(is_ref, ref_keys[:, None, :], tgt_keys[:, None, :])
 
     def _key_masks(self, L: int, device, references_see_targets: bool = True):
-        is_ref, valid = self.is_ref.to(device), self.valid.to(device)
-        tgt_keys, ref_keys = self._visible_keys(device, references_see_targets)
+        # decided where the layout lives (the batch's device; CPU for a meta-device dry run), then moved
+        is_ref, valid = self.is_ref, self.valid
+        tgt_keys, ref_keys = self._visible_keys(is_ref.device, references_see_targets)
 
         def tok(m):  # (B, N) -> (B, 1, 1, N*L)
-            return m.repeat_interleave(L, dim=1)[:, None, None, :]
+            return m.repeat_interleave(L, dim=1)[:, None, None, :].to(device)
 
         has_refs = bool((is_ref & valid).any())
         if not has_refs or bool((tgt_keys == ref_keys).all()):
             return [(None, None if bool(tgt_keys.all()) else tok(tgt_keys))]
-        q_ref = (is_ref & valid).repeat_interleave(L, dim=1)[:, None, :, None]  # (B, 1, N*L, 1)
+        q_ref = (is_ref & valid).repeat_interleave(L, dim=1)[:, None, :, None].to(device)  # (B, 1, N*L, 1)
         return [(None, tok(tgt_keys)), (q_ref, tok(ref_keys))]
 
 

@@ -114,8 +114,7 @@ class JointFluxAttnProcessor(FluxAttnProcessor):
             raise ValueError(f"batch of {bn} images does not match the set layout "
                              f"({set_layout.num_sets} sets x {n} images)")
         img_k, img_v = key[:, text_len:].reshape(b, n * li, heads, d), value[:, text_len:].reshape(b, n * li, heads, d)
-        img_mask = set_layout.image_key_mask(self.references_see_targets, query.device)  # (B, N, N)
-        img_mask = img_mask.repeat_interleave(li, dim=2)  # (B, N, N*Li)
+        ref_tokens = 0
         if cache is not None and cache.recording:  # references-only pass: remember their image keys/values
             if b != 1 or not bool(set_layout.is_ref.all()):
                 raise ValueError("the reference-cache recording pass takes one set made of references only")
@@ -128,14 +127,11 @@ class JointFluxAttnProcessor(FluxAttnProcessor):
             ref_k, ref_v = cache.get(attn)
             img_k = torch.cat([ref_k.expand(b, -1, -1, -1), img_k], dim=1)
             img_v = torch.cat([ref_v.expand(b, -1, -1, -1), img_v], dim=1)
-            seen = set_layout.coupled.to(query.device)[:, None, None].expand(b, n, ref_k.shape[1])
-            img_mask = torch.cat([seen, img_mask], dim=2)
+            ref_tokens = ref_k.shape[1]
         # each image: its own text keys + the set's image keys (queries of image i only ever see text i)
         keys = torch.cat([key[:, :text_len], img_k.repeat_interleave(n, dim=0)], dim=1)
         values = torch.cat([value[:, :text_len], img_v.repeat_interleave(n, dim=0)], dim=1)
-        mask = torch.cat([torch.ones(bn, text_len, dtype=torch.bool, device=query.device),
-                          img_mask.reshape(bn, -1)], dim=1)
-        mask = None if bool(mask.all()) else mask[:, None, None, :]
+        mask = set_layout.per_image_key_mask(text_len, li, self.references_see_targets, query.device, ref_tokens)
         out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                              attn_mask=mask).transpose(1, 2)
         out = out.flatten(2, 3).to(query.dtype)
@@ -178,12 +174,13 @@ class JointFluxTransformer2DModel(JointDenoiserMixin, FluxTransformer2DModel):
         """Per-image rotary tables (M or 1, text_len + h/2*w/2, d): text at 0, images at (0, row, col) or,
         with reference_positions 'offset', the r-th reference of a set at r x (rows, cols)."""
         txt = torch.zeros(text_len, 3, device=device)
-        offsets = torch.zeros(1, dtype=torch.long, device=device)
+        offsets = torch.zeros(1, dtype=torch.long)  # on the CPU (or the layout's device): int() reads it
         if set_layout is not None and self.jedi.reference_positions == "offset" and bool(set_layout.is_ref.any()):
-            is_ref = set_layout.is_ref.to(device).long()
+            is_ref = set_layout.is_ref.long()  # where the layout lives: int() below needs real values
             offsets = (is_ref.cumsum(1) * is_ref).flatten()  # 1, 2, ... for a set's references; 0 for targets
         tables = [self.pos_embed(torch.cat([txt, image_ids(h, w, device, int(o))])) for o in range(int(offsets.max()) + 1)]
         cos, sin = torch.stack([t[0] for t in tables]), torch.stack([t[1] for t in tables])
+        offsets = offsets.to(cos.device)
         return cos[offsets], sin[offsets]
 
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, text: TextEmbeddings,
