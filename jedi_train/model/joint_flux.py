@@ -129,8 +129,11 @@ class JointFluxAttnProcessor(FluxAttnProcessor):
             img_v = torch.cat([ref_v.expand(b, -1, -1, -1), img_v], dim=1)
             ref_tokens = ref_k.shape[1]
         # each image: its own text keys + the set's image keys (queries of image i only ever see text i)
-        keys = torch.cat([key[:, :text_len], img_k.repeat_interleave(n, dim=0)], dim=1)
-        values = torch.cat([value[:, :text_len], img_v.repeat_interleave(n, dim=0)], dim=1)
+        def per_image(own, shared):  # one copy: cat reads the set's tokens through an expanded view
+            text = own[:, :text_len].unflatten(0, (b, n))
+            return torch.cat([text, shared[:, None].expand(b, n, *shared.shape[1:])], dim=2).flatten(0, 1)
+
+        keys, values = per_image(key, img_k), per_image(value, img_v)
         mask = set_layout.per_image_key_mask(text_len, li, self.references_see_targets, query.device, ref_tokens)
         out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                              attn_mask=mask).transpose(1, 2)
