@@ -283,6 +283,9 @@ def estimate(cfg) -> dict:
                  and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.requires_grad) if base_dtype else 0
     base_bytes = 4 * (frozen_base - stored) + DTYPE_BYTES.get(base_dtype, 4) * stored
     frozen_parts = sum(p.numel() for m in frozen for p in m.parameters())
+    # model.text_encoder_quantization: the text encoders' Linear weights at 1 byte (torchao weight-only)
+    quantized = sum(m.weight.numel() for enc in frozen if type(enc).__name__ != "AutoencoderKL"
+                    for m in enc.modules() if isinstance(m, torch.nn.Linear)) if model_cfg.get("text_encoder_quantization") else 0
     strategy = cfg.get("strategy") or {}
     stage = int(strategy.get("stage", 0) or 0)
     world = _world(cfg)
@@ -296,7 +299,9 @@ def estimate(cfg) -> dict:
                 f"AdamW states ({'8-bit' if adam8 else 'fp32'})": 0.0 if strategy.get("offload_optimizer") else optimizer,
                 "EMA copy (fp32)": float(ema),
                 f"frozen base of the denoiser ({base_dtype or 'float32'})": float(base_bytes),
-                f"text encoders + VAE ({model_cfg.get('frozen_dtype') or 'float32'})": float(frozen_bytes * frozen_parts)}
+                f"text encoders + VAE ({model_cfg.get('frozen_dtype') or 'float32'}"
+                f"{', 8-bit Linear' if quantized else ''})":
+                    float(frozen_bytes * (frozen_parts - quantized) + quantized)}
     activations, batch = _activations(cfg, model_cfg, family, denoiser, vae_downsample(frozen))
     per_rank["activations (estimate)"] = float(activations)
     return {"family": family, "denoiser": type(denoiser).__name__, "trained": trained, "frozen_base": frozen_base,

@@ -25,7 +25,14 @@ from .checkpoints import (
     load_unet_weights,
     unet_state_from_checkpoint,
 )
-from .model.components import Components, check_model_dir, denoiser_family, load_components, load_denoiser
+from .model.components import (
+    Components,
+    check_model_dir,
+    denoiser_family,
+    load_components,
+    load_denoiser,
+    load_text_parts,
+)
 from .model.joint import JeDiConfig
 from .model.lora import (
     LoraSettings,
@@ -105,6 +112,9 @@ def export_module(module, out_dir: str, use_ema: bool = True, overwrite: bool = 
     if has_lora(unet):
         fuse_lora(unet)
     components = copy.copy(module.components)
+    if module.hparams.get("text_encoder_quantization"):  # the export ships the text encoders as released
+        (components.text_encoder, components.tokenizer, components.text_encoder_2,
+         components.tokenizer_2) = load_text_parts(module.hparams["model_dir"], components.family)
     card = {"hparams": dict(module.hparams), "step": module.global_step, "run_dir": find_run_dir(out_dir)}
     return save_pipeline_atomically(JeDiPipeline.from_components(components, unet), out_dir, overwrite, card)
 

@@ -27,6 +27,7 @@ from .model.lora import (
     trained_parameters,
 )
 from .model.objective import JeDiObjective, ObjectiveConfig
+from .model.quantize import check_quantization, quantize_text_encoders
 from .model.tiny import create_tiny_model_dir_if_missing
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4, "betas": (0.9, 0.999),
@@ -74,7 +75,8 @@ class JeDiModule(L.LightningModule):
                  max_nonfinite_steps: int = 10, seed: int = 0, frozen_dtype: str | None = None,
                  resolution: int | None = None, reference_attention: str = "set",
                  noise_schedule: dict | None = None, lora: dict | None = None, reference_positions: str = "same",
-                 architecture: str | None = None):  # architecture: only read by dry_run.py
+                 architecture: str | None = None,  # architecture: only read by dry_run.py
+                 text_encoder_quantization: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         if create_tiny_if_missing is not None and create_tiny_model_dir_if_missing(model_dir, create_tiny_if_missing):
@@ -82,6 +84,7 @@ class JeDiModule(L.LightningModule):
                            "there (model.create_tiny_if_missing); set model.model_dir to a diffusers model directory "
                            "to train a real one")
         dtype = getattr(torch, frozen_dtype) if frozen_dtype else None
+        check_quantization(text_encoder_quantization)  # unknown mode / no torchao: now, not after loading
         # JeDi's settings, set once here from the flat model config and passed whole
         self.jedi = JeDiConfig(conditioning=conditioning, reference_timestep=reference_timestep,
                                reference_attention=reference_attention, resolution=resolution,
@@ -131,6 +134,8 @@ class JeDiModule(L.LightningModule):
     def on_fit_start(self):
         self.unet.train()  # from_pretrained returns eval mode, which Lightning keeps (LoRA dropout would be off)
         self.components.text.to(self.device)
+        c = self.components  # 8-bit text encoders are made on the device they run on (float8: CUDA only)
+        quantize_text_encoders([c.text_encoder, c.text_encoder_2], self.hparams.text_encoder_quantization, self.device)
         if self.components.vae is not None:
             self.components.vae.to(self.device)
         if self.ema is not None:
