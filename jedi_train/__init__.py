@@ -6,6 +6,8 @@ name their UNet class in model_index.json (["jedi_train", "JointUNet2DConditionM
 """
 from importlib import import_module
 
+import data_pipelines.quiet  # noqa: F401  (optional packages' import-time noise off stderr)
+
 _LAZY = {
     "JeDiPipeline": "jedi_train.pipeline",
     "JeDiPipelineOutput": "jedi_train.pipeline",

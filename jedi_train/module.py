@@ -53,12 +53,12 @@ def build_partial(key: str, default: dict, cfg: dict | None, renamed: dict[str, 
 
 
 def adamw_8bit(params, **kwargs):
-    """bitsandbytes' AdamW8bit (an optional extra: pip install bitsandbytes; CUDA only)."""
+    """bitsandbytes' AdamW8bit (an optional extra: pip install 'jedi-train[adam8bit]'; CUDA only)."""
     params = list(params)
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ValueError("model/optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes (or use "
+        raise ValueError("model/optimizer=adamw8bit needs bitsandbytes: pip install 'jedi-train[adam8bit]' (or use "
                          "model/optimizer=adamw)") from None
     device = params[0].device if params else torch.device("cpu")
     if device.type != "cuda":
