@@ -7,7 +7,7 @@ diffusers' convention for a pipeline with its own code: model_index.json names i
 diffusers copies that file and the modules it imports relatively (one level: the entry file must
 import each of them itself) into its module cache and imports them. The UNet is saved as a plain
 ``UNet2DConditionModel`` whose config keeps the JeDi settings (``_jedi``); the pipeline turns it back
-into the joint UNet (joint_unet.as_joint_unet), so no component needs custom code.
+into the joint UNet (`JointUNet2DConditionModel.adopt`), so no component needs custom code.
 
 The bundle is this project's own source, flattened into one folder (imports rewritten), written by
 every JeDiPipeline.save_pretrained: one implementation, never a second copy to keep in sync.

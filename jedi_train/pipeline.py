@@ -37,8 +37,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .model.attention import ReferenceKVCache, SetLayout
 from .model.components import LatentCodec, model_resolution
-from .model.joint_flux import JointFluxTransformer2DModel, as_joint_flux, flow_mu
-from .model.joint_unet import JointUNet2DConditionModel, as_joint_unet
+from .model.joint_flux import JointFluxTransformer2DModel, flow_mu
+from .model.joint_unet import JointUNet2DConditionModel
 from .model.text import PromptEncoder, TextEmbeddings
 from .references import load_references
 from .set_plan import Branch, SetPlan, guidance_branches
@@ -98,7 +98,7 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  scheduler, vae: AutoencoderKL | None = None,
                  text_encoder_2: CLIPTextModelWithProjection | None = None, tokenizer_2: CLIPTokenizer | None = None):
         super().__init__()
-        unet = as_joint_unet(unet)  # saved as a plain UNet2DConditionModel (see bundle.py)
+        unet = JointUNet2DConditionModel.adopt(unet)  # saved as a plain UNet2DConditionModel (see bundle.py)
         if not isinstance(unet, JointUNet2DConditionModel) or unet.jedi is None:
             raise ValueError(f"the pipeline's unet is a plain {type(unet).__name__} without JeDi settings (_jedi), "
                              "not a joint UNet; export the trained model with jedi-export (or convert it with "
@@ -129,7 +129,7 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _register_unet_library(self):
         # the joint model is saved as what it loads as without jedi_train: a diffusers UNet2DConditionModel
-        # (FluxTransformer2DModel) whose config keeps the JeDi settings (as_joint_* restores the joint class)
+        # (FluxTransformer2DModel) whose config keeps the JeDi settings (`adopt` restores the joint class)
         if isinstance(getattr(self, "unet", None), JointUNet2DConditionModel):
             self.register_to_config(unet=("diffusers", "UNet2DConditionModel"))
         if isinstance(getattr(self, "transformer", None), JointFluxTransformer2DModel):
@@ -471,7 +471,7 @@ class JeDiFluxPipeline(JeDiPipeline):
     def __init__(self, transformer, text_encoder: CLIPTextModel, tokenizer, text_encoder_2, tokenizer_2, scheduler,
                  vae: AutoencoderKL):
         DiffusionPipeline.__init__(self)
-        transformer = as_joint_flux(transformer)
+        transformer = JointFluxTransformer2DModel.adopt(transformer)
         if not isinstance(transformer, JointFluxTransformer2DModel) or transformer.jedi is None:
             raise ValueError(f"the pipeline's transformer is a plain {type(transformer).__name__} without JeDi "
                              "settings (_jedi); export the trained model with jedi-export")

@@ -1,6 +1,7 @@
 """JeDiConfig: JeDi's settings set once (make_joint), saved with the model, read back whole."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -46,10 +47,15 @@ def test_a_saved_joint_model_keeps_its_settings_but_takes_the_reference_attentio
     JeDiPipeline.from_components(c).save_pretrained(out)
     kept = load_denoiser(out)  # no config: exactly as saved
     assert kept.jedi == c.unet.jedi
-    switched = load_denoiser(out, JeDiConfig(reference_attention="references"))
+    with pytest.warns(UserWarning, match=r"made with conditioning='replacement' \(asked 'channels'\).* saved settings "
+                                         "are kept"):
+        switched = load_denoiser(out, JeDiConfig(reference_attention="references"))
     assert switched.jedi.reference_attention == "references"
     assert switched.jedi.conditioning == "replacement" and switched.jedi.reference_timestep == "target"  # weights' own
     assert switched.config.in_channels == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # settings that match: silent
+        load_denoiser(out, JeDiConfig(conditioning="replacement", reference_timestep="target"))
 
 
 def test_settings_saved_before_all_fields_existed_load_with_the_defaults(tiny_model_dir, tmp_path):

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -241,8 +242,15 @@ def load_denoiser(model_dir: str, jedi: JeDiConfig | None = None):
         if os.path.isdir(os.path.join(model_dir, "vae")):  # latents are not folded pixels, whatever their channels
             make = make.replace(pixel_fold=1)
         unet = load_joint_unet(model_dir, "unet", make)
-    if jedi is not None and unet.jedi.reference_attention != jedi.reference_attention:
-        unet.set_reference_attention(jedi.reference_attention)
+    if jedi is not None:
+        saved = unet.jedi
+        kept = [f"{k}={v!r} (asked {getattr(jedi, k)!r})" for k, v in saved.to_dict().items()
+                if k in ("conditioning", "reference_timestep", "reference_positions") and getattr(jedi, k) != v]
+        if kept:  # the weights were trained with them: the saved ones win
+            warnings.warn(f"{model_dir} holds a joint model made with {', '.join(kept)}; its saved settings are "
+                          "kept (they shaped its weights): set model.* to match to silence this", stacklevel=2)
+        if saved.reference_attention != jedi.reference_attention:
+            unet.set_reference_attention(jedi.reference_attention)
     return unet
 
 

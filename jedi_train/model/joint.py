@@ -69,6 +69,16 @@ class JointDenoiserMixin:
             out.set_attn_processor(out.joint_processors())
         return model
 
+    @classmethod
+    def adopt(cls, model):
+        """A joint model's folder loaded as its plain diffusers class (exports name it that way, so generic
+        diffusers loading needs no jedi_train) -> this joint class: same weights and config, plus the joint
+        methods and processors. Anything else is returned unchanged."""
+        if type(model) is cls.__bases__[-1] and model.config.get("_jedi") is not None:
+            model.__class__ = cls  # adds methods only: no state to initialise
+            model.set_attn_processor(model.joint_processors())
+        return model
+
     @property
     def jedi(self) -> JeDiConfig | None:
         saved = self.config.get("_jedi")

@@ -209,14 +209,6 @@ class JointFluxTransformer2DModel(JointDenoiserMixin, FluxTransformer2DModel):
         return unpack(out, h, w)
 
 
-def as_joint_flux(model):
-    """A joint transformer's folder loaded as a plain FluxTransformer2DModel -> the joint class it is."""
-    if type(model) is FluxTransformer2DModel and model.config.get("_jedi") is not None:
-        model.__class__ = JointFluxTransformer2DModel
-        model.set_attn_processor(model.joint_processors())
-    return model
-
-
 def load_joint_flux(path: str, subfolder: str | None = "transformer", jedi: JeDiConfig | None = None,
                     **from_pretrained_kwargs) -> JointFluxTransformer2DModel:
     """Load a FLUX transformer; a base one is made joint with `jedi` (resolution None: 1024), a joint one

@@ -66,16 +66,6 @@ class JointUNet2DConditionModel(JointDenoiserMixin, UNet2DConditionModel):
                                cross_attention_kwargs=cross_attention_kwargs, **kwargs)
 
 
-def as_joint_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """A joint UNet's folder loaded as a plain UNet2DConditionModel (exports name the UNet that way, so
-    generic diffusers loading needs no jedi_train) -> the joint UNet it is: same weights and config,
-    joint methods and processors. Anything else is returned unchanged."""
-    if type(unet) is UNet2DConditionModel and unet.config.get("_jedi") is not None:
-        unet.__class__ = JointUNet2DConditionModel  # adds methods only: no state to initialise
-        unet.set_attn_processor(unet.joint_processors())
-    return unet
-
-
 def load_joint_unet(path: str, subfolder: str | None = "unet", jedi: JeDiConfig | None = None,
                     **from_pretrained_kwargs) -> JointUNet2DConditionModel:
     """Load a UNet from a diffusers directory; a base UNet is made joint with `jedi` (defaults when None;
