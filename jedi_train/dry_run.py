@@ -329,4 +329,8 @@ def report(cfg) -> str:
                  "backward, traced on the meta device: measure one step before a long run)")
     if e["cpu_optimizer"]:
         lines.append(f"    AdamW states offloaded to CPU: {e['cpu_optimizer'] / 2**30:.2f} GiB per rank")
+    ema = e["per_rank"]["EMA copy (fp32)"]
+    if ema > 0.3 * e["total_per_rank"]:  # ZeRO-3 shards the weights, not the EMA: a full fp32 copy per rank
+        lines.append(f"  note: the EMA copy is {ema / 2**30:.1f} GiB of the {e['total_per_rank'] / 2**30:.1f} GiB per rank "
+                     "(a full fp32 copy on every rank); model.ema.enabled=false drops it")
     return "\n".join(lines)

@@ -55,6 +55,7 @@ def test_cli_prints_the_table_and_trains_nothing(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "JointFluxTransformer2DModel (flux), ZeRO-3" in p.stdout and "total" in p.stdout
     assert "activations (estimate)" in p.stdout and "1 sets x 3 images at 512 px, bfloat16" in p.stdout
+    assert "note: the EMA copy is 44.3 GiB" in p.stdout  # ZeRO-3 over 8 ranks: the unsharded EMA dominates
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
     bad = subprocess.run([str(exe), "experiment=demo", "dry_run=true", "model.model_dir=/nowhere"],
                          capture_output=True, text=True, timeout=300, check=False)
