@@ -113,7 +113,7 @@ class SetLayout:
         key = ("per_image", text_len, tokens_per_image, references_see_targets, ref_tokens, device)
         if key not in self._cache:
             b, n = self.is_ref.shape
-            img = self.image_key_mask(references_see_targets, self.is_ref.device).repeat_interleave(tokens_per_image, 2)
+            img = self.image_key_mask(references_see_targets).repeat_interleave(tokens_per_image, 2)
             if ref_tokens:
                 img = torch.cat([self.coupled[:, None, None].expand(b, n, ref_tokens), img], dim=2)
             own_text = torch.ones(b * n, text_len, dtype=torch.bool, device=self.is_ref.device)
@@ -121,26 +121,25 @@ class SetLayout:
             self._cache[key] = None if bool(mask.all()) else mask[:, None, None, :].to(device)
         return self._cache[key]
 
-    def _visible_keys(self, device, references_see_targets: bool):
-        """(target queries' key images, reference queries' key images), each (B, N) bool."""
-        is_ref, valid = self.is_ref.to(device), self.valid.to(device)
-        coupled = self.coupled.to(device)[:, None]
+    def _visible_keys(self, references_see_targets: bool):
+        """(target queries' key images, reference queries' key images), each (B, N) bool, where the layout
+        lives (the batch's device; the CPU for a meta-device dry run): callers move the masks they build."""
+        is_ref, valid, coupled = self.is_ref, self.valid, self.coupled[:, None]
         tgt_keys = valid & (coupled | ~is_ref)
         ref_keys = valid & ((coupled & references_see_targets) | is_ref)
         # a set without references has no reference queries; keep its row non-empty (no NaN in SDPA)
         return tgt_keys, torch.where(ref_keys.any(1, keepdim=True), ref_keys, valid)
 
-    def image_key_mask(self, references_see_targets: bool, device) -> torch.Tensor:
+    def image_key_mask(self, references_see_targets: bool) -> torch.Tensor:
         """(B, N, N) bool: may image i's queries see image j's keys. The same rules as `key_masks`, per query
         image (transformers whose queries are already split by image, e.g. FLUX with per-image text)."""
-        tgt_keys, ref_keys = self._visible_keys(device, references_see_targets)
-        is_ref = self.is_ref.to(device)[:, :, None]
+        tgt_keys, ref_keys = self._visible_keys(references_see_targets)
+        is_ref = self.is_ref[:, :, None]
         return torch.where(is_ref, ref_keys[:, None, :], tgt_keys[:, None, :])
 
     def _key_masks(self, L: int, device, references_see_targets: bool = True):
-        # decided where the layout lives (the batch's device; CPU for a meta-device dry run), then moved
-        is_ref, valid = self.is_ref, self.valid
-        tgt_keys, ref_keys = self._visible_keys(is_ref.device, references_see_targets)
+        is_ref, valid = self.is_ref, self.valid  # decided where the layout lives, then moved to `device`
+        tgt_keys, ref_keys = self._visible_keys(references_see_targets)
 
         def tok(m):  # (B, N) -> (B, 1, 1, N*L)
             return m.repeat_interleave(L, dim=1)[:, None, None, :].to(device)
