@@ -158,7 +158,13 @@ def load_checkpoint(path: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "consolidated.ckpt")
             convert_zero_checkpoint_to_fp32_state_dict(path, out)
-            return safe_load(out, extra_globals=DEEPSPEED_GLOBALS)
+            ckpt = safe_load(out, extra_globals=DEEPSPEED_GLOBALS)
+        if isinstance(ckpt.get("ema"), dict) and "partition" in ckpt["ema"]:  # ZeRO-3: each rank saved its slice
+            from .ema import merge_partitions
+
+            ckpt["ema"] = merge_partitions([safe_load(f, mmap=True, extra_globals=DEEPSPEED_GLOBALS)["ema"]
+                                            for f in deepspeed_files(path) if "model_states" in os.path.basename(f)])
+        return ckpt
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} {missing(path)}; give a .ckpt file or a DeepSpeed checkpoint dir")
     return safe_load(path)

@@ -4,8 +4,8 @@ architecture the model config names (`model.architecture`: the published SD 1.5 
 joint and given its LoRA exactly as training would; then per-rank bytes for the chosen strategy.
 
 Bytes per rank (fp32 trained weights as Lightning's mixed precision keeps them, AdamW's two fp32 moments,
-fp32 gradients, one fp32 EMA copy per rank): single / DDP hold all of it; ZeRO-2 shards gradients and
-optimizer states over the ranks; ZeRO-3 also the trained weights (offload moves optimizer states to CPU).
+fp32 gradients, the fp32 EMA): single / DDP hold all of it; ZeRO-2 shards gradients and optimizer states over
+the ranks; ZeRO-3 also the trained weights and the EMA (jedi_train/ema.py; offload moves optimizer states to CPU).
 Text encoders and VAE at `model.frozen_dtype`; a LoRA's frozen base at `model.lora.base_dtype` (its Linear /
 Conv weights; the rest fp32); `model/optimizer=adamw8bit`: 2 bytes of state per trained parameter.
 
@@ -290,14 +290,14 @@ def estimate(cfg) -> dict:
     stage = int(strategy.get("stage", 0) or 0)
     world = _world(cfg)
     shard = world if stage >= 2 else 1
-    ema = 4 * trained if (model_cfg.get("ema") or {}).get("enabled", True) else 0  # ZeRO-3: gathered, full copy
+    ema = 4 * trained if (model_cfg.get("ema") or {}).get("enabled", True) else 0
     frozen_bytes = DTYPE_BYTES.get(model_cfg.get("frozen_dtype"), 4)
     adam8 = "8bit" in str((model_cfg.get("optimizer") or {}).get("_target_", ""))  # bitsandbytes: 2 x 1 byte per parameter
     optimizer = (2 if adam8 else 8) * trained / shard
     per_rank = {"trained weights (fp32)": 4 * trained / (world if stage >= 3 else 1),
                 "gradients (fp32)": 4 * trained / shard,
                 f"AdamW states ({'8-bit' if adam8 else 'fp32'})": 0.0 if strategy.get("offload_optimizer") else optimizer,
-                "EMA copy (fp32)": float(ema),
+                "EMA copy (fp32)": ema / (world if stage >= 3 else 1),  # ZeRO-3: each rank its slice
                 f"frozen base of the denoiser ({base_dtype or 'float32'})": float(base_bytes),
                 f"text encoders + VAE ({model_cfg.get('frozen_dtype') or 'float32'}"
                 f"{', 8-bit Linear' if quantized else ''})":
@@ -330,7 +330,7 @@ def report(cfg) -> str:
     if e["cpu_optimizer"]:
         lines.append(f"    AdamW states offloaded to CPU: {e['cpu_optimizer'] / 2**30:.2f} GiB per rank")
     ema = e["per_rank"]["EMA copy (fp32)"]
-    if ema > 0.3 * e["total_per_rank"]:  # ZeRO-3 shards the weights, not the EMA: a full fp32 copy per rank
-        lines.append(f"  note: the EMA copy is {ema / 2**30:.1f} GiB of the {e['total_per_rank'] / 2**30:.1f} GiB per rank "
-                     "(a full fp32 copy on every rank); model.ema.enabled=false drops it")
+    if ema > 0.3 * e["total_per_rank"]:  # e.g. a full fine-tune on one device or DDP: a whole fp32 copy per rank
+        lines.append(f"  note: the EMA copy is {ema / 2**30:.1f} GiB of the {e['total_per_rank'] / 2**30:.1f} GiB per rank; "
+                     "model.ema.enabled=false drops it (ZeRO-3, strategy=deepspeed_zero3, shards it over the ranks)")
     return "\n".join(lines)

@@ -11,11 +11,11 @@ import time
 import hydra
 import lightning as L
 import torch
-from diffusers.training_utils import EMAModel
 from hydra.errors import InstantiationException
 from lightning.pytorch.utilities import rank_zero_info
 
 from .checkpoints import check_family, check_lora_checkpoint, load_unet_weights
+from .ema import TrainingEMA
 from .model.components import Components, load_components
 from .model.joint import JeDiConfig
 from .model.lora import (
@@ -124,7 +124,7 @@ class JeDiModule(L.LightningModule):
         self.objective = JeDiObjective(self.components, ObjectiveConfig(**(objective or {})))
         ema = dict(ema or {})
         # EMA of what trains (all of the UNet unless LoRA / model.trainable freeze parts of it)
-        self.ema = (EMAModel(trained_parameters(self.unet), decay=ema.get("decay", 0.9999))
+        self.ema = (TrainingEMA(trained_parameters(self.unet), decay=ema.get("decay", 0.9999))
                     if ema.get("enabled", True) else None)
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -138,8 +138,14 @@ class JeDiModule(L.LightningModule):
         quantize_text_encoders([c.text_encoder, c.text_encoder_2], self.hparams.text_encoder_quantization, self.device)
         if self.components.vae is not None:
             self.components.vae.to(self.device)
-        if self.ema is not None:
+        if self.ema is not None and self._zero3:  # each rank keeps its slice of the EMA, as of the weights
+            self.ema.partition(trained_parameters(self.unet))
+        elif self.ema is not None:
             self.ema.to(self.device)
+
+    @property
+    def _zero3(self) -> bool:
+        return self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
 
     # -- one step --------------------------------------------------------------------------------
     def step_generator(self) -> torch.Generator:
@@ -186,15 +192,17 @@ class JeDiModule(L.LightningModule):
             for kind, counts in dm.global_counts().items():
                 for reason, count in counts.items():
                     self.log(f"data/{kind}_{reason}", float(count))
-        if self.ema is None or not outputs:  # {} or None: the step was skipped
-            return
-        if getattr(self.trainer.strategy, "zero_stage_3", False):
-            import deepspeed  # ZeRO-3 shards parameters: gather them for the (full-size) EMA update
 
-            with deepspeed.zero.GatheredParameters(trained_parameters(self.unet)):
-                self.ema.step(trained_parameters(self.unet))
-        else:
-            self.ema.step(trained_parameters(self.unet))
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # the EMA follows optimizer steps, not batches (gradient accumulation), and is updated before any
+        # callback's batch-end hook, so a periodic checkpoint holds the EMA of its own step
+        if self.ema is None or self.nonfinite_in_a_row:  # a skipped NaN step moved no weight
+            return
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)  # DeepSpeed accumulates by itself
+        if engine is not None and not engine.was_step_applied():  # mid-accumulation, or an fp16 overflow
+            return
+        self.ema.step(trained_parameters(self.unet))  # under ZeRO-3: each rank's slice, no communication
 
     # -- optimizer ------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -234,6 +242,8 @@ class JeDiModule(L.LightningModule):
                 load_unet_weights(self.unet, state, "the checkpoint being resumed")  # raises with the details
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+            if self._zero3:  # a whole EMA (saved without ZeRO-3) is cut to this rank's slice
+                self.ema.partition(trained_parameters(self.unet))
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
         rank_zero_info(f"resumed at step {checkpoint.get('global_step')}")
 

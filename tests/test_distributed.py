@@ -15,9 +15,10 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "helpers", "fit_tiny.py")
 pytestmark = pytest.mark.slow
 
 
-def _fit(model_dir, out, strategy, devices, steps=2, lora=False):
+def _fit(model_dir, out, strategy, devices, steps=2, lora=False, resume=None):
     env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(29500 + (os.getpid() + devices) % 1000))
-    proc = subprocess.run([sys.executable, SCRIPT, model_dir, str(out), strategy, str(devices), str(steps)] + (["lora"] if lora else []),
+    extra = (["lora"] if lora else []) + ([f"resume={resume}"] if resume else [])
+    proc = subprocess.run([sys.executable, SCRIPT, model_dir, str(out), strategy, str(devices), str(steps)] + extra,
                           capture_output=True, text=True, env=env, timeout=600, cwd=out, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.load(open(out / f"result_rank{r}.json")) for r in range(devices)]
@@ -47,6 +48,42 @@ def test_deepspeed_zero_checkpoint_consolidates(tiny_model_dir, tmp_path, stage,
     load_unet_weights(unet, state, str(ckpt_dir))
     assert not torch.equal(before, unet.conv_in.weight)  # trained weights, not the initial ones
     assert "ema" in ckpt and ckpt["hyper_parameters"]["model_dir"] == tiny_model_dir
+
+
+def test_zero3_ema_is_sharded_resumes_and_merges_for_export(tiny_model_dir, tmp_path):
+    """ZeRO-3 over 2 ranks: each rank keeps half the EMA and saves its slice; a resumed run continues the
+    slices exactly (EMA_3 = d * EMA_2 + (1 - d) * W_3, d = EMAModel's decay at step 3); export reads the whole."""
+    from diffusers.training_utils import EMAModel
+
+    from jedi_train.model.lora import trained_parameters
+
+    unet = load_joint_unet(tiny_model_dir)
+    total = sum(p.numel() for p in trained_parameters(unet))
+    (tmp_path / "a").mkdir()
+    first = _fit(tiny_model_dir, tmp_path / "a", "zero3", 2, steps=2)
+    assert all(total / 2 <= r["ema_numel"] < total / 2 + 1000 for r in first)  # half each (+ padding)
+    a = load_checkpoint(str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    assert "partition" not in a["ema"] and a["ema"]["optimization_step"] == 2
+    (tmp_path / "b").mkdir()
+    _fit(tiny_model_dir, tmp_path / "b", "zero3", 2, steps=3, resume=str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    b = load_checkpoint(str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    assert b["global_step"] == 3 and b["ema"]["optimization_step"] == 3
+    names = b["trained_names"]
+    weights = unet_state_from_checkpoint(b)
+    d = EMAModel([torch.zeros(1)], decay=0.9).get_decay(3)
+    assert 0 < d < 0.9
+    for name, ema_a, ema_b in zip(names, a["ema"]["shadow_params"], b["ema"]["shadow_params"]):
+        assert ema_b.shape == weights[name].shape
+        torch.testing.assert_close(ema_b, d * ema_a + (1 - d) * weights[name].detach().float(), rtol=1e-4, atol=1e-6)
+    moved = max(float((e - weights[n].detach().float()).abs().max()) for n, e in zip(names, b["ema"]["shadow_params"]))
+    assert moved > 0  # the EMA is not the weights
+    from jedi_train.export import export_checkpoint
+    from jedi_train.pipeline import JeDiPipeline
+
+    exported = JeDiPipeline.from_pretrained(export_checkpoint(str(tmp_path / "b" / "checkpoints" / "last.ckpt"),
+                                                              str(tmp_path / "pipe"))).unet.state_dict()
+    for name, ema_b in zip(names, b["ema"]["shadow_params"]):
+        torch.testing.assert_close(exported[name].float(), ema_b)  # the whole EMA, merged from both ranks
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])

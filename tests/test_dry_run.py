@@ -27,6 +27,10 @@ def test_flux_counts_lora_and_zero_sharding(tmp_path):
     assert full["trained"] == FLUX_DEV + (4 * 33 - 64) * 3072  # + x_embedder's reference | mask features
     assert full["frozen_parts"] == CLIP_L + T5_XXL + FLUX_VAE
     assert full["stage"] == 3 and full["per_rank"]["trained weights (fp32)"] == 4 * full["trained"] / 8
+    assert full["per_rank"]["EMA copy (fp32)"] == 4 * full["trained"] / 8  # ZeRO-3: each rank its slice
+    zero2 = estimate(compose_train(["experiment=flux_s3", "model.model_dir=/nowhere", "trainer.devices=8",
+                                    "strategy=deepspeed_zero2"], tmp_path))
+    assert zero2["per_rank"]["EMA copy (fp32)"] == 4 * full["trained"]  # whole on every rank
     lora = estimate(compose_train(["experiment=flux_s3", "model.model_dir=/nowhere", "trainer.devices=8",
                                    "model.lora.rank=16", "strategy=deepspeed_zero2"], tmp_path))
     assert lora["trained"] + lora["frozen_base"] > full["trained"] and lora["trained"] < 0.01 * full["trained"]
@@ -55,7 +59,8 @@ def test_cli_prints_the_table_and_trains_nothing(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "JointFluxTransformer2DModel (flux), ZeRO-3" in p.stdout and "total" in p.stdout
     assert "activations (estimate)" in p.stdout and "1 sets x 3 images at 512 px, bfloat16" in p.stdout
-    assert "note: the EMA copy is 44.3 GiB" in p.stdout  # ZeRO-3 over 8 ranks: the unsharded EMA dominates
+    # ZeRO-3 over 8 ranks shards the EMA (44.3 GiB whole) with the weights; ZeRO-2 keeps it whole on each rank
+    assert "EMA copy (fp32)                               5.54 GiB" in p.stdout and "note: the EMA" not in p.stdout
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
     bad = subprocess.run([str(exe), "experiment=demo", "dry_run=true", "model.model_dir=/nowhere"],
                          capture_output=True, text=True, timeout=300, check=False)
