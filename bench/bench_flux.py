@@ -3,7 +3,10 @@
 1. Training step (forward + backward, AdamW) of the joint transformer over B sets x N images (one reference per
    set, coupled attention: each image's queries see its text + the set's image tokens) vs the plain
    FluxTransformer2DModel (the base it was made from) over the same B*N images, same run. Goal: ratio <= 1.15.
-2. bench_sampling's table on a tiny FLUX pipeline (references at t = 0, reference_attention 'references').
+2. The same ratio in FLOPs at the real FLUX.1-dev shape (19 + 38 blocks, width 3072, 512 px: 1024 image + 512
+   text tokens per image), counted on the meta device (no weights, no time): what the coupling costs where
+   attention is a realistic share of the work. At width 64 attention is ~4x the share it is at width 3072.
+3. bench_sampling's table on a tiny FLUX pipeline (references at t = 0, reference_attention 'references').
 FLUX-shaped but tiny (2 double + 2 single-stream blocks, width 64, 32 px: 64 image + 32 text tokens per image),
 CPU, one intra-op thread; repetitions interleaved, the fastest kept.
 """
@@ -24,6 +27,9 @@ from jedi_train.pipeline import JeDiPipeline
 
 B, N, STEPS = 4, 3, 10
 SHAPE = {"width": 64, "heads": 4, "layers": 2, "single_layers": 2, "guidance_embeds": True}
+# FLUX.1-dev's attention share: tokens per image / transformer width is 96 / 192 here as 1536 / 3072 at 512 px
+# (12 heads of 16), where SHAPE's 96 / 64 gives attention ~3x the share it has in the real model
+PROPORTIONED = dict(SHAPE, heads=12)
 
 
 def _step_time(model, call, reps=3):
@@ -44,8 +50,8 @@ def _step_time(model, call, reps=3):
     return best
 
 
-def step_ratio(tmp):
-    model_dir = create_tiny_model_dir(tmp, family="flux", transformer_kwargs=SHAPE)
+def step_ratio(tmp, shape=SHAPE, label="tiny FLUX-shaped MM-DiT"):
+    model_dir = create_tiny_model_dir(tmp, family="flux", transformer_kwargs=shape)
     c = load_components(model_dir, JeDiConfig(resolution=32), prediction_type="flow")
     joint = c.unet.train()
     plain = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer").train()  # the base
@@ -80,13 +86,36 @@ def step_ratio(tmp):
         times["joint"].append(_step_time(joint, joint_call))
         times["independent"].append(_step_time(joint, independent_call))
     p, j, i = min(times["plain"]), min(times["joint"]), min(times["independent"])
-    print(f"training step, {B} sets x {N} images (1 reference each), tiny FLUX-shaped MM-DiT "
-          f"({sum(q.numel() for q in joint.parameters()) / 1e6:.2f} M parameters)")
+    width = joint.config.num_attention_heads * joint.config.attention_head_dim
+    print(f"training step, {B} sets x {N} images (1 reference each), {label} "
+          f"(width {width}, {sum(q.numel() for q in joint.parameters()) / 1e6:.2f} M parameters)")
     print(f"  plain transformer over {bn} images: {p * 1e3:8.1f} ms")
     print(f"  joint model, each image its own set: {i * 1e3:7.1f} ms   ratio {i / p:.2f} (the framework's overhead)")
     print(f"  joint (coupled sets):               {j * 1e3:8.1f} ms   ratio {j / p:.2f} (goal <= 1.15; the rest is "
           f"attention over {N}x the image keys)")
     return c, j / p
+
+
+def real_scale_flops(set_sizes=(3, 4)):
+    """Forward FLOPs of the joint FLUX.1-dev transformer over one set (1 reference) vs the same images each its
+    own set (the plain transformer's work plus the widened x_embedder); the backward scales both alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jedi_train.dry_run import _dummy_inputs, build_on_meta
+
+    _family, model, _frozen = build_on_meta({"architecture": "flux_dev", "model_dir": "", "resolution": 512})
+    print("FLUX.1-dev shape (meta device), 512 px, 512 T5 tokens: forward FLOPs, joint set vs images apart")
+    for n in set_sizes:
+        is_ref = torch.zeros(1, n, dtype=torch.bool)
+        is_ref[:, 0] = True
+        sample, t, text = _dummy_inputs(model, "flux", n, 64, 512, torch.bfloat16, "meta")
+        flops = {}
+        for name, layout in (("joint", SetLayout.build(is_ref)), ("apart", SetLayout.independent(n))):
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model.denoise(sample, t, text, layout)
+            flops[name] = counter.get_total_flops()
+        print(f"  N = {n}: {flops['joint'] / 1e12:6.1f} vs {flops['apart'] / 1e12:6.1f} TFLOP   "
+              f"ratio {flops['joint'] / flops['apart']:.3f} (goal <= 1.15)")
 
 
 def main():
@@ -95,6 +124,9 @@ def main():
     try:
         with tempfile.TemporaryDirectory() as tmp:
             c, _ = step_ratio(tmp)
+            with tempfile.TemporaryDirectory() as tmp2:
+                step_ratio(tmp2, PROPORTIONED, "tiny MM-DiT with FLUX.1-dev's attention share")
+            real_scale_flops()
             c.unet.set_reference_attention("references")
             pipe = JeDiPipeline.from_components(c)
             pipe.set_progress_bar_config(disable=True)
