@@ -5,7 +5,7 @@
    FluxTransformer2DModel (the base it was made from) over the same B*N images, same run. Goal: ratio <= 1.15.
 2. The same ratio in FLOPs at the real FLUX.1-dev shape (19 + 38 blocks, width 3072, 512 px: 1024 image + 512
    text tokens per image), counted on the meta device (no weights, no time): what the coupling costs where
-   attention is a realistic share of the work. At width 64 attention is ~4x the share it is at width 3072.
+   attention is a realistic share of the work. At width 64 attention is ~3x the share it is at width 3072.
 3. bench_sampling's table on a tiny FLUX pipeline (references at t = 0, reference_attention 'references').
 FLUX-shaped but tiny (2 double + 2 single-stream blocks, width 64, 32 px: 64 image + 32 text tokens per image),
 CPU, one intra-op thread; repetitions interleaved, the fastest kept.

@@ -153,8 +153,7 @@ def load_checkpoint(path: str) -> dict:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
         # the converter unpickles the shards with weights_only=False: first prove that each one loads safely
-        for shard in deepspeed_files(path):
-            safe_load(shard, mmap=True, extra_globals=DEEPSPEED_GLOBALS)
+        shards = {f: safe_load(f, mmap=True, extra_globals=DEEPSPEED_GLOBALS) for f in deepspeed_files(path)}
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "consolidated.ckpt")
             convert_zero_checkpoint_to_fp32_state_dict(path, out)
@@ -162,8 +161,8 @@ def load_checkpoint(path: str) -> dict:
         if isinstance(ckpt.get("ema"), dict) and "partition" in ckpt["ema"]:  # ZeRO-3: each rank saved its slice
             from .ema import merge_partitions
 
-            ckpt["ema"] = merge_partitions([safe_load(f, mmap=True, extra_globals=DEEPSPEED_GLOBALS)["ema"]
-                                            for f in deepspeed_files(path) if "model_states" in os.path.basename(f)])
+            ckpt["ema"] = merge_partitions([state["ema"] for f, state in shards.items()
+                                            if "model_states" in os.path.basename(f)])
         return ckpt
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} {missing(path)}; give a .ckpt file or a DeepSpeed checkpoint dir")

@@ -290,14 +290,15 @@ def estimate(cfg) -> dict:
     stage = int(strategy.get("stage", 0) or 0)
     world = _world(cfg)
     shard = world if stage >= 2 else 1
+    param_shard = world if stage >= 3 else 1  # ZeRO-3: the weights and their EMA too
     ema = 4 * trained if (model_cfg.get("ema") or {}).get("enabled", True) else 0
     frozen_bytes = DTYPE_BYTES.get(model_cfg.get("frozen_dtype"), 4)
     adam8 = "8bit" in str((model_cfg.get("optimizer") or {}).get("_target_", ""))  # bitsandbytes: 2 x 1 byte per parameter
     optimizer = (2 if adam8 else 8) * trained / shard
-    per_rank = {"trained weights (fp32)": 4 * trained / (world if stage >= 3 else 1),
+    per_rank = {"trained weights (fp32)": 4 * trained / param_shard,
                 "gradients (fp32)": 4 * trained / shard,
                 f"AdamW states ({'8-bit' if adam8 else 'fp32'})": 0.0 if strategy.get("offload_optimizer") else optimizer,
-                "EMA copy (fp32)": ema / (world if stage >= 3 else 1),  # ZeRO-3: each rank its slice
+                "EMA copy (fp32)": ema / param_shard,
                 f"frozen base of the denoiser ({base_dtype or 'float32'})": float(base_bytes),
                 f"text encoders + VAE ({model_cfg.get('frozen_dtype') or 'float32'}"
                 f"{', 8-bit Linear' if quantized else ''})":
