@@ -79,12 +79,12 @@ def frozen_encoders(model_dir: str, resolution: int | None = None, device: str =
     """(codec, prompt encoder, resolution) of a model directory, without loading its denoiser."""
     from diffusers import AutoencoderKL
 
-    from jedi_train.model.components import LatentCodec, check_model_dir, load_text_parts
+    from jedi_train.model.components import LatentCodec, check_model_dir, denoiser_folder, load_text_parts
     from jedi_train.model.joint import infer_pixel_fold
     from jedi_train.model.text import PromptEncoder
 
     family = check_model_dir(model_dir)
-    with open(os.path.join(model_dir, "transformer" if family == "flux" else "unet", "config.json")) as f:
+    with open(os.path.join(model_dir, denoiser_folder(family), "config.json")) as f:
         cfg = json.load(f)
     jedi = cfg.get("_jedi") or {}
     vae = None
@@ -101,11 +101,11 @@ def frozen_encoders(model_dir: str, resolution: int | None = None, device: str =
     if native is not None and resolution is not None and resolution != native:
         raise ValueError(f"--resolution {resolution} but the model in {model_dir} works at {native} px; "
                          f"give --resolution {native} (or leave it out)")
-    encoder, tokenizer, encoder_2, tokenizer_2 = load_text_parts(model_dir, family)
-    for enc in (encoder, encoder_2):
-        if enc is not None:
+    text = load_text_parts(model_dir, family)
+    for name, enc in text.items():
+        if enc is not None and name.startswith("text_encoder"):
             enc.requires_grad_(False).eval().to(device)
-    return codec, PromptEncoder.of(tokenizer, encoder, tokenizer_2, encoder_2), int(resolution or native)
+    return codec, PromptEncoder.of(**text), int(resolution or native)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ MODULES = {
     "jedi_joint": "jedi_train.model.joint",
     "jedi_joint_unet": "jedi_train.model.joint_unet",
     "jedi_joint_flux": "jedi_train.model.joint_flux",
+    "jedi_joint_sd3": "jedi_train.model.joint_sd3",
     "jedi_text": "jedi_train.model.text",
     "jedi_references": "jedi_train.references",
     "jedi_set_plan": "jedi_train.set_plan",

@@ -236,12 +236,12 @@ class JeDiDataModule(L.LightningDataModule):
             if self.model_dir is None:
                 raise ValueError("JeDiDataModule needs a tokenizer object or model_dir (a diffusers SD directory "
                                  "with a tokenizer/ subfolder)")
-            from transformers import CLIPTokenizer
+            from transformers import AutoTokenizer
 
-            from jedi_train.model.components import model_family
+            from jedi_train.model.components import REQUIRED, model_family
 
-            subfolders = ("tokenizer", "tokenizer_2") if model_family(self.model_dir) == "sdxl" else ("tokenizer",)
-            self.tokenizer = [CLIPTokenizer.from_pretrained(self.model_dir, subfolder=s) for s in subfolders]
+            subfolders = [s for s in REQUIRED[model_family(self.model_dir)] if s.startswith("tokenizer")]
+            self.tokenizer = [AutoTokenizer.from_pretrained(self.model_dir, subfolder=s) for s in subfolders]
         tokenizers = self.tokenizer if isinstance(self.tokenizer, list) else [self.tokenizer]
         return functools.partial(token_ids, tokenizers)
 

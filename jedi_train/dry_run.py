@@ -1,7 +1,7 @@
 """`jedi-train ... dry_run=true`: size a job before queueing it. The model is built on the meta device (no
 weights read, no memory used) from the model directory's configs, or, when the directory is absent, from the
-architecture the model config names (`model.architecture`: the published SD 1.5 / FLUX.1-dev shapes), made
-joint and given its LoRA exactly as training would; then per-rank bytes for the chosen strategy.
+architecture the model config names (`model.architecture`: the published SD 1.5 / FLUX.1-dev / SD3.5-medium
+shapes), made joint and given its LoRA exactly as training would; then per-rank bytes for the chosen strategy.
 
 Bytes per rank (fp32 trained weights as Lightning's mixed precision keeps them, AdamW's two fp32 moments,
 fp32 gradients, the fp32 EMA): single / DDP hold all of it; ZeRO-2 shards gradients and optimizer states over
@@ -46,6 +46,25 @@ ARCHITECTURES = {
                 "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
                 "use_quant_conv": False, "use_post_quant_conv": False},
     },
+    "sd35_medium": {  # stabilityai/stable-diffusion-3.5-medium (MMDiT-X: 13 dual-attention blocks)
+        "family": "sd3",
+        "denoiser": {"num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64,
+                     "caption_projection_dim": 1536, "joint_attention_dim": 4096, "pooled_projection_dim": 2048,
+                     "pos_embed_max_size": 384, "qk_norm": "rms_norm", "sample_size": 128,
+                     "dual_attention_layers": list(range(13))},
+        "text_encoders": [("clip_projection", {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+                                               "num_hidden_layers": 12, "num_attention_heads": 12, "projection_dim": 768,
+                                               "max_position_embeddings": 77, "hidden_act": "quick_gelu"}),
+                          ("clip_projection", {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120,
+                                               "num_hidden_layers": 32, "num_attention_heads": 20,
+                                               "projection_dim": 1280, "max_position_embeddings": 77,
+                                               "hidden_act": "gelu"}),
+                          ("t5", {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "num_layers": 24,
+                                  "num_heads": 64, "d_kv": 64, "feed_forward_proj": "gated-gelu"})],
+        "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 16,
+                "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+                "use_quant_conv": False, "use_post_quant_conv": False},
+    },
 }
 DTYPE_BYTES = {None: 4, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
@@ -75,15 +94,15 @@ def _text_encoder(kind: str, config: dict):
 
 def _parts(model_cfg: dict) -> tuple[str, dict, list, dict | None]:
     """(family, denoiser config, [(kind, text encoder config)], vae config) from the directory or the preset."""
-    from .model.components import model_family
+    from .model.components import denoiser_folder, model_family
 
     model_dir = model_cfg.get("model_dir") or ""
     if os.path.isdir(model_dir) and (_read(model_dir, "unet") or _read(model_dir, "transformer")):
         family = model_family(model_dir)
-        denoiser = _read(model_dir, "transformer" if family == "flux" else "unet")
+        denoiser = _read(model_dir, denoiser_folder(family))
         kinds = {"CLIPTextModel": "clip", "CLIPTextModelWithProjection": "clip_projection", "T5EncoderModel": "t5"}
         encoders = []
-        for sub in ("text_encoder", "text_encoder_2"):
+        for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             cfg = _read(model_dir, sub)
             if cfg is not None:
                 encoders.append((kinds.get((cfg.get("architectures") or ["CLIPTextModel"])[0], "clip"), cfg))
@@ -103,16 +122,16 @@ def build_on_meta(model_cfg: dict):
 
     from .model.joint import JeDiConfig
     from .model.joint_flux import JointFluxTransformer2DModel
+    from .model.joint_sd3 import JointSD3Transformer2DModel
     from .model.joint_unet import JointUNet2DConditionModel
     from .model.lora import LoraSettings, add_lora
 
     family, denoiser_cfg, encoders, vae_cfg = _parts(model_cfg)
     clean = {k: v for k, v in denoiser_cfg.items() if not k.startswith("_")}
+    joint_class = {"flux": JointFluxTransformer2DModel, "sd3": JointSD3Transformer2DModel}.get(
+        family, JointUNet2DConditionModel)
     with torch.device("meta"):
-        if family == "flux":
-            denoiser = JointFluxTransformer2DModel.from_config(clean)
-        else:
-            denoiser = JointUNet2DConditionModel.from_config(clean)
+        denoiser = joint_class.from_config(clean)
         if denoiser_cfg.get("_jedi") is None:
             denoiser.make_joint(JeDiConfig.from_dict(model_cfg))
         lora = LoraSettings(**(model_cfg.get("lora") or {}))
@@ -171,6 +190,10 @@ def _dummy_inputs(denoiser, family: str, images: int, latent: int, text_len: int
         text = TextEmbeddings(torch.empty(images, text_len, cfg.joint_attention_dim, dtype=dtype, device=device),
                               torch.empty(images, cfg.pooled_projection_dim, dtype=dtype, device=device))
         channels = cfg.in_channels // 4  # denoise() packs 2x2 patches itself
+    elif family == "sd3":  # CLIP + T5 tokens side by side at T5's width; both CLIPs' pooled projections
+        text = TextEmbeddings(torch.empty(images, text_len, cfg.joint_attention_dim, dtype=dtype, device=device),
+                              torch.empty(images, cfg.pooled_projection_dim, dtype=dtype, device=device))
+        channels = cfg.in_channels
     else:
         pooled = time_ids = None
         if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 time ids per image
@@ -223,17 +246,25 @@ def activation_bytes(denoiser, family: str, sets: int, set_size: int, resolution
     return total[0]
 
 
-def _text_len(model_cfg: dict, family: str) -> int:
-    """Tokens per caption the denoiser sees: the tokenizer's model_max_length (FLUX: T5's, SD: CLIP's)."""
-    model_dir = model_cfg.get("model_dir") or ""
-    sub = "tokenizer_2" if family == "flux" else "tokenizer"
+def _max_length(model_dir: str, sub: str, default: int) -> int:
     path = os.path.join(model_dir, sub, "tokenizer_config.json")
     if os.path.isfile(path):
         with open(path) as f:
             length = json.load(f).get("model_max_length")
         if isinstance(length, int) and 0 < length < 10**5:
             return length
-    return 512 if family == "flux" else 77
+    return default
+
+
+def _text_len(model_cfg: dict, family: str) -> int:
+    """Tokens per caption the denoiser sees: the tokenizers' model_max_length (FLUX: T5's, SD3: CLIP's then
+    T5's, SD: CLIP's)."""
+    model_dir = model_cfg.get("model_dir") or ""
+    if family == "flux":
+        return _max_length(model_dir, "tokenizer_2", 512)
+    if family == "sd3":
+        return _max_length(model_dir, "tokenizer", 77) + _max_length(model_dir, "tokenizer_3", 256)
+    return _max_length(model_dir, "tokenizer", 77)
 
 
 def vae_downsample(frozen) -> int | None:

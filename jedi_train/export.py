@@ -45,7 +45,7 @@ from .model.lora import (
     trained_parameters,
 )
 from .model_card import find_run_dir, write_model_card
-from .pipeline import JeDiFluxPipeline, JeDiPipeline
+from .pipeline import JeDiFluxPipeline, JeDiPipeline, JeDiSD3Pipeline
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights(DIR) finds it
 
@@ -113,8 +113,8 @@ def export_module(module, out_dir: str, use_ema: bool = True, overwrite: bool = 
         fuse_lora(unet)
     components = copy.copy(module.components)
     if module.hparams.get("text_encoder_quantization"):  # the export ships the text encoders as released
-        (components.text_encoder, components.tokenizer, components.text_encoder_2,
-         components.tokenizer_2) = load_text_parts(module.hparams["model_dir"], components.family)
+        for name, part in load_text_parts(module.hparams["model_dir"], components.family).items():
+            setattr(components, name, part)
     card = {"hparams": dict(module.hparams), "step": module.global_step, "run_dir": find_run_dir(out_dir)}
     return save_pipeline_atomically(JeDiPipeline.from_components(components, unet), out_dir, overwrite, card)
 
@@ -133,7 +133,7 @@ def save_lora_atomically(unet, out_dir: str) -> str:
     """The adapter alone in diffusers' format (pipe.load_lora_weights(out_dir) on a JeDiPipeline of the base)."""
     out_dir = os.path.realpath(out_dir)
     state, metadata = lora_layers(unet.to("cpu", torch.float32))
-    pipeline = JeDiFluxPipeline if denoiser_family(unet) == "flux" else JeDiPipeline
+    pipeline = {"flux": JeDiFluxPipeline, "sd3": JeDiSD3Pipeline}.get(denoiser_family(unet), JeDiPipeline)
     with staged_dir(out_dir) as tmp:
         pipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
                                        weight_name=LORA_WEIGHTS)

@@ -83,7 +83,8 @@ def _backbone(pipe) -> str:
     space = (f"pixel space (pixels folded {jedi.pixel_fold}x{jedi.pixel_fold})" if pipe.vae is None
              else f"latent space ({type(pipe.vae).__name__}, /{pipe.codec.downsample})")
     shape = (f"blocks {list(u.block_out_channels)}" if "block_out_channels" in u else
-             f"{u.num_layers} double + {u.num_single_layers} single-stream blocks")
+             f"{u.num_layers} double + {u.num_single_layers} single-stream blocks" if "num_single_layers" in u else
+             f"{u.num_layers} joint blocks")  # SD3
     return f"{type(model).__name__} ({params / 1e6:.1f} M parameters, {shape}), {space}, {pipe.resolution} px"
 
 

@@ -135,7 +135,8 @@ class JeDiModule(L.LightningModule):
         self.unet.train()  # from_pretrained returns eval mode, which Lightning keeps (LoRA dropout would be off)
         self.components.text.to(self.device)
         c = self.components  # 8-bit text encoders are made on the device they run on (float8: CUDA only)
-        quantize_text_encoders([c.text_encoder, c.text_encoder_2], self.hparams.text_encoder_quantization, self.device)
+        quantize_text_encoders([c.text_encoder, c.text_encoder_2, c.text_encoder_3], self.hparams.text_encoder_quantization,
+                               self.device)
         if self.components.vae is not None:
             self.components.vae.to(self.device)
         if self.ema is not None and self._zero3:  # each rank keeps its slice of the EMA, as of the weights

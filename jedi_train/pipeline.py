@@ -13,8 +13,9 @@ attend only to references, the references' keys/values are recorded in one refer
 and replayed at every step; the sets then hold only targets. Same images, far less work per step.
 
 Backbones: `JeDiPipeline` drives SD 1.x/2.x and SDXL UNets (SDXL's second text encoder and tokenizer are
-optional components); `JeDiFluxPipeline` (end of this file) is the same loop for FLUX.1 with its parts
-swapped in through small hooks (`denoiser`, `prepare_timesteps`, `noise_references`, `guidance_distilled`).
+optional components); `JeDiFluxPipeline` and `JeDiSD3Pipeline` (end of this file) are the same loop for the
+MM-DiTs with their parts swapped in through small hooks (`denoiser`, `prepare_timesteps`, `noise_references`,
+`guidance_distilled`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin
+from diffusers.loaders import FluxLoraLoaderMixin, SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -38,6 +39,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from .model.attention import ReferenceKVCache, SetLayout
 from .model.components import LatentCodec, model_resolution
 from .model.joint_flux import JointFluxTransformer2DModel, flow_mu
+from .model.joint_sd3 import JointSD3Transformer2DModel
 from .model.joint_unet import JointUNet2DConditionModel
 from .model.text import PromptEncoder, TextEmbeddings
 from .references import load_references
@@ -129,11 +131,12 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _register_unet_library(self):
         # the joint model is saved as what it loads as without jedi_train: a diffusers UNet2DConditionModel
-        # (FluxTransformer2DModel) whose config keeps the JeDi settings (`adopt` restores the joint class)
-        if isinstance(getattr(self, "unet", None), JointUNet2DConditionModel):
-            self.register_to_config(unet=("diffusers", "UNet2DConditionModel"))
-        if isinstance(getattr(self, "transformer", None), JointFluxTransformer2DModel):
-            self.register_to_config(transformer=("diffusers", "FluxTransformer2DModel"))
+        # (FluxTransformer2DModel, SD3Transformer2DModel) whose config keeps the JeDi settings (`adopt` restores
+        # the joint class)
+        for name, joint in (("unet", JointUNet2DConditionModel), ("transformer", JointFluxTransformer2DModel),
+                            ("transformer", JointSD3Transformer2DModel)):
+            if isinstance(getattr(self, name, None), joint):
+                self.register_to_config(**{name: ("diffusers", joint.__bases__[-1].__name__)})
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save_pretrained plus the pipeline's code (bundle.py): the directory then loads with
@@ -182,8 +185,10 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
             raise FileNotFoundError(f"pipeline directory {path} does not exist; give the folder jedi-export wrote")
         _export_unet_class()
-        if cls is JeDiPipeline and _saved_class_name(path) == "JeDiFluxPipeline":
-            return JeDiFluxPipeline.from_pretrained(path, **kwargs)  # one entry point: the export names its family
+        family_class = {"JeDiFluxPipeline": JeDiFluxPipeline, "JeDiSD3Pipeline": JeDiSD3Pipeline}.get(
+            _saved_class_name(path))
+        if cls is JeDiPipeline and family_class is not None:
+            return family_class.from_pretrained(path, **kwargs)  # one entry point: the export names its family
         return super().from_pretrained(path, **kwargs)
 
     @classmethod
@@ -191,12 +196,13 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """The pipeline of a model being trained (validation grids, export), as diffusers' training scripts
         build theirs: the loaded components, with `denoiser` (e.g. an EMA or fused copy) in place of theirs.
         The family's pipeline class and scheduler: DDIM with "trailing" spacing for UNets (same betas and
-        prediction type; sampling starts at t = 999, not 960 as "leading" does), FLUX's flow-matching one."""
+        prediction type; sampling starts at t = 999, not 960 as "leading" does), the MM-DiTs' flow-matching one."""
         c = components
-        if c.family == "flux":
-            return JeDiFluxPipeline(transformer=denoiser or c.unet, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                                    text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
-                                    scheduler=copy.deepcopy(c.noise_scheduler), vae=c.vae)
+        if c.family in ("flux", "sd3"):
+            text = {k: v for k, v in c.text_parts().items() if v is not None}
+            pipeline = JeDiFluxPipeline if c.family == "flux" else JeDiSD3Pipeline
+            return pipeline(transformer=denoiser or c.unet, scheduler=copy.deepcopy(c.noise_scheduler), vae=c.vae,
+                            **text)
         scheduler = DDIMScheduler.from_config(c.noise_scheduler.config, timestep_spacing="trailing")
         return JeDiPipeline(unet=denoiser or c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
                             scheduler=scheduler, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2)
@@ -228,7 +234,8 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # -- pieces ----------------------------------------------------------------------------------
     @property
     def prompt_encoder(self) -> PromptEncoder:
-        return PromptEncoder.of(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2)
+        return PromptEncoder.of(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
+                                getattr(self, "tokenizer_3", None), getattr(self, "text_encoder_3", None))
 
     def encode_text(self, texts: list[str]) -> TextEmbeddings:
         """Prompts -> per-prompt text conditioning (with SDXL's pooled embeddings and time ids)."""
@@ -509,3 +516,46 @@ class JeDiFluxPipeline(JeDiPipeline):
         """The adapter in diffusers' FLUX format (`transformer.*` keys)."""
         FluxLoraLoaderMixin.save_lora_weights(save_directory, transformer_lora_layers=unet_lora_layers,
                                               transformer_lora_adapter_metadata=unet_lora_adapter_metadata, **kwargs)
+
+
+class JeDiSD3Pipeline(JeDiFluxPipeline):
+    """JeDi on Stable Diffusion 3 / 3.5: FLUX's loop parts (an MM-DiT `transformer`, flow matching, references
+    re-noised along the straight path) with SD3's: three text encoders (CLIP-L, CLIP-G, T5), real text
+    guidance (SD3 is not guidance-distilled: the unconditional branch runs), the scheduler's own shift
+    (StableDiffusion3Pipeline's timesteps). JeDiPipeline.from_pretrained returns this class for SD3 exports."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
+
+    def __init__(self, transformer, text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer,
+                 text_encoder_2: CLIPTextModelWithProjection, tokenizer_2: CLIPTokenizer, text_encoder_3, tokenizer_3,
+                 scheduler, vae: AutoencoderKL):
+        DiffusionPipeline.__init__(self)
+        transformer = JointSD3Transformer2DModel.adopt(transformer)
+        if not isinstance(transformer, JointSD3Transformer2DModel) or transformer.jedi is None:
+            raise ValueError(f"the pipeline's transformer is a plain {type(transformer).__name__} without JeDi "
+                             "settings (_jedi); export the trained model with jedi-export")
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+                              tokenizer_3=tokenizer_3, scheduler=scheduler, vae=vae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.codec.downsample)
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return False
+
+    def prepare_timesteps(self, num_inference_steps: int, device, latent_size: int) -> None:
+        JeDiPipeline.prepare_timesteps(self, num_inference_steps, device, latent_size)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """diffusers' SD3 LoRA loading, plus the full weights trained beside the adapter (the widened patch embedding)."""
+        state, metadata = SD3LoraLoaderMixin.lora_state_dict(pretrained_model_name_or_path_or_dict,
+                                                             return_lora_metadata=True, **kwargs)
+        self._load_full_weights(state, "transformer")
+        SD3LoraLoaderMixin.load_lora_into_transformer(state, transformer=self.transformer, adapter_name=adapter_name,
+                                                      metadata=metadata, _pipeline=self)
+
+    @classmethod
+    def save_lora_weights(cls, save_directory, unet_lora_layers=None, unet_lora_adapter_metadata=None, **kwargs):
+        """The adapter in diffusers' SD3 format (`transformer.*` keys)."""
+        SD3LoraLoaderMixin.save_lora_weights(save_directory, transformer_lora_layers=unet_lora_layers,
+                                             transformer_lora_adapter_metadata=unet_lora_adapter_metadata, **kwargs)

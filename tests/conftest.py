@@ -49,6 +49,12 @@ def tiny_flux_model_dir(tmp_path_factory):
     return tiny_model_from_config("tiny_flux", str(tmp_path_factory.mktemp("tiny_flux")))
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_model_dir(tmp_path_factory):
+    """The tiny SD3 of conf/model/tiny_sd3.yaml: CLIP-L + CLIP-G + T5, a 16-channel VAE, an MM-DiT (SD3.5's dual attention)."""
+    return tiny_model_from_config("tiny_sd3", str(tmp_path_factory.mktemp("tiny_sd3")))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: two threads on a shared 2-core machine mostly spin (measured 2-5x slower).

@@ -1,10 +1,11 @@
-"""`jedi-train ... dry_run=true`: the model built on the meta device (no weights) from the published SD 1.5 and
-FLUX.1-dev shapes or from a model directory's configs; counts match the architecture, bytes follow the strategy."""
+"""`jedi-train ... dry_run=true`: the model built on the meta device (no weights) from the published SD 1.5,
+FLUX.1-dev and SD3.5-medium shapes or from a model directory's configs; counts match the architecture, bytes follow the strategy."""
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.cli import compose_train
 
 from jedi_train.dry_run import activation_bytes, estimate
@@ -13,6 +14,7 @@ from jedi_train.model.joint import JeDiConfig
 
 SD15_UNET, CLIP_L, SD_VAE = 859_520_964, 123_060_480, 83_653_863  # published parameter counts
 FLUX_DEV, T5_XXL, FLUX_VAE = 11_901_408_320, 4_762_310_656, 83_819_683
+CLIP_L_PROJ, CLIP_G_PROJ = 123_650_304, 694_659_840  # SD3's / SDXL's CLIP text encoders with projection
 
 
 def test_sd15_counts_without_weights(tmp_path):
@@ -43,13 +45,28 @@ def test_flux_counts_lora_and_zero_sharding(tmp_path):
     assert low["per_rank"]["AdamW states (8-bit)"] == 2 * low["trained"] / 8
 
 
-def test_a_model_directory_is_read_from_its_configs(tiny_flux_model_dir, tmp_path):
-    e = estimate(compose_train(["experiment=demo", "model=tiny_flux", f"model.model_dir={tiny_flux_model_dir}"],
-                               tmp_path))
-    c = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32))
+def test_sd3_counts_its_three_text_encoders_and_the_widened_patch_embedding(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from jedi_train.dry_run import ARCHITECTURES
+
+    e = estimate(compose_train(["experiment=sd3_s3", "model.model_dir=/nowhere", "trainer.devices=8"], tmp_path))
+    with torch.device("meta"):
+        base = sum(p.numel() for p in SD3Transformer2DModel(**ARCHITECTURES["sd35_medium"]["denoiser"]).parameters())
+    assert e["family"] == "sd3" and e["denoiser"] == "JointSD3Transformer2DModel"
+    assert e["trained"] == base + (33 - 16) * 1536 * 2 * 2  # + pos_embed.proj's reference | mask input channels
+    assert e["frozen_parts"] == CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL + FLUX_VAE  # SD3's VAE is FLUX's shape
+    assert e["batch"]["resolution"] == 1024 and e["stage"] == 3
+
+
+@pytest.mark.parametrize(("model", "fixture"), [("tiny_flux", "tiny_flux_model_dir"), ("tiny_sd3", "tiny_sd3_model_dir")])
+def test_a_model_directory_is_read_from_its_configs(model, fixture, request, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
+    e = estimate(compose_train(["experiment=demo", f"model={model}", f"model.model_dir={model_dir}"], tmp_path))
+    c = load_components(model_dir, JeDiConfig(resolution=32))
     assert e["trained"] == sum(p.numel() for p in c.unet.parameters())
-    assert e["frozen_parts"] == sum(p.numel() for m in (c.text_encoder, c.text_encoder_2, c.vae)
-                                    for p in m.parameters())
+    encoders = [m for k, m in c.text_parts().items() if k.startswith("text_encoder") and m is not None]
+    assert e["frozen_parts"] == sum(p.numel() for m in (*encoders, c.vae) for p in m.parameters())
 
 
 def test_cli_prints_the_table_and_trains_nothing(tmp_path):
@@ -73,7 +90,7 @@ def test_models_without_a_preset_need_their_directory(name, tmp_path):
         estimate(compose_train([f"model={name}", "model.model_dir=/nowhere"], tmp_path))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_sdxl_model_dir", "tiny_flux_model_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_sdxl_model_dir", "tiny_flux_model_dir", "tiny_sd3_model_dir"])
 def test_activation_trace_on_meta_matches_real_tensors(fixture, request):
     """The meta-device trace counts what the same forward on real CPU tensors keeps for the backward (SDPA's
     meta trace models the fused kernels CPU and CUDA pick), grows linearly with the sets in the batch, and

@@ -110,13 +110,13 @@ def test_pipeline_cache_guidance_and_persistence(cache_pipe_dir, tmp_path):
 
 
 def test_bad_flux_settings_fail_in_one_line(tiny_flux_model_dir, tmp_path):
-    with pytest.raises(ValueError, match="FLUX is a flow-matching model: set model.prediction_type=flow"):
+    with pytest.raises(ValueError, match="FLUX.1 is a flow-matching model: set model.prediction_type=flow"):
         load_components(tiny_flux_model_dir, JeDiConfig(resolution=32), prediction_type="epsilon")
-    sd3 = tmp_path / "sd3"
-    (sd3 / "transformer").mkdir(parents=True)
-    (sd3 / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
-    with pytest.raises(ValueError, match="SD3Transformer2DModel.*does not support.*FLUX.1"):
-        load_components(str(sd3))
+    pixart = tmp_path / "pixart"
+    (pixart / "transformer").mkdir(parents=True)
+    (pixart / "transformer" / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
+    with pytest.raises(ValueError, match="PixArtTransformer2DModel.*does not support.*FLUX.1, Stable Diffusion 3"):
+        load_components(str(pixart))
 
 
 def test_lora_adapter_export_loads_into_the_base_flux_pipeline(tiny_flux_model_dir, tmp_path):

@@ -1,16 +1,18 @@
-"""The joint denoiser of every family (SD 1.x/2.x and SDXL UNets, the FLUX.1 MM-DiT; tiny models in the real
+"""The joint denoiser of every family (SD 1.x/2.x and SDXL UNets, the FLUX.1 and SD3 MM-DiTs; tiny models in the real
 layouts): exact reduction to the base model, set equivariance, isolation, no-reference mode, masks, persistence."""
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from jedi_train.model.attention import SetLayout
 from jedi_train.model.joint import JeDiConfig
 from jedi_train.model.joint_flux import image_ids, load_joint_flux, pack, unpack
+from jedi_train.model.joint_sd3 import load_joint_sd3
 from jedi_train.model.joint_unet import JointUNet2DConditionModel, load_joint_unet
 from jedi_train.model.text import TextEmbeddings
 
-FIXTURES = {"sd": "tiny_model_dir", "sdxl": "tiny_sdxl_model_dir", "flux": "tiny_flux_model_dir"}
+FIXTURES = {"sd": "tiny_model_dir", "sdxl": "tiny_sdxl_model_dir", "flux": "tiny_flux_model_dir",
+            "sd3": "tiny_sd3_model_dir"}
 
 
 @pytest.fixture(scope="module", params=list(FIXTURES))
@@ -25,13 +27,16 @@ def model_dir(request, family):
 
 @pytest.fixture(scope="module")
 def base(model_dir, family):
-    if family == "flux":
-        return FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer").eval()
+    if family in ("flux", "sd3"):
+        cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+        return cls.from_pretrained(model_dir, subfolder="transformer").eval()
     return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval()
 
 
 @pytest.fixture(scope="module")
 def joint(model_dir, family):
+    if family == "sd3":
+        return load_joint_sd3(model_dir).eval()
     return (load_joint_flux(model_dir, jedi=JeDiConfig(resolution=32)) if family == "flux" else load_joint_unet(model_dir)).eval()
 
 
@@ -43,6 +48,8 @@ def _base_output(base, x, t, e):
                    timestep=t.float() / 1000, img_ids=image_ids(h, w, x.device),
                    txt_ids=torch.zeros(e.hidden.shape[1], 3), guidance=torch.ones(x.shape[0])).sample
         return unpack(out, h, w)
+    if isinstance(base, SD3Transformer2DModel):
+        return base(hidden_states=x, encoder_hidden_states=e.hidden, pooled_projections=e.pooled, timestep=t).sample
     return base(x, t, **e.unet_kwargs()).sample
 
 
@@ -66,8 +73,8 @@ def _inputs(bn, seed=0, unet=None, tokens=8):
 
 
 def _input_width(model, channels: int) -> int:
-    """Input features for `channels` latent channels: a UNet takes them as is, FLUX packs 2x2 patches."""
-    return 4 * channels if "joint_attention_dim" in model.config else channels
+    """Input features for `channels` latent channels: UNets and SD3 take them as is, FLUX packs 2x2 patches."""
+    return 4 * channels if "axes_dims_rope" in model.config else channels
 
 
 def _run(unet, x, t, e, layout, ref_visible=None):
@@ -148,7 +155,7 @@ def test_widened_conv_in_starts_equal_and_reference_channels_matter_after_traini
         a = joint.denoise(joint.assemble_input(x, x, torch.zeros(2, dtype=torch.bool)), t, e, layout)
         b = joint.denoise(joint.assemble_input(x, torch.randn_like(x), torch.ones(2, dtype=torch.bool)), t, e, layout)
     assert torch.equal(a, b)
-    widened = getattr(joint, joint.joint_input_module).weight  # conv_in (UNet) / x_embedder (FLUX)
+    widened = joint.get_submodule(joint.joint_input_module).weight  # conv_in / x_embedder (FLUX) / pos_embed.proj
     assert widened[:, _input_width(joint, joint.latent_channels):].abs().sum() == 0
 
 
@@ -157,7 +164,8 @@ def test_save_load_round_trip(joint, tmp_path):
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
     again = type(joint).from_pretrained(tmp_path / "unet").eval()
     assert again.jedi == joint.jedi and again.config.in_channels == joint.config.in_channels
-    assert all(type(p).__name__ in ("JointAttnProcessor", "PerImageAttnProcessor", "JointFluxAttnProcessor")
+    assert all(type(p).__name__ in ("JointAttnProcessor", "PerImageAttnProcessor", "JointFluxAttnProcessor",
+                                    "JointSD3AttnProcessor")
                for p in again.attn_processors.values())
     x, t, e = _inputs(4, unet=joint)
     layout = SetLayout.build(torch.tensor([[True, False], [False, False]]))

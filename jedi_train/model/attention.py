@@ -258,6 +258,45 @@ class JointAttnProcessor(AttnProcessor2_0):
         return hidden_states / attn.rescale_output_factor
 
 
+def text_and_set_attention(query, key, value, text_len: int, set_layout: SetLayout, references_see_targets: bool,
+                           attn: Attention) -> torch.Tensor:
+    """The joint text-image attention of an MM-DiT (FLUX, SD3), coupled over sets: each image's queries see its
+    OWN text keys and the image keys of every image of its set (masked as `per_image_key_mask` says), plus the
+    cached reference image keys when `set_layout` replays a `ReferenceKVCache`. query, key, value: (B*N, S, H, d)
+    per image, its `text_len` text tokens first; returns (B*N, S, H*d)."""
+    cache = set_layout.reference_cache
+    bn, s, heads, d = query.shape
+    n, b, li = set_layout.n, bn // set_layout.n, s - text_len
+    if bn != set_layout.num_sets * n:
+        raise ValueError(f"batch of {bn} images does not match the set layout "
+                         f"({set_layout.num_sets} sets x {n} images)")
+    img_k, img_v = key[:, text_len:].reshape(b, n * li, heads, d), value[:, text_len:].reshape(b, n * li, heads, d)
+    ref_tokens = 0
+    if cache is not None and cache.recording:  # references-only pass: remember their image keys/values
+        if b != 1 or not bool(set_layout.is_ref.all()):
+            raise ValueError("the reference-cache recording pass takes one set made of references only")
+        if references_see_targets:
+            raise ValueError("a reference key/value cache needs reference_attention='references'")
+        cache.record(attn, img_k, img_v)
+    elif cache is not None:  # target-only sets: the cached reference image tokens come first
+        if bool(set_layout.is_ref.any()):
+            raise ValueError("with a replaying reference cache, sets hold targets only")
+        ref_k, ref_v = cache.get(attn)
+        img_k = torch.cat([ref_k.expand(b, -1, -1, -1), img_k], dim=1)
+        img_v = torch.cat([ref_v.expand(b, -1, -1, -1), img_v], dim=1)
+        ref_tokens = ref_k.shape[1]
+
+    def per_image(own, shared):  # one copy: cat reads the set's tokens through an expanded view
+        text = own[:, :text_len].unflatten(0, (b, n))
+        return torch.cat([text, shared[:, None].expand(b, n, *shared.shape[1:])], dim=2).flatten(0, 1)
+
+    keys, values = per_image(key, img_k), per_image(value, img_v)
+    mask = set_layout.per_image_key_mask(text_len, li, references_see_targets, query.device, ref_tokens)
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask).transpose(1, 2)
+    return out.flatten(2, 3).to(query.dtype)
+
+
 class PerImageAttnProcessor(AttnProcessor2_0):
     """Cross-attention (attn2): per image, unchanged; accepts (and ignores) the set layout."""
 

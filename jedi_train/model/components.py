@@ -3,7 +3,8 @@
 One loader, `load_components(model_dir)`, reads a diffusers Stable-Diffusion directory of either family:
   * SD 1.x/2.x: unet/, text_encoder/, tokenizer/, scheduler/, vae/ (optional: pixel-space tiny models);
   * SDXL: the same plus text_encoder_2/ and tokenizer_2/ (its UNet takes pooled text + time ids);
-  * FLUX.1: transformer/ (an MM-DiT) in place of unet/, CLIP + T5 text encoders, a flow-matching scheduler.
+  * FLUX.1: transformer/ (an MM-DiT) in place of unet/, CLIP + T5 text encoders, a flow-matching scheduler;
+  * SD3 / SD3.5: transformer/ (an MM-DiT), three text encoders (CLIP-L, CLIP-G, T5), a flow-matching scheduler.
 The family is read from the denoiser's config. A real download and the tiny offline models that
 `tiny.create_tiny_model_dir` writes use the same path: tests exercise exactly what a user's directory goes through.
 """
@@ -18,19 +19,37 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .joint import JeDiConfig
 from .joint_flux import load_joint_flux
+from .joint_sd3 import load_joint_sd3
 from .joint_unet import JointUNet2DConditionModel, load_joint_unet
 from .text import PromptEncoder, tokenize  # noqa: F401  (tokenize: re-exported for callers)
 
-FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1"}
+FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1",
+            "sd3": "Stable Diffusion 3"}
 REQUIRED = {"sd": ("unet", "text_encoder", "tokenizer", "scheduler"),
             "sdxl": ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-            "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+            "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+            "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                    "tokenizer_2", "tokenizer_3", "scheduler")}
+FLOW_FAMILIES = ("flux", "sd3")  # MM-DiTs trained by flow matching, their denoiser in transformer/
+# transformer/config.json's _class_name (a base model, or a jedi-train export) -> family
+TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "flux", "JointFluxTransformer2DModel": "flux",
+                       "SD3Transformer2DModel": "sd3", "JointSD3Transformer2DModel": "sd3"}
+
+
+def denoiser_folder(family: str) -> str:
+    return "transformer" if family in FLOW_FAMILIES else "unet"
 
 
 class LatentCodec:
@@ -100,8 +119,10 @@ class Components:
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     vae: AutoencoderKL | None
-    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL, FLUX (T5), SD3
     tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_3: torch.nn.Module | None = None  # SD3: T5
+    tokenizer_3: object | None = None
 
     @property
     def codec(self) -> LatentCodec:
@@ -113,7 +134,8 @@ class Components:
 
     @property
     def text(self) -> PromptEncoder:
-        return PromptEncoder.of(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2)
+        return PromptEncoder.of(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
+                                self.tokenizer_3, self.text_encoder_3)
 
     @property
     def family(self) -> str:
@@ -121,17 +143,23 @@ class Components:
 
     def drop_text_encoders(self) -> None:
         """Free the text encoders when every batch brings cached embeddings (jedi-data encode); tokenizers stay."""
-        self.text_encoder = self.text_encoder_2 = None
+        self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
+
+    def text_parts(self) -> dict:
+        """The tokenizers and text encoders, by component name (what load_text_parts returns)."""
+        return {k: getattr(self, k) for k in TEXT_PARTS}
 
 
 def denoiser_family(model) -> str:
-    if hasattr(model, "pos_embed") and hasattr(model, "x_embedder"):
+    if isinstance(model, FluxTransformer2DModel):
         return "flux"
+    if isinstance(model, SD3Transformer2DModel):
+        return "sd3"
     return "sdxl" if model.config.get("addition_embed_type") == "text_time" else "sd"
 
 
 def model_resolution(denoiser, codec: LatentCodec) -> int:
-    """Pixel size the model works at: a UNet's sample size x the codec's downsampling; a FLUX transformer
+    """Pixel size the model works at: sample size x the codec's downsampling (UNets, SD3); a FLUX transformer
     has no fixed size: the resolution it was made joint for (its _jedi settings)."""
     if denoiser_family(denoiser) == "flux":
         return int(denoiser.jedi.resolution)
@@ -139,7 +167,7 @@ def model_resolution(denoiser, codec: LatentCodec) -> int:
 
 
 def model_family(model_dir: str) -> str:
-    """'sd', 'sdxl' or 'flux', read from the denoiser's config; one clear error for anything else."""
+    """'sd', 'sdxl', 'flux' or 'sd3', read from the denoiser's config; one clear error for anything else."""
     unet_cfg = os.path.join(model_dir, "unet", "config.json")
     if not os.path.isfile(unet_cfg):
         found = _pipeline_class(model_dir)
@@ -150,8 +178,8 @@ def model_family(model_dir: str) -> str:
                     cls = json.load(f).get("_class_name")
             except (OSError, ValueError):
                 cls = None
-            if cls in ("FluxTransformer2DModel", "JointFluxTransformer2DModel"):  # base, or a jedi-train export
-                return "flux"
+            if cls in TRANSFORMER_CLASSES:
+                return TRANSFORMER_CLASSES[cls]
             raise ValueError(f"model directory {model_dir} holds a diffusion transformer ({cls or found or 'transformer/'}"
                              f"{', ' + found if found and cls else ''}) that jedi-train does not support; it supports "
                              f"{', '.join(FAMILIES.values())}: point model.model_dir at one of those")
@@ -212,21 +240,26 @@ def refuse_pickled_weights(load):
     return wrapper
 
 
-@refuse_pickled_weights
-def load_text_parts(model_dir: str, family: str) -> tuple:
-    """(text_encoder, tokenizer, text_encoder_2, tokenizer_2) of the family; the second pair None for SD."""
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder_2 = tokenizer_2 = None
-    if family == "sdxl":
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")
-        tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
-    elif family == "flux":
-        from transformers import AutoTokenizer, T5EncoderModel
+TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
-        text_encoder_2 = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2")
-        tokenizer_2 = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
-    return text_encoder, tokenizer, text_encoder_2, tokenizer_2
+
+@refuse_pickled_weights
+def load_text_parts(model_dir: str, family: str) -> dict:
+    """{component name: model} for TEXT_PARTS: the family's tokenizers and text encoders, None for the rest."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    parts = dict.fromkeys(TEXT_PARTS)
+    first_clip = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel  # SD3 pools both CLIPs' projections
+    parts["text_encoder"] = first_clip.from_pretrained(model_dir, subfolder="text_encoder")
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    if family in ("sdxl", "sd3"):
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
+    t5 = {"flux": "2", "sd3": "3"}.get(family)
+    if t5:
+        parts[f"text_encoder_{t5}"] = T5EncoderModel.from_pretrained(model_dir, subfolder=f"text_encoder_{t5}")
+        parts[f"tokenizer_{t5}"] = AutoTokenizer.from_pretrained(model_dir, subfolder=f"tokenizer_{t5}")
+    return parts
 
 
 @refuse_pickled_weights
@@ -236,8 +269,8 @@ def load_denoiser(model_dir: str, jedi: JeDiConfig | None = None):
     which `jedi` sets when given."""
     family = check_model_dir(model_dir)
     make = jedi or JeDiConfig()
-    if family == "flux":
-        unet = load_joint_flux(model_dir, "transformer", make)
+    if family in FLOW_FAMILIES:
+        unet = (load_joint_flux if family == "flux" else load_joint_sd3)(model_dir, "transformer", make)
     else:
         if os.path.isdir(os.path.join(model_dir, "vae")):  # latents are not folded pixels, whatever their channels
             make = make.replace(pixel_fold=1)
@@ -263,23 +296,23 @@ def load_components(model_dir: str, jedi: JeDiConfig | None = None, prediction_t
     family = check_model_dir(model_dir)
     has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
     unet = load_denoiser(model_dir, jedi)
-    text_encoder, tokenizer, text_encoder_2, tokenizer_2 = load_text_parts(model_dir, family)
-    if family == "flux":  # flow matching: the velocity is the only target
+    text = load_text_parts(model_dir, family)
+    if family in FLOW_FAMILIES:  # flow matching: the velocity is the only target
         if prediction_type not in (None, "flow") or noise_schedule:
-            raise ValueError(f"FLUX is a flow-matching model: set model.prediction_type=flow (not {prediction_type!r})"
-                             " and model.noise_schedule=null")
+            raise ValueError(f"{FAMILIES[family]} is a flow-matching model: set model.prediction_type=flow (not "
+                             f"{prediction_type!r}) and model.noise_schedule=null")
         noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
     else:
         if prediction_type == "flow":
-            raise ValueError(f"prediction_type=flow is for flow-matching models (FLUX); {model_dir} is a "
+            raise ValueError(f"prediction_type=flow is for flow-matching models (FLUX, SD3); {model_dir} is a "
                              f"{FAMILIES[family]} model: use epsilon, v_prediction or sample")
         sched_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
         sched_kwargs.update(noise_schedule or {})
         noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **sched_kwargs)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae") if has_vae else None
-    for frozen in (text_encoder, text_encoder_2, vae):
+    for frozen in (text["text_encoder"], text["text_encoder_2"], text["text_encoder_3"], vae):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
             if dtype is not None:
                 frozen.to(dtype)
-    return Components(unet, text_encoder, tokenizer, noise_scheduler, vae, text_encoder_2, tokenizer_2)
+    return Components(unet=unet, noise_scheduler=noise_scheduler, vae=vae, **text)

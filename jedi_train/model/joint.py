@@ -11,6 +11,7 @@ config spells the same fields flat under ``model.`` (model.conditioning=replacem
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,20 @@ class JointDenoiserMixin:
     `joint_processors()` (the processor map its attention layers get)."""
 
     joint_input_module: str  # the weights 'channels' conditioning widens (trained in full under LoRA)
+    directory_hint: str  # what model.model_dir should be, for the loading errors
+
+    @classmethod
+    def load(cls, path: str, subfolder: str | None, jedi: JeDiConfig | None = None, **from_pretrained_kwargs):
+        """Load from a diffusers directory: a base model is made joint with `jedi` (defaults when None), a
+        joint one is restored as saved."""
+        where = os.path.join(path, subfolder) if subfolder else path
+        if not os.path.isfile(os.path.join(where, "config.json")):
+            why = "has no config.json" if os.path.isdir(where) else "does not exist"
+            raise FileNotFoundError(f"{where} {why}; point model.model_dir at {cls.directory_hint}")
+        model = cls.from_pretrained(path, subfolder=subfolder, **from_pretrained_kwargs)
+        if model.jedi is None:
+            model.make_joint(jedi)
+        return model
 
     @classmethod
     def from_config(cls, config=None, **kwargs):

@@ -21,14 +21,11 @@ single-stream blocks (one sequence [text | image]) alike; see `JointFluxAttnProc
 """
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
-from .attention import SetLayout
+from .attention import SetLayout, text_and_set_attention
 from .joint import JeDiConfig, JointDenoiserMixin, widen
 from .text import TextEmbeddings
 
@@ -108,39 +105,10 @@ class JointFluxAttnProcessor(FluxAttnProcessor):
         cos, sin = rope  # (M or 1, S, d) per image: references may sit at offset positions
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
 
-        bn, s, heads, d = query.shape
-        n, b, li = set_layout.n, bn // set_layout.n, s - text_len
-        if bn != set_layout.num_sets * n:
-            raise ValueError(f"batch of {bn} images does not match the set layout "
-                             f"({set_layout.num_sets} sets x {n} images)")
-        img_k, img_v = key[:, text_len:].reshape(b, n * li, heads, d), value[:, text_len:].reshape(b, n * li, heads, d)
-        ref_tokens = 0
-        if cache is not None and cache.recording:  # references-only pass: remember their image keys/values
-            if b != 1 or not bool(set_layout.is_ref.all()):
-                raise ValueError("the reference-cache recording pass takes one set made of references only")
-            if self.references_see_targets:
-                raise ValueError("a reference key/value cache needs reference_attention='references'")
-            cache.record(attn, img_k, img_v)
-        elif cache is not None:  # target-only sets: the cached reference image tokens come first
-            if bool(set_layout.is_ref.any()):
-                raise ValueError("with a replaying reference cache, sets hold targets only")
-            ref_k, ref_v = cache.get(attn)
-            img_k = torch.cat([ref_k.expand(b, -1, -1, -1), img_k], dim=1)
-            img_v = torch.cat([ref_v.expand(b, -1, -1, -1), img_v], dim=1)
-            ref_tokens = ref_k.shape[1]
-        # each image: its own text keys + the set's image keys (queries of image i only ever see text i)
-        def per_image(own, shared):  # one copy: cat reads the set's tokens through an expanded view
-            text = own[:, :text_len].unflatten(0, (b, n))
-            return torch.cat([text, shared[:, None].expand(b, n, *shared.shape[1:])], dim=2).flatten(0, 1)
-
-        keys, values = per_image(key, img_k), per_image(value, img_v)
-        mask = set_layout.per_image_key_mask(text_len, li, self.references_see_targets, query.device, ref_tokens)
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=mask).transpose(1, 2)
-        out = out.flatten(2, 3).to(query.dtype)
+        out = text_and_set_attention(query, key, value, text_len, set_layout, self.references_see_targets, attn)
         if encoder_hidden_states is None:
             return out
-        e_out, out = out.split_with_sizes([text_len, s - text_len], dim=1)
+        e_out, out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         return out, attn.to_add_out(e_out.contiguous())
 
@@ -153,6 +121,7 @@ def joint_flux_processors(model) -> dict:
 class JointFluxTransformer2DModel(JointDenoiserMixin, FluxTransformer2DModel):
     """A FluxTransformer2DModel that denoises sets of images jointly: use `denoise(...)`."""
 
+    directory_hint = "a diffusers FLUX.1 directory with a transformer/ subfolder"
     joint_input_module = "x_embedder"
 
     @property
@@ -213,11 +182,4 @@ def load_joint_flux(path: str, subfolder: str | None = "transformer", jedi: JeDi
                     **from_pretrained_kwargs) -> JointFluxTransformer2DModel:
     """Load a FLUX transformer; a base one is made joint with `jedi` (resolution None: 1024), a joint one
     is restored as saved."""
-    where = os.path.join(path, subfolder) if subfolder else path
-    if not os.path.isfile(os.path.join(where, "config.json")):
-        raise FileNotFoundError(f"transformer folder {where} has no config.json; point model.model_dir at a "
-                                "diffusers FLUX.1 directory with a transformer/ subfolder")
-    model = JointFluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, **from_pretrained_kwargs)
-    if model.jedi is None:
-        model.make_joint(jedi)
-    return model
+    return JointFluxTransformer2DModel.load(path, subfolder, jedi, **from_pretrained_kwargs)

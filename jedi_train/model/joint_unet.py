@@ -14,8 +14,6 @@ converted on load; a saved joint UNet is restored as it was.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -27,6 +25,7 @@ from .text import TextEmbeddings
 class JointUNet2DConditionModel(JointDenoiserMixin, UNet2DConditionModel):
     """A UNet2DConditionModel that denoises sets of images jointly. Call it with ``set_layout=``."""
 
+    directory_hint = "a diffusers Stable Diffusion directory with a unet/ subfolder"
     joint_input_module = "conv_in"
 
     def joint_processors(self) -> dict:
@@ -70,13 +69,4 @@ def load_joint_unet(path: str, subfolder: str | None = "unet", jedi: JeDiConfig 
                     **from_pretrained_kwargs) -> JointUNet2DConditionModel:
     """Load a UNet from a diffusers directory; a base UNet is made joint with `jedi` (defaults when None;
     pixel_fold None: inferred from in_channels = 3 * fold^2), a joint one is restored as saved."""
-    where = os.path.join(path, subfolder) if subfolder else path
-    if not os.path.isdir(where):
-        raise FileNotFoundError(f"UNet folder {where} does not exist; point model.model_dir at a diffusers model "
-                                "directory with a unet/ subfolder")
-    if not os.path.isfile(os.path.join(where, "config.json")):
-        raise FileNotFoundError(f"UNet folder {where} has no config.json; is it a diffusers UNet?")
-    unet = JointUNet2DConditionModel.from_pretrained(path, subfolder=subfolder, **from_pretrained_kwargs)
-    if unet.jedi is None:
-        unet.make_joint(jedi)
-    return unet
+    return JointUNet2DConditionModel.load(path, subfolder, jedi, **from_pretrained_kwargs)

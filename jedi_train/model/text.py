@@ -5,6 +5,9 @@
   concatenated, plus the second one's pooled projection and the size/crop micro-conditioning
   ("time_ids": original size, crop top-left, target size), as diffusers' SDXL pipeline builds them.
 * FLUX.1: CLIP ViT-L's pooled output and T5-XXL's last hidden states, as diffusers' FluxPipeline.
+* SD3 / SD3.5: three (CLIP ViT-L, OpenCLIP ViT-bigG, T5-XXL): both CLIPs' penultimate hidden states side by
+  side, zero-padded to T5's width, then T5's tokens after them; both CLIPs' pooled projections concatenated,
+  as diffusers' StableDiffusion3Pipeline.
 
 Token ids travel through the data stream as one tensor per caption, (T,) for one tokenizer or (E, T)
 for E tokenizers (shorter ones padded to the longest, cut back when embedded: CLIP 77, T5 512), so the
@@ -88,7 +91,7 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def token_ids(tokenizers: list, captions: list[str]) -> torch.Tensor:
-    """(len, T) for one tokenizer, (len, E, T) for E of them (SDXL, FLUX: E = 2; padded to the longest)."""
+    """(len, T) for one tokenizer, (len, E, T) for E of them (SDXL, FLUX: E = 2; SD3: 3; padded to the longest)."""
     ids = [tokenize(t, captions) for t in tokenizers]
     if len(ids) == 1:
         return ids[0]
@@ -99,29 +102,27 @@ def token_ids(tokenizers: list, captions: list[str]) -> torch.Tensor:
 
 class PromptEncoder:
     """The frozen tokenizer(s) and text encoder(s) of one model: token ids for the data stream, embeddings
-    for the denoiser. One pair = SD 1.x/2.x; two pairs = SDXL (the second encoder has the projection)."""
+    for the denoiser. One pair = SD 1.x/2.x; two = SDXL (the second encoder has the projection) or FLUX (the
+    second is T5); three = SD3."""
 
     def __init__(self, tokenizers: list, text_encoders: list):
         """text_encoders all None: dropped (Components.drop_text_encoders); token ids still work, embed refuses."""
-        if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+        if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2, 3):
             raise ValueError(f"{len(tokenizers)} tokenizers / {len(text_encoders)} text encoders: expected one pair "
-                             "(SD 1.x/2.x) or two (SDXL, FLUX)")
+                             "(SD 1.x/2.x), two (SDXL, FLUX) or three (SD3)")
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
         self.dropped = all(e is None for e in self.text_encoders)
         # SDXL's second encoder is a CLIP with projection; FLUX's is T5 (no pooled output of its own)
-        self.layout = ("sd" if len(tokenizers) == 1 else
+        self.layout = ("sd" if len(tokenizers) == 1 else "sd3" if len(tokenizers) == 3 else
                        "flux" if "T5" in type(text_encoders[1]).__name__ else "sdxl")
 
     @classmethod
-    def of(cls, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None) -> PromptEncoder:
-        """From a model's named components (the second pair present, SDXL / FLUX, or both None)."""
-        if tokenizer_2 is None:
-            return cls([tokenizer], [text_encoder])
-        return cls([tokenizer, tokenizer_2], [text_encoder, text_encoder_2])
-
-    @property
-    def dual(self) -> bool:
-        return len(self.tokenizers) == 2
+    def of(cls, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None, tokenizer_3=None,
+           text_encoder_3=None) -> PromptEncoder:
+        """From a model's named components (the pairs it has: SD one, SDXL / FLUX two, SD3 three)."""
+        pairs = [(t, e) for t, e in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2),
+                                     (tokenizer_3, text_encoder_3)) if t is not None]
+        return cls([t for t, _ in pairs], [e for _, e in pairs])
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
         return token_ids(self.tokenizers, captions)
@@ -135,19 +136,25 @@ class PromptEncoder:
                              "text embeddings; cache every source with `jedi-data encode`, or set "
                              "data.drop_text_encoders=false")
         enc = self.text_encoders[0]
-        if not self.dual:
+        if len(self.tokenizers) == 1:
             return TextEmbeddings(enc(ids.reshape(-1, ids.shape[-1]).to(enc.device))[0])
-        ids = ids.reshape(-1, 2, ids.shape[-1])
-        clip_ids, second_ids = (ids[:, i, :t.model_max_length] for i, t in enumerate(self.tokenizers))
+        ids = ids.reshape(-1, len(self.tokenizers), ids.shape[-1])
+        parts = [ids[:, i, :t.model_max_length] for i, t in enumerate(self.tokenizers)]
         if self.layout == "flux":  # CLIP pooled + T5 hidden states
-            pooled = enc(clip_ids.to(enc.device)).pooler_output
+            pooled = enc(parts[0].to(enc.device)).pooler_output
             t5 = self.text_encoders[1]
-            return TextEmbeddings(t5(second_ids.to(t5.device))[0], pooled)
-        hidden, pooled = [], None
-        for enc, part in zip(self.text_encoders, (clip_ids, second_ids)):
+            return TextEmbeddings(t5(parts[1].to(t5.device))[0], pooled)
+        hidden, pooled = [], []
+        for enc, part in zip(self.text_encoders[:2], parts):
             out = enc(part.to(enc.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both
-            pooled = out[0]  # the last encoder's pooled projection (text_embeds)
+            hidden.append(out.hidden_states[-2])  # SDXL and SD3 condition on the penultimate layer of both CLIPs
+            pooled.append(out[0])  # the pooled projection (text_embeds)
+        if self.layout == "sd3":  # [CLIPs side by side, zero-padded to T5's width | T5 tokens]; both pooled
+            t5 = self.text_encoders[2]
+            t5_hidden = t5(parts[2].to(t5.device))[0]
+            clip = F.pad(torch.cat(hidden, dim=-1), (0, t5_hidden.shape[-1] - sum(h.shape[-1] for h in hidden)))
+            return TextEmbeddings(torch.cat([clip, t5_hidden.to(clip.dtype)], dim=1), torch.cat(pooled, dim=-1))
+        pooled = pooled[-1]  # SDXL: the second encoder's pooled projection only
         if resolution is None:
             raise ValueError("SDXL text conditioning needs the image resolution (time_ids)")
         time_ids = sdxl_time_ids(None, resolution, pooled.shape[0]).to(pooled)

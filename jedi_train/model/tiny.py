@@ -1,6 +1,6 @@
-"""Tiny models that need no download: randomly initialised SD / SDXL / FLUX.1 directories in the real layouts.
+"""Tiny models that need no download: randomly initialised SD / SDXL / FLUX.1 / SD3 directories in the real layouts.
 
-`create_tiny_model_dir` writes what `model=tiny_pixel | tiny_sdxl | tiny_flux` create on first use
+`create_tiny_model_dir` writes what `model=tiny_pixel | tiny_sdxl | tiny_flux | tiny_sd3` create on first use
 (model.create_tiny_if_missing); they load through `components.load_components` exactly like a user's
 downloaded model, so tests and the CPU demo exercise the real path.
 """
@@ -61,31 +61,27 @@ def create_tiny_model_dir(out_dir: str, resolution: int = 32, pixel_fold: int = 
                           transformer_kwargs: dict | None = None) -> str:
     """Write a randomly initialised model directory in the real layout (a BASE model, not yet joint).
     family 'sdxl': two text encoders (the second with a projection) and a UNet taking pooled text + time ids;
-    'flux': see _create_tiny_flux_dir (transformer_kwargs; resolution and the UNet settings do not apply)."""
+    'flux' / 'sd3': see _create_tiny_flux_dir / _create_tiny_sd3_dir (transformer_kwargs; resolution and the
+    UNet settings do not apply)."""
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is unknown; use one of {tuple(FAMILIES)}")
     torch.manual_seed(seed)
-    if family == "flux":
-        return _create_tiny_flux_dir(out_dir, **(transformer_kwargs or {}))
+    if family in ("flux", "sd3"):
+        create = _create_tiny_flux_dir if family == "flux" else _create_tiny_sd3_dir
+        return create(out_dir, **(transformer_kwargs or {}))
     unet_kwargs = dict(unet_kwargs or {})
     hidden = unet_kwargs.pop("cross_attention_dim", 64)
     tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
-
-    def clip_config(width: int) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
-                              num_hidden_layers=2, num_attention_heads=2,
-                              max_position_embeddings=tokenizer.model_max_length, projection_dim=width)
-
     if family == "sdxl":  # SDXL: cross-attention over both encoders' features side by side
         widths = (hidden // 2, hidden - hidden // 2)
-        CLIPTextModel(clip_config(widths[0])).save_pretrained(os.path.join(out_dir, "text_encoder"))
-        CLIPTextModelWithProjection(clip_config(widths[1])).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
+        _tiny_clip(tokenizer, widths[0]).save_pretrained(os.path.join(out_dir, "text_encoder"))
+        _tiny_clip(tokenizer, widths[1], projection=True).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
         build_tiny_tokenizer(os.path.join(out_dir, "tokenizer_2"))
         time_dim = 8
         unet_kwargs |= {"addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
                         "projection_class_embeddings_input_dim": 6 * time_dim + widths[1]}
     else:
-        CLIPTextModel(clip_config(hidden)).save_pretrained(os.path.join(out_dir, "text_encoder"))
+        _tiny_clip(tokenizer, hidden).save_pretrained(os.path.join(out_dir, "text_encoder"))
     extra = {k: unet_kwargs.pop(k) for k in list(unet_kwargs) if k not in _TINY_UNET_ARGS}
     if with_vae:
         AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -103,24 +99,62 @@ def create_tiny_model_dir(out_dir: str, resolution: int = 32, pixel_fold: int = 
 _TINY_UNET_ARGS = ("block_out_channels", "heads", "attention_levels")  # tiny_unet_config's own; the rest: UNet config
 
 
+def _tiny_clip(tokenizer, width: int, projection: bool = False):
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
+                              num_hidden_layers=2, num_attention_heads=2,
+                              max_position_embeddings=tokenizer.model_max_length, projection_dim=width))
+
+
+def _tiny_t5(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=width, d_kv=width // 4, d_ff=2 * width,
+                                   num_layers=2, num_heads=4))
+
+
+def _tiny_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """16 latent channels at 1/2 the resolution (FLUX and SD3 VAEs: 16 channels at 1/8)."""
+    return AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=8,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
+def _create_tiny_sd3_dir(out_dir: str, width: int = 32, heads: int = 2, layers: int = 2,
+                         dual_attention_layers: tuple = (0,), qk_norm: str | None = "rms_norm") -> str:
+    """An SD3-layout directory: CLIP-L and CLIP-G (both with projections) + T5, a 16-channel VAE (SD3's shift and
+    scale), an MM-DiT whose first block has SD3.5's dual attention and qk RMS norm, SD3's flow-matching
+    scheduler (shift 3). The T5 tokenizer is the CLIP BPE one (no SentencePiece model offline)."""
+    from diffusers import SD3Transformer2DModel
+
+    tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
+    clip_width = width // 2  # two CLIPs side by side fill at most T5's width (the rest is zero-padded)
+    _tiny_clip(tokenizer, clip_width, projection=True).save_pretrained(os.path.join(out_dir, "text_encoder"))
+    _tiny_clip(tokenizer, clip_width, projection=True).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
+    _tiny_t5(tokenizer, width).save_pretrained(os.path.join(out_dir, "text_encoder_3"))
+    for sub in ("tokenizer_2", "tokenizer_3"):
+        build_tiny_tokenizer(os.path.join(out_dir, sub))
+    _tiny_vae(1.5305, 0.0609).save_pretrained(os.path.join(out_dir, "vae"))
+    head_dim = 16
+    SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+                          attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=width,
+                          caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * clip_width,
+                          pos_embed_max_size=16, dual_attention_layers=tuple(dual_attention_layers),
+                          qk_norm=qk_norm).save_pretrained(os.path.join(out_dir, "transformer"))
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(out_dir, "scheduler"))
+    return out_dir
+
+
 def _create_tiny_flux_dir(out_dir: str, width: int = 32, heads: int = 2, layers: int = 1, single_layers: int = 1,
                           guidance_embeds: bool = True) -> str:
     """A FLUX.1-layout directory: CLIP + T5 text encoders, a 16-channel VAE (shift + scale), an MM-DiT with
     double- and single-stream blocks, FLUX.1-dev's flow-matching scheduler settings. The T5 tokenizer is the
     CLIP BPE one (no SentencePiece model offline); a real FLUX directory brings its own."""
-    from transformers import T5Config, T5EncoderModel
-
     tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
     build_tiny_tokenizer(os.path.join(out_dir, "tokenizer_2"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
-                                 num_hidden_layers=2, num_attention_heads=2,
-                                 max_position_embeddings=tokenizer.model_max_length, projection_dim=width)
-                  ).save_pretrained(os.path.join(out_dir, "text_encoder"))
-    T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=width, d_kv=width // 4, d_ff=2 * width,
-                            num_layers=2, num_heads=4)).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
-    AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=8,
-                  scaling_factor=0.3611, shift_factor=0.1159).save_pretrained(os.path.join(out_dir, "vae"))
+    _tiny_clip(tokenizer, width).save_pretrained(os.path.join(out_dir, "text_encoder"))
+    _tiny_t5(tokenizer, width).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
+    _tiny_vae(0.3611, 0.1159).save_pretrained(os.path.join(out_dir, "vae"))
     head_dim = 16
     from diffusers import FluxTransformer2DModel
 

@@ -1,4 +1,4 @@
-"""Tiny exported pipelines for the pipeline tests (SD, SDXL, FLUX): the DreamBench reference images (CAN, DOG,
+"""Tiny exported pipelines for the pipeline tests (SD, SDXL, FLUX, SD3): the DreamBench reference images (CAN, DOG,
 needs_dreambench), make_pipeline_dir (export a tiny joint model), load, run (2-step sampling) and
 run_generic (load an export with plain diffusers in a process that cannot import jedi_train)."""
 import os
@@ -25,7 +25,7 @@ def make_pipeline_dir(model_dir, out_dir, reference_attention="set", reference_t
     c = load_components(model_dir, JeDiConfig(reference_timestep=reference_timestep, **jedi))
     base = c.unet.jedi.latent_channels * (4 if c.family == "flux" else 1)  # FLUX: packed 2x2 patches
     with torch.no_grad():
-        getattr(c.unet, c.unet.joint_input_module).weight[:, base:].normal_(
+        c.unet.get_submodule(c.unet.joint_input_module).weight[:, base:].normal_(
             0, 0.1, generator=torch.Generator().manual_seed(1))
     c.unet.set_reference_attention(reference_attention)
     JeDiPipeline.from_components(c).save_pretrained(out_dir, safe_serialization=True)
