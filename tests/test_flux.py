@@ -117,31 +117,3 @@ def test_bad_flux_settings_fail_in_one_line(tiny_flux_model_dir, tmp_path):
     (pixart / "transformer" / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
     with pytest.raises(ValueError, match="PixArtTransformer2DModel.*does not support.*FLUX.1, Stable Diffusion 3"):
         load_components(str(pixart))
-
-
-def test_lora_adapter_export_loads_into_the_base_flux_pipeline(tiny_flux_model_dir, tmp_path):
-    """LoRA on the joint transformer (adapters + the widened x_embedder in full) -> --lora-only's file ->
-    JeDiFluxPipeline.load_lora_weights on the base: the in-training predictions, exactly."""
-    from jedi_train.export import save_lora_atomically
-    from jedi_train.model.lora import LoraSettings, add_lora, trained_names
-    from jedi_train.model.text import TextEmbeddings
-
-    c = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32))
-    add_lora(c.unet, LoraSettings(rank=4))
-    assert {n for n in trained_names(c.unet) if "lora" not in n} == {"x_embedder.weight", "x_embedder.bias"}
-    with torch.no_grad():  # as if trained: every trained weight moves
-        for p in c.unet.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(3, 33, 16, 16, generator=g), torch.tensor([0.0, 500.0, 500.0])
-    e = TextEmbeddings(torch.randn(3, 8, 32, generator=g), torch.randn(3, 32, generator=g))
-    layout = SetLayout.build(torch.tensor([[True, False, False]]))
-    with torch.no_grad():
-        want = c.unet.eval().denoise(x, t, e, layout)
-    out = save_lora_atomically(c.unet, str(tmp_path / "lora"))
-    pipe = JeDiPipeline.from_components(load_components(tiny_flux_model_dir, JeDiConfig(resolution=32)))
-    with torch.no_grad():
-        assert (pipe.transformer.denoise(x, t, e, layout) - want).abs().max() > 1e-2  # the base alone differs
-        pipe.load_lora_weights(out)
-        torch.testing.assert_close(pipe.transformer.eval().denoise(x, t, e, layout), want, atol=1e-5, rtol=0)

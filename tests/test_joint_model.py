@@ -212,3 +212,35 @@ def test_missing_component_is_named(tiny_model_dir, tmp_path):
     shutil.rmtree(broken / "text_encoder")
     with pytest.raises(FileNotFoundError, match="lacks the 'text_encoder' component"):
         load_components(str(broken))
+
+
+@pytest.mark.parametrize("mmdit", ["flux", "sd3"])
+def test_lora_adapter_export_loads_into_the_base_pipeline(mmdit, request, tmp_path):
+    """LoRA on a joint MM-DiT (adapters + the widened input embedding in full) -> --lora-only's file in the
+    family's diffusers format -> the family pipeline's load_lora_weights on the base: the in-training
+    predictions, exactly."""
+    from jedi_train.export import save_lora_atomically
+    from jedi_train.model.components import load_components
+    from jedi_train.model.lora import LoraSettings, add_lora, trained_names
+    from jedi_train.pipeline import JeDiPipeline
+
+    model_dir = request.getfixturevalue(FIXTURES[mmdit])
+    c = load_components(model_dir, JeDiConfig(resolution=32))
+    add_lora(c.unet, LoraSettings(rank=4))
+    full = c.unet.joint_input_module
+    assert {n for n in trained_names(c.unet) if "lora" not in n} == {f"{full}.weight", f"{full}.bias"}
+    with torch.no_grad():  # as if trained: every trained weight moves
+        for p in c.unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    x, t, e = _inputs(3, unet=c.unet)
+    x = torch.cat([x, x, x[:, :1]], dim=1)  # [noisy | reference | mask]: 2C + 1 channels
+    layout = SetLayout.build(torch.tensor([[True, False, False]]))
+    with torch.no_grad():
+        want = c.unet.eval().denoise(x, t, e, layout)
+    out = save_lora_atomically(c.unet, str(tmp_path / "lora"))
+    pipe = JeDiPipeline.from_components(load_components(model_dir, JeDiConfig(resolution=32)))
+    with torch.no_grad():
+        assert (pipe.transformer.denoise(x, t, e, layout) - want).abs().max() > 1e-2  # the base alone differs
+        pipe.load_lora_weights(out)
+        torch.testing.assert_close(pipe.transformer.eval().denoise(x, t, e, layout), want, atol=1e-5, rtol=0)
