@@ -474,16 +474,22 @@ class JeDiFluxPipeline(JeDiPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
     _optional_components: ClassVar[list[str]] = []
+    joint_class = JointFluxTransformer2DModel
+    lora_loader = FluxLoraLoaderMixin  # the family's diffusers LoRA format (`transformer.*` keys)
 
     def __init__(self, transformer, text_encoder: CLIPTextModel, tokenizer, text_encoder_2, tokenizer_2, scheduler,
                  vae: AutoencoderKL):
+        self._register_mmdit(transformer, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                             tokenizer_2=tokenizer_2, scheduler=scheduler, vae=vae)
+
+    def _register_mmdit(self, transformer, **components) -> None:
+        """The family's joint transformer (a saved one adopted back into its joint class) + its components."""
         DiffusionPipeline.__init__(self)
-        transformer = JointFluxTransformer2DModel.adopt(transformer)
-        if not isinstance(transformer, JointFluxTransformer2DModel) or transformer.jedi is None:
+        transformer = self.joint_class.adopt(transformer)
+        if not isinstance(transformer, self.joint_class) or transformer.jedi is None:
             raise ValueError(f"the pipeline's transformer is a plain {type(transformer).__name__} without JeDi "
                              "settings (_jedi); export the trained model with jedi-export")
-        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, scheduler=scheduler, vae=vae)
+        self.register_modules(transformer=transformer, **components)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.codec.downsample)
 
     @property
@@ -504,18 +510,20 @@ class JeDiFluxPipeline(JeDiPipeline):
         return (1 - sigma) * ref_latents + sigma * noise
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
-        """diffusers' FLUX LoRA loading, plus the full weights trained beside the adapter (the widened x_embedder)."""
-        state, metadata = FluxLoraLoaderMixin.lora_state_dict(pretrained_model_name_or_path_or_dict,
-                                                              return_lora_metadata=True, **kwargs)
+        """diffusers' LoRA loading of the family, plus the full weights trained beside the adapter (the widened
+        input embedding: FLUX's x_embedder, SD3's patch embedding)."""
+        state, metadata = self.lora_loader.lora_state_dict(pretrained_model_name_or_path_or_dict,
+                                                           return_lora_metadata=True, **kwargs)
         self._load_full_weights(state, "transformer")
-        FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=None, transformer=self.transformer,
-                                                       adapter_name=adapter_name, metadata=metadata, _pipeline=self)
+        alphas = {"network_alphas": None} if self.lora_loader is FluxLoraLoaderMixin else {}  # FLUX's takes them
+        self.lora_loader.load_lora_into_transformer(state, transformer=self.transformer, adapter_name=adapter_name,
+                                                    metadata=metadata, _pipeline=self, **alphas)
 
     @classmethod
     def save_lora_weights(cls, save_directory, unet_lora_layers=None, unet_lora_adapter_metadata=None, **kwargs):
-        """The adapter in diffusers' FLUX format (`transformer.*` keys)."""
-        FluxLoraLoaderMixin.save_lora_weights(save_directory, transformer_lora_layers=unet_lora_layers,
-                                              transformer_lora_adapter_metadata=unet_lora_adapter_metadata, **kwargs)
+        """The adapter in the family's diffusers format (`transformer.*` keys)."""
+        cls.lora_loader.save_lora_weights(save_directory, transformer_lora_layers=unet_lora_layers,
+                                          transformer_lora_adapter_metadata=unet_lora_adapter_metadata, **kwargs)
 
 
 class JeDiSD3Pipeline(JeDiFluxPipeline):
@@ -525,19 +533,15 @@ class JeDiSD3Pipeline(JeDiFluxPipeline):
     (StableDiffusion3Pipeline's timesteps). JeDiPipeline.from_pretrained returns this class for SD3 exports."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
+    joint_class = JointSD3Transformer2DModel
+    lora_loader = SD3LoraLoaderMixin
 
     def __init__(self, transformer, text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer,
                  text_encoder_2: CLIPTextModelWithProjection, tokenizer_2: CLIPTokenizer, text_encoder_3, tokenizer_3,
                  scheduler, vae: AutoencoderKL):
-        DiffusionPipeline.__init__(self)
-        transformer = JointSD3Transformer2DModel.adopt(transformer)
-        if not isinstance(transformer, JointSD3Transformer2DModel) or transformer.jedi is None:
-            raise ValueError(f"the pipeline's transformer is a plain {type(transformer).__name__} without JeDi "
-                             "settings (_jedi); export the trained model with jedi-export")
-        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
-                              tokenizer_3=tokenizer_3, scheduler=scheduler, vae=vae)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.codec.downsample)
+        self._register_mmdit(transformer, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                             tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+                             scheduler=scheduler, vae=vae)
 
     @property
     def guidance_distilled(self) -> bool:
@@ -545,17 +549,3 @@ class JeDiSD3Pipeline(JeDiFluxPipeline):
 
     def prepare_timesteps(self, num_inference_steps: int, device, latent_size: int) -> None:
         JeDiPipeline.prepare_timesteps(self, num_inference_steps, device, latent_size)
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
-        """diffusers' SD3 LoRA loading, plus the full weights trained beside the adapter (the widened patch embedding)."""
-        state, metadata = SD3LoraLoaderMixin.lora_state_dict(pretrained_model_name_or_path_or_dict,
-                                                             return_lora_metadata=True, **kwargs)
-        self._load_full_weights(state, "transformer")
-        SD3LoraLoaderMixin.load_lora_into_transformer(state, transformer=self.transformer, adapter_name=adapter_name,
-                                                      metadata=metadata, _pipeline=self)
-
-    @classmethod
-    def save_lora_weights(cls, save_directory, unet_lora_layers=None, unet_lora_adapter_metadata=None, **kwargs):
-        """The adapter in diffusers' SD3 format (`transformer.*` keys)."""
-        SD3LoraLoaderMixin.save_lora_weights(save_directory, transformer_lora_layers=unet_lora_layers,
-                                             transformer_lora_adapter_metadata=unet_lora_adapter_metadata, **kwargs)

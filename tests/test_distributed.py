@@ -32,27 +32,32 @@ def test_ddp_two_processes(tiny_model_dir, tmp_path):
     assert ckpt["global_step"] == 2 and "ema" in ckpt
 
 
-@pytest.mark.parametrize("stage,devices", [(2, 2), (3, 1)])
-def test_deepspeed_zero_checkpoint_consolidates(tiny_model_dir, tmp_path, stage, devices):
-    results = _fit(tiny_model_dir, tmp_path, f"zero{stage}", devices)
-    assert all(r["global_step"] == 2 and r["world_size"] == devices for r in results)
-    ckpt_dir = tmp_path / "checkpoints" / "last.ckpt"
-    assert ckpt_dir.is_dir()  # a real ZeRO checkpoint: one shard per rank
+def _consolidates(ckpt_dir, model_dir: str, ranks: int) -> dict:
+    """A real ZeRO checkpoint (one optimizer shard per rank, written aside and renamed into place) that
+    consolidates into trained joint-UNet weights; returns the loaded checkpoint."""
+    assert ckpt_dir.is_dir()
     shards = [f for f in os.listdir(ckpt_dir / "checkpoint") if "optim_states" in f]
-    assert len(shards) == devices
-    assert not [f for f in os.listdir(ckpt_dir.parent) if ".partial-" in f]  # written aside, renamed into place
+    assert len(shards) == ranks
+    assert not [f for f in os.listdir(ckpt_dir.parent) if ".partial-" in f]
     ckpt = load_checkpoint(str(ckpt_dir))
-    state = unet_state_from_checkpoint(ckpt)
-    unet = load_joint_unet(tiny_model_dir)
+    unet = load_joint_unet(model_dir)
     before = unet.conv_in.weight.clone()
-    load_unet_weights(unet, state, str(ckpt_dir))
+    load_unet_weights(unet, unet_state_from_checkpoint(ckpt), str(ckpt_dir))
     assert not torch.equal(before, unet.conv_in.weight)  # trained weights, not the initial ones
-    assert "ema" in ckpt and ckpt["hyper_parameters"]["model_dir"] == tiny_model_dir
+    assert "ema" in ckpt and ckpt["hyper_parameters"]["model_dir"] == model_dir
+    return ckpt
 
 
-def test_zero3_ema_is_sharded_resumes_and_merges_for_export(tiny_model_dir, tmp_path):
-    """ZeRO-3 over 2 ranks: each rank keeps half the EMA and saves its slice; a resumed run continues the
-    slices exactly (EMA_3 = d * EMA_2 + (1 - d) * W_3, d = EMAModel's decay at step 3); export reads the whole."""
+def test_deepspeed_zero2_checkpoint_consolidates(tiny_model_dir, tmp_path):
+    results = _fit(tiny_model_dir, tmp_path, "zero2", 2)
+    assert all(r["global_step"] == 2 and r["world_size"] == 2 for r in results)
+    _consolidates(tmp_path / "checkpoints" / "last.ckpt", tiny_model_dir, 2)
+
+
+def test_zero3_consolidates_shards_the_ema_resumes_and_merges_for_export(tiny_model_dir, tmp_path):
+    """ZeRO-3 over 2 ranks: the checkpoint consolidates; each rank keeps half the EMA and saves its slice; a
+    resumed run continues the slices exactly (EMA_3 = d * EMA_2 + (1 - d) * W_3, d = EMAModel's decay at
+    step 3); export reads the whole."""
     from diffusers.training_utils import EMAModel
 
     from jedi_train.model.lora import trained_parameters
@@ -61,8 +66,9 @@ def test_zero3_ema_is_sharded_resumes_and_merges_for_export(tiny_model_dir, tmp_
     total = sum(p.numel() for p in trained_parameters(unet))
     (tmp_path / "a").mkdir()
     first = _fit(tiny_model_dir, tmp_path / "a", "zero3", 2, steps=2)
+    assert all(r["global_step"] == 2 and r["world_size"] == 2 for r in first)
     assert all(total / 2 <= r["ema_numel"] < total / 2 + 1000 for r in first)  # half each (+ padding)
-    a = load_checkpoint(str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    a = _consolidates(tmp_path / "a" / "checkpoints" / "last.ckpt", tiny_model_dir, 2)
     assert "partition" not in a["ema"] and a["ema"]["optimization_step"] == 2
     (tmp_path / "b").mkdir()
     _fit(tiny_model_dir, tmp_path / "b", "zero3", 2, steps=3, resume=str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
