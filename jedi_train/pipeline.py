@@ -476,6 +476,7 @@ class JeDiFluxPipeline(JeDiPipeline):
     _optional_components: ClassVar[list[str]] = []
     joint_class = JointFluxTransformer2DModel
     lora_loader = FluxLoraLoaderMixin  # the family's diffusers LoRA format (`transformer.*` keys)
+    lora_load_kwargs: ClassVar[dict] = {"network_alphas": None}  # FLUX's loader requires them; SD3's has none
 
     def __init__(self, transformer, text_encoder: CLIPTextModel, tokenizer, text_encoder_2, tokenizer_2, scheduler,
                  vae: AutoencoderKL):
@@ -515,9 +516,8 @@ class JeDiFluxPipeline(JeDiPipeline):
         state, metadata = self.lora_loader.lora_state_dict(pretrained_model_name_or_path_or_dict,
                                                            return_lora_metadata=True, **kwargs)
         self._load_full_weights(state, "transformer")
-        alphas = {"network_alphas": None} if self.lora_loader is FluxLoraLoaderMixin else {}  # FLUX's takes them
         self.lora_loader.load_lora_into_transformer(state, transformer=self.transformer, adapter_name=adapter_name,
-                                                    metadata=metadata, _pipeline=self, **alphas)
+                                                    metadata=metadata, _pipeline=self, **self.lora_load_kwargs)
 
     @classmethod
     def save_lora_weights(cls, save_directory, unet_lora_layers=None, unet_lora_adapter_metadata=None, **kwargs):
@@ -535,6 +535,7 @@ class JeDiSD3Pipeline(JeDiFluxPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     joint_class = JointSD3Transformer2DModel
     lora_loader = SD3LoraLoaderMixin
+    lora_load_kwargs: ClassVar[dict] = {}
 
     def __init__(self, transformer, text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer,
                  text_encoder_2: CLIPTextModelWithProjection, tokenizer_2: CLIPTokenizer, text_encoder_3, tokenizer_3,
