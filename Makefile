@@ -47,7 +47,7 @@ bench: install
 	$(BIN)/python -m bench $(ARGS)
 
 lint: install
-	$(BIN)/ruff check jedi_train data_pipelines tests bench launch
+	$(BIN)/ruff check jedi_train data_pipelines jedi_common tests bench launch
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

@@ -1,5 +1,5 @@
 """`jedi-data stats SHARDS...`: check a dataset before spending GPU hours on it.
-(`jedi-data encode`, which caches latents + text embeddings, lives in encode.py.)
+(`jedi-data` is jedi_train/cli/data.py; `encode`, which needs the models, is jedi_train/training/encode.py.)
 
 Streams the shards through the training stream's own validation and decoding (every image of
 every set) and prints sets, images, the set-size histogram, caption lengths and what was skipped
@@ -8,19 +8,17 @@ or repaired, by reason. Exit 0 when at least one usable set was read (even if so
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from collections import Counter
 
 import numpy as np
 from webdataset.shardlists import expand_urls
 
-from .schema import SkipSet, set_meta
-from .sets import SetOptions, load_image, read_captions
-from .shards import expand_sources, read_tar
-from .skips import Counts
+from data_pipelines.schema import SkipSet, set_meta
+from data_pipelines.sets import SetOptions, load_image, read_captions
+from data_pipelines.shards import expand_sources, read_tar
+from data_pipelines.skips import Counts
 
 
 def collect(patterns: list[str], min_set: int = 2, resolution: int = 32, allow_pipe: bool = False,
@@ -65,9 +63,7 @@ def _print(s: dict) -> None:
         print(f"{title}: " + ("  ".join(f"{k}={v}" for k, v in d.items()) or "none"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jedi-data", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+def add_parser(sub) -> None:
     st = sub.add_parser("stats", help="read shards like training does and report what is usable")
     st.add_argument("shards", nargs="+", help="shard URL patterns: 'dir/*.tar', 'dir/shard-{0000..0099}.tar', s3://...")
     st.add_argument("--min-set", type=int, default=2, help="smallest usable set (as data.min_set)")
@@ -76,13 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--min-image-size", type=int, default=SetOptions.min_image_size, help="as data.min_image_size")
     st.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     st.add_argument("--json", action="store_true", help="print the stats as JSON")
-    from . import encode
 
-    encode.add_parser(sub)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
-    if args.cmd == "encode":
-        return encode.main(args)
+
+def main(args) -> int:
     pipes = [u for pattern in args.shards for u in expand_urls(pattern) if u.startswith("pipe:")]
     if pipes and not args.allow_pipe:  # refused here, so the hint names this tool's flag, not data.allow_pipe
         print(f"jedi-data: refusing {pipes[0]!r}: pipe: URLs run shell commands; pass --allow-pipe if you trust it",
@@ -100,7 +92,3 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers.stream_zoo import KEPT, MAX_PIXELS, stream_all, write_zoo
 
-from data_pipelines.stats import main
+from jedi_train.cli.data import main
 
 
 def run_stats(capsys, *argv):

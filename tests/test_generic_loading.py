@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers.pipelines import make_pipeline_dir, run_generic
 
-from jedi_train.bundle import MODULES, bundle_sources
-from jedi_train.pipeline import JeDiPipeline
+from jedi_train.pipelines.bundle import bundle_sources
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
 
 def jedi_images(pipe_dir):
@@ -25,10 +25,11 @@ def test_export_loads_with_plain_diffusers_without_jedi_train(tiny_model_dir, tm
     pipe_dir = make_pipeline_dir(tiny_model_dir, str(tmp_path / "pipe"))
     with open(os.path.join(pipe_dir, "model_index.json")) as f:
         index = json.load(f)
-    assert index["_class_name"] == ["jedi_pipeline", "JeDiPipeline"]
+    assert index["_class_name"] == ["pipeline_jedi", "JeDiPipeline"]
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
-    for name in MODULES:
-        assert os.path.isfile(os.path.join(pipe_dir, f"{name}.py")), name
+    carried = bundle_sources(JeDiPipeline.__module__)
+    for name in carried:
+        assert os.path.isfile(os.path.join(pipe_dir, name)), name
 
     line = run_generic(pipe_dir, tmp_path / "generic.npy", tmp_path, save_to=str(tmp_path / "resaved"))
     _, module, unet_cls = line.split()
@@ -40,30 +41,43 @@ def test_export_loads_with_plain_diffusers_without_jedi_train(tiny_model_dir, tm
 
     # a pipeline loaded from the bundle saves a directory that loads both ways again
     resaved = str(tmp_path / "resaved")
-    for name in MODULES:
-        assert os.path.isfile(os.path.join(resaved, f"{name}.py")), name
+    for name in carried:
+        assert os.path.isfile(os.path.join(resaved, name)), name
     np.testing.assert_array_equal(jedi_images(resaved), ours)
 
 
 def test_jedipipeline_uses_the_installed_code_not_the_bundle(tiny_model_dir, tmp_path):
     pipe_dir = make_pipeline_dir(tiny_model_dir, str(tmp_path / "pipe"))
-    with open(os.path.join(pipe_dir, "jedi_pipeline.py"), "a") as f:
+    with open(os.path.join(pipe_dir, "pipeline_jedi.py"), "a") as f:
         f.write("\nraise RuntimeError('bundled code was executed')\n")
     pipe = JeDiPipeline.from_pretrained(pipe_dir)
     assert type(pipe) is JeDiPipeline
 
 
 def test_bundle_is_flat_and_complete():
-    sources = bundle_sources()
+    sources = bundle_sources(JeDiPipeline.__module__)
+    # derived from the imports: the pipeline, what it imports (to any depth) and the bundle writer itself
+    assert {"pipeline_jedi.py", "jedi_attention.py", "jedi_text.py", "jedi_images.py", "jedi_bundle.py"} <= set(sources)
     for name, source in sources.items():
         for line in source.splitlines():
             s = line.strip()
-            assert not s.startswith(("from data_pipelines", "from jedi_train", "from .model")), (name, s)
+            assert not s.startswith(("from data_pipelines", "from jedi_train", "from jedi_common")), (name, s)
+            if s.startswith("from ."):  # every relative import names a carried file
+                assert s.split()[1][1:] + ".py" in sources, (name, s)
     # every module the entry file needs is imported by the entry itself (diffusers copies only those)
-    entry = sources["jedi_pipeline.py"]
-    for name in MODULES:
-        if name != "jedi_pipeline":
-            assert f"from .{name} import" in entry, name
+    entry = sources["pipeline_jedi.py"]
+    for name in sources:
+        if name != "pipeline_jedi.py":
+            assert f"from .{name[:-3]} import" in entry, name
+
+
+def test_bundle_refuses_to_carry_training_code(monkeypatch):
+    from jedi_train.pipelines import bundle
+
+    real = bundle._project_imports
+    monkeypatch.setattr(bundle, "_project_imports", lambda src: real(src) + ["jedi_train.training.module"])
+    with pytest.raises(RuntimeError, match="jedi_train.training.module"):
+        bundle_sources(JeDiPipeline.__module__)
 
 
 def test_without_trust_remote_code_diffusers_refuses_in_one_message(tiny_model_dir, tmp_path):

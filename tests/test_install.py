@@ -1,7 +1,7 @@
 """A non-editable install (issue 10): the wheel carries the Hydra configs and a short demo run works from it.
 
-The configs stay in the repository's top-level conf/ and ship as package data of `data_pipelines.conf`
-(pyproject.toml); data_pipelines.hydra_args.CONF_DIR finds them in a checkout and in an installed copy.
+The configs stay in the repository's top-level conf/ and ship as package data of `jedi_common.conf`
+(pyproject.toml); jedi_common.hydra_args.CONF_DIR finds them in a checkout and in an installed copy.
 The wheel is built from a copy of the sources (building in the repository would leave build/ there),
 installed with --target and put first on PYTHONPATH: setuptools' editable finder sits after PathFinder
 on sys.meta_path (asserted below), so the installed copy shadows the editable one.
@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "conf", "jedi_train", "data_pipelines")
+SOURCES = ("pyproject.toml", "README.md", "conf", "jedi_train", "data_pipelines", "jedi_common")
 PROBE = """
 import json, sys
-import data_pipelines, jedi_train
-from data_pipelines.hydra_args import CONF_DIR
+import data_pipelines, jedi_common, jedi_train
+from jedi_common.hydra_args import CONF_DIR
 finders = [getattr(f, "__name__", type(f).__name__) for f in sys.meta_path]
 print(json.dumps({"jedi_train": jedi_train.__file__, "data_pipelines": data_pipelines.__file__,
+                  "jedi_common": jedi_common.__file__,
                   "conf_dir": str(CONF_DIR), "finders": finders}))
 """
 # experiment=demo debug=fast, smaller still (as in test_train_cli): few sets, 2 steps, one sample grid and identity check at the end
@@ -45,9 +46,9 @@ def test_packages_list_matches_the_source_tree():
     from setuptools import find_packages
 
     setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = find_packages(str(REPO), include=["jedi_train*", "data_pipelines*"])
-    assert sorted(setup["packages"]) == sorted(on_disk + ["data_pipelines.conf"])
-    assert setup["package-dir"] == {"data_pipelines.conf": "conf"}
+    on_disk = find_packages(str(REPO), include=["jedi_train*", "data_pipelines*", "jedi_common*"])
+    assert sorted(setup["packages"]) == sorted(on_disk + ["jedi_common.conf"])
+    assert setup["package-dir"] == {"jedi_common.conf": "conf"}
 
 
 @pytest.mark.slow
@@ -67,7 +68,7 @@ def test_wheel_install_ships_the_configs_and_trains_the_demo(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, text=True, timeout=300)
     shipped = _files(site)
-    assert "data_pipelines/conf/train.yaml" in shipped and "data_pipelines/conf/model/tiny_pixel.yaml" in shipped
+    assert "jedi_common/conf/train.yaml" in shipped and "jedi_common/conf/model/tiny_pixel.yaml" in shipped
 
     cwd = tmp_path / "cwd"  # the run's working dir: paths.root_dir (data/, models) defaults to it
     cwd.mkdir()
@@ -78,9 +79,9 @@ def test_wheel_install_ships_the_configs_and_trains_the_demo(tmp_path):
                            timeout=120, check=False)
     assert probe.returncode == 0, probe.stderr[-3000:]
     found = json.loads(probe.stdout.strip().splitlines()[-1])
-    for key in ("jedi_train", "data_pipelines", "conf_dir"):
+    for key in ("jedi_train", "data_pipelines", "jedi_common", "conf_dir"):
         assert Path(found[key]).resolve().is_relative_to(site.resolve()), (key, found[key])
-    assert Path(found["conf_dir"]) == (site / "data_pipelines" / "conf").resolve()
+    assert Path(found["conf_dir"]) == (site / "jedi_common" / "conf").resolve()
     if "_EditableFinder" in found["finders"]:  # an editable install of the repo: PYTHONPATH must still win
         assert found["finders"].index("PathFinder") < found["finders"].index("_EditableFinder")
 
@@ -90,7 +91,7 @@ def test_wheel_install_ships_the_configs_and_trains_the_demo(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (out / "checkpoints" / "last.ckpt").is_file()
     hydra_yaml = (out / ".hydra" / "hydra.yaml").read_text()  # runtime.config_sources: the primary config dir
-    assert f"path: {site.resolve() / 'data_pipelines' / 'conf'}\n" in hydra_yaml
+    assert f"path: {site.resolve() / 'jedi_common' / 'conf'}\n" in hydra_yaml
     assert str(REPO / "conf") not in hydra_yaml
     assert list((cwd / "data" / "sets" / "procedural_centered").glob("*.tar"))  # data under the cwd
     assert _files(site) == shipped  # nothing written into the installed package

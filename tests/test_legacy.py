@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(pipe_dir):
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     pipe = JeDiPipeline.from_pretrained(pipe_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -33,7 +33,7 @@ def test_old_export_samples_the_same_images(name, expected, tmp_path):
 
 
 def test_old_checkpoint_exports_to_the_same_pipeline(expected, tmp_path):
-    from jedi_train.export import export_checkpoint
+    from jedi_train.export.to_pipeline import export_checkpoint
 
     out = export_checkpoint(os.path.join(LEGACY, "sd.ckpt"), str(tmp_path / "export"),
                             model_dir=os.path.join(LEGACY, "sd_base"))
@@ -41,8 +41,8 @@ def test_old_checkpoint_exports_to_the_same_pipeline(expected, tmp_path):
 
 
 def test_old_checkpoint_resumes_into_the_module():
-    from jedi_train.checkpoints import safe_load
-    from jedi_train.module import JeDiModule
+    from jedi_train.training.checkpoints import safe_load
+    from jedi_train.training.module import JeDiModule
 
     ckpt = safe_load(os.path.join(LEGACY, "sd.ckpt"))
     hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "model_dir"}

@@ -24,8 +24,8 @@ from typing import Any
 
 import webdataset as wds
 
-from data_pipelines.atomic import atomic_write_text
 from data_pipelines.schema import SCHEMA_VERSION
+from jedi_common.atomic import atomic_write_text
 
 STATE_DIR = ".jedi-synth"
 

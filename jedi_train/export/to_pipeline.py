@@ -14,18 +14,9 @@ import os
 
 import torch
 
-from data_pipelines.atomic import staged_dir
-
-from .bundle import MODULES as BUNDLE_MODULES
-from .checkpoints import (
-    check_family,
-    check_lora_checkpoint,
-    copy_ema,
-    load_checkpoint,
-    load_unet_weights,
-    unet_state_from_checkpoint,
-)
-from .model.components import (
+from jedi_common.atomic import staged_dir
+from jedi_train.export.model_card import find_run_dir, write_model_card
+from jedi_train.models.components import (
     Components,
     check_model_dir,
     denoiser_family,
@@ -33,8 +24,8 @@ from .model.components import (
     load_denoiser,
     load_text_parts,
 )
-from .model.joint import JeDiConfig
-from .model.lora import (
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.lora import (
     LoraSettings,
     add_lora,
     base_fingerprint,
@@ -44,8 +35,16 @@ from .model.lora import (
     trained_names,
     trained_parameters,
 )
-from .model_card import find_run_dir, write_model_card
-from .pipeline import JeDiFluxPipeline, JeDiPipeline, JeDiSD3Pipeline
+from jedi_train.pipelines.bundle import is_bundle_file
+from jedi_train.pipelines.pipeline_jedi import JeDiFluxPipeline, JeDiPipeline, JeDiSD3Pipeline
+from jedi_train.training.checkpoints import (
+    check_family,
+    check_lora_checkpoint,
+    copy_ema,
+    load_checkpoint,
+    load_unet_weights,
+    unet_state_from_checkpoint,
+)
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights(DIR) finds it
 
@@ -71,7 +70,7 @@ def check_export_target(out_dir: str, overwrite: bool = False) -> None:
             ours = {"model_index.json", *(k for k in json.load(f) if not k.startswith("_"))}
     except (OSError, ValueError, AttributeError):
         ours = {"model_index.json"}
-    ours |= {"README.md", "samples.png", *(f"{name}.py" for name in BUNDLE_MODULES)}  # card, bundle.py
+    ours |= {"README.md", "samples.png", *filter(is_bundle_file, entries)}  # card, bundle.py
     other = sorted(entries - ours)
     if other:
         raise ValueError(f"{out_dir} holds a previous export and other files ({', '.join(other[:3])}); "

@@ -13,9 +13,9 @@ def _conf_dir() -> Path:
     """The Hydra config dir (train.yaml, synth.yaml and their groups), the one place both CLIs find it.
 
     The configs live in the repository's top-level conf/. A wheel ships them as package data of this
-    package (pyproject.toml maps conf/ to `data_pipelines.conf`), so an installed copy finds them next to
+    package (pyproject.toml maps conf/ to `jedi_common.conf`), so an installed copy finds them next to
     this file; a source checkout or an editable install (this file still in the checkout) finds the
-    top-level conf/ beside the package. Nothing in a checkout creates data_pipelines/conf, so the two
+    top-level conf/ beside the package. Nothing in a checkout creates jedi_common/conf, so the two
     cannot be confused. Neither found: the shipped path, which Hydra reports as missing."""
     here = Path(__file__).resolve().parent
     shipped = here / "conf"
@@ -82,7 +82,7 @@ def writable_error(conf_dir: str, config_name: str, argv: list[str], key: str) -
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .errors import disk_error
+    from jedi_common.errors import disk_error
 
     if "-m" in argv or "--multirun" in argv or any(a.split("=", 1)[0] in INFO_FLAGS | CONFIG_FLAGS for a in argv):
         return None
