@@ -52,7 +52,7 @@ def main():
         _write_sets(f"{d}/sets")
         assert jedi_data(["encode", f"{d}/sets/*.tar", f"{d}/cached", "--model", model_dir, "--no-progress"]) == 0
         c = load_components(model_dir)
-        objective, params = JeDiObjective(c), list(c.unet.parameters())
+        objective, params = JeDiObjective(c), list(c.denoiser.parameters())
         fly, cached = _batch(model_dir, c, f"{d}/sets"), _batch(model_dir, c, f"{d}/cached")
         runs = [(_steps_per_s(objective, params, fly), _steps_per_s(objective, params, cached)) for _ in range(2)]
     f = sum(r[0] for r in runs) / 2  # twice, interleaved: load drift on a shared machine

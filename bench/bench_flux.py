@@ -23,7 +23,7 @@ from jedi_train.models.joint import JeDiConfig
 from jedi_train.models.joint_flux import image_ids, pack
 from jedi_train.models.text import TextEmbeddings
 from jedi_train.models.tiny import create_tiny_model_dir
-from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
 B, N, STEPS = 4, 3, 10
 SHAPE = {"width": 64, "heads": 4, "layers": 2, "single_layers": 2, "guidance_embeds": True}
@@ -53,13 +53,13 @@ def _step_time(model, call, reps=3):
 def step_ratio(tmp, shape=SHAPE, label="tiny FLUX-shaped MM-DiT"):
     model_dir = create_tiny_model_dir(tmp, family="flux", transformer_kwargs=shape)
     c = load_components(model_dir, JeDiConfig(resolution=32), prediction_type="flow")
-    joint = c.unet.train()
+    joint = c.denoiser.train()
     plain = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer").train()  # the base
     g = torch.Generator().manual_seed(0)
     bn, size = B * N, 16
     x = torch.randn(bn, 16, size, size, generator=g)
-    text = TextEmbeddings(torch.randn(bn, 32, c.unet.config.joint_attention_dim, generator=g),
-                          torch.randn(bn, c.unet.config.pooled_projection_dim, generator=g))
+    text = TextEmbeddings(torch.randn(bn, 32, c.denoiser.config.joint_attention_dim, generator=g),
+                          torch.randn(bn, c.denoiser.config.pooled_projection_dim, generator=g))
     t = torch.rand(bn, generator=g) * 1000
     is_ref = torch.zeros(B, N, dtype=torch.bool)
     is_ref[:, 0] = True
@@ -101,14 +101,14 @@ def real_scale_flops(set_sizes=(3, 4)):
     own set (the plain transformer's work plus the widened x_embedder); the backward scales both alike."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from jedi_train.training.dry_run import _dummy_inputs, build_on_meta
+    from jedi_train.training.dry_run import build_on_meta
 
     _family, model, _frozen = build_on_meta({"architecture": "flux_dev", "model_dir": "", "resolution": 512})
     print("FLUX.1-dev shape (meta device), 512 px, 512 T5 tokens: forward FLOPs, joint set vs images apart")
     for n in set_sizes:
         is_ref = torch.zeros(1, n, dtype=torch.bool)
         is_ref[:, 0] = True
-        sample, t, text = _dummy_inputs(model, "flux", n, 64, 512, torch.bfloat16, "meta")
+        sample, t, text = model.dummy_inputs(n, 64, 512, torch.bfloat16, "meta")
         flops = {}
         for name, layout in (("joint", SetLayout.build(is_ref)), ("apart", SetLayout.independent(n))):
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -127,7 +127,7 @@ def main():
             with tempfile.TemporaryDirectory() as tmp2:
                 step_ratio(tmp2, PROPORTIONED, "tiny MM-DiT with FLUX.1-dev's attention share")
             real_scale_flops()
-            c.unet.set_reference_attention("references")
+            c.denoiser.set_reference_attention("references")
             pipe = JeDiPipeline.from_components(c)
             pipe.set_progress_bar_config(disable=True)
             time_table(pipe=pipe, label="tiny FLUX-shaped MM-DiT 32 px, {steps} flow-matching Euler steps")

@@ -31,17 +31,17 @@ def _batch(module):
 
 def measure(model_dir, lora: dict | None) -> dict:
     m = JeDiModule(model_dir=model_dir, lora=lora, ema={"enabled": False}, optimizer={"lr": 1e-4})
-    params = [p for p in m.unet.parameters() if p.requires_grad]
+    params = [p for p in m.denoiser.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     batch = _batch(m)
 
     seconds = seconds_per_call(objective_step(m.objective, opt, batch), STEPS)
-    ckpt = {"state_dict": {f"unet.{k}": v for k, v in m.unet.state_dict().items()}}
+    ckpt = {"state_dict": {f"denoiser.{k}": v for k, v in m.denoiser.state_dict().items()}}
     m.on_save_checkpoint(ckpt)
     buf = io.BytesIO()
     torch.save({"state_dict": ckpt["state_dict"], "optimizer": opt.state_dict()}, buf)
-    stored = sum(p.numel() * p.element_size() for p in m.unet.parameters())
-    return {"trained": sum(p.numel() for p in params), "total": sum(p.numel() for p in m.unet.parameters()),
+    stored = sum(p.numel() * p.element_size() for p in m.denoiser.parameters())
+    return {"trained": sum(p.numel() for p in params), "total": sum(p.numel() for p in m.denoiser.parameters()),
             "ckpt": buf.getbuffer().nbytes, "step": seconds, "weights": stored}
 
 

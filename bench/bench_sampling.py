@@ -15,14 +15,14 @@ import torch
 
 from jedi_train.models.components import load_components
 from jedi_train.models.tiny import create_tiny_model_dir
-from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
 KS = (0, 1, 3, 5)
 
 
 def _pipeline(tmp):
     components = load_components(create_tiny_model_dir(tmp, resolution=32, pixel_fold=2))
-    components.unet.set_reference_attention("references")
+    components.denoiser.set_reference_attention("references")
     pipe = JeDiPipeline.from_components(components)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -38,7 +38,7 @@ def _batch(tokenizer):
 
 def bare(model_dir, batch):
     m = JeDiModule(model_dir=model_dir, optimizer={"lr": 1e-4}, ema={"enabled": True, "decay": 0.99})
-    opt = torch.optim.AdamW(m.unet.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(m.denoiser.parameters(), lr=1e-4)
     step = 0
 
     def one():
@@ -46,10 +46,10 @@ def bare(model_dir, batch):
         g = torch.Generator().manual_seed(step)
         loss = m.objective(batch, generator=g)["loss"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(m.denoiser.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        m.ema.step(m.unet.parameters())
+        m.ema.step(m.denoiser.parameters())
         step += 1
 
     one()

@@ -1,6 +1,7 @@
 """jedi-train: Joint-Image Diffusion (JeDi) training and sampling.
 
-Heavy imports are lazy (`import jedi_train` stays light): `jedi_train.JeDiPipeline` and
+Heavy imports are lazy (`import jedi_train` stays light): `jedi_train.JeDiAutoPipeline` (loads any export),
+`jedi_train.JeDiPipeline` and
 `jedi_train.JointUNet2DConditionModel` load on first use. The latter is also how saved pipelines
 name their UNet class in model_index.json (["jedi_train", "JointUNet2DConditionModel"]).
 """
@@ -9,7 +10,10 @@ from importlib import import_module
 import jedi_common.quiet  # noqa: F401  (optional packages' import-time noise off stderr)
 
 _LAZY = {
-    "JeDiPipeline": "jedi_train.pipelines.pipeline_jedi",
+    "JeDiAutoPipeline": "jedi_train.pipelines.auto",
+    "JeDiPipeline": "jedi_train.pipelines.pipeline_jedi_sd",
+    "JeDiFluxPipeline": "jedi_train.pipelines.pipeline_jedi_flux",
+    "JeDiSD3Pipeline": "jedi_train.pipelines.pipeline_jedi_sd3",
     "JeDiPipelineOutput": "jedi_train.pipelines.pipeline_jedi",
     "JointUNet2DConditionModel": "jedi_train.models.joint_unet",
     "make_grid": "jedi_train.viz",

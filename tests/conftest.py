@@ -73,7 +73,7 @@ def pipe_dir(tiny_model_dir, tmp_path_factory):
     (reference_attention 'references', references at t = 0), as jedi-export writes it."""
     from jedi_train.models.components import load_components
     from jedi_train.models.joint import JeDiConfig
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+    from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
     c = load_components(tiny_model_dir, JeDiConfig(reference_attention="references"))
     out = str(tmp_path_factory.mktemp("exported") / "pipeline")

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from jedi_train.models.joint_unet import load_joint_unet
-from jedi_train.training.checkpoints import load_checkpoint, load_unet_weights, unet_state_from_checkpoint
+from jedi_train.training.checkpoints import (
+    denoiser_state_from_checkpoint,
+    load_checkpoint,
+    load_denoiser_weights,
+)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "helpers", "fit_tiny.py")
 pytestmark = pytest.mark.slow
@@ -42,7 +46,7 @@ def _consolidates(ckpt_dir, model_dir: str, ranks: int) -> dict:
     ckpt = load_checkpoint(str(ckpt_dir))
     unet = load_joint_unet(model_dir)
     before = unet.conv_in.weight.clone()
-    load_unet_weights(unet, unet_state_from_checkpoint(ckpt), str(ckpt_dir))
+    load_denoiser_weights(unet, denoiser_state_from_checkpoint(ckpt), str(ckpt_dir))
     assert not torch.equal(before, unet.conv_in.weight)  # trained weights, not the initial ones
     assert "ema" in ckpt and ckpt["hyper_parameters"]["model_dir"] == model_dir
     return ckpt
@@ -75,7 +79,7 @@ def test_zero3_consolidates_shards_the_ema_resumes_and_merges_for_export(tiny_mo
     b = load_checkpoint(str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
     assert b["global_step"] == 3 and b["ema"]["optimization_step"] == 3
     names = b["trained_names"]
-    weights = unet_state_from_checkpoint(b)
+    weights = denoiser_state_from_checkpoint(b)
     d = EMAModel([torch.zeros(1)], decay=0.9).get_decay(3)
     assert 0 < d < 0.9
     for name, ema_a, ema_b in zip(names, a["ema"]["shadow_params"], b["ema"]["shadow_params"]):
@@ -84,9 +88,9 @@ def test_zero3_consolidates_shards_the_ema_resumes_and_merges_for_export(tiny_mo
     moved = max(float((e - weights[n].detach().float()).abs().max()) for n, e in zip(names, b["ema"]["shadow_params"]))
     assert moved > 0  # the EMA is not the weights
     from jedi_train.export.to_pipeline import export_checkpoint
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+    from jedi_train.pipelines.auto import JeDiAutoPipeline
 
-    exported = JeDiPipeline.from_pretrained(export_checkpoint(str(tmp_path / "b" / "checkpoints" / "last.ckpt"),
+    exported = JeDiAutoPipeline.from_pretrained(export_checkpoint(str(tmp_path / "b" / "checkpoints" / "last.ckpt"),
                                                               str(tmp_path / "pipe"))).unet.state_dict()
     for name, ema_b in zip(names, b["ema"]["shadow_params"]):
         torch.testing.assert_close(exported[name].float(), ema_b)  # the whole EMA, merged from both ranks
@@ -98,7 +102,7 @@ def test_lora_trains_under_ddp_and_zero2_and_exports(tiny_model_dir, tmp_path, s
     exclude_frozen_parameters) holds only the trained weights and exports to a pipeline whose UNet differs
     from the base."""
     from jedi_train.export.to_pipeline import export_checkpoint
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+    from jedi_train.pipelines.auto import JeDiAutoPipeline
 
     (tmp_path / "run").mkdir()
     results = _fit(tiny_model_dir, tmp_path / "run", strategy, 2, lora=True)
@@ -107,9 +111,9 @@ def test_lora_trains_under_ddp_and_zero2_and_exports(tiny_model_dir, tmp_path, s
     ckpt = load_checkpoint(str(ckpt_path))
     assert ckpt["lora_base"] and "ema" in ckpt
     # the Lightning file / the consolidated ZeRO states hold the adapter + conv_in only
-    assert all("lora" in k or "conv_in" in k for k in unet_state_from_checkpoint(ckpt))
+    assert all("lora" in k or "conv_in" in k for k in denoiser_state_from_checkpoint(ckpt))
     out = export_checkpoint(str(ckpt_path), str(tmp_path / "pipe"))
-    trained = JeDiPipeline.from_pretrained(out).unet
+    trained = JeDiAutoPipeline.from_pretrained(out).unet
     base = load_joint_unet(tiny_model_dir)
     assert not any("lora" in k for k in trained.state_dict())  # fused
     assert not torch.equal(trained.conv_in.weight, base.conv_in.weight)

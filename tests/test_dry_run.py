@@ -48,11 +48,11 @@ def test_flux_counts_lora_and_zero_sharding(tmp_path):
 def test_sd3_counts_its_three_text_encoders_and_the_widened_patch_embedding(tmp_path):
     from diffusers import SD3Transformer2DModel
 
-    from jedi_train.training.dry_run import ARCHITECTURES
+    from jedi_train.models.families import dry_run_preset
 
     e = estimate(compose_train(["experiment=sd3_s3", "model.model_dir=/nowhere", "trainer.devices=8"], tmp_path))
     with torch.device("meta"):
-        base = sum(p.numel() for p in SD3Transformer2DModel(**ARCHITECTURES["sd35_medium"]["denoiser"]).parameters())
+        base = sum(p.numel() for p in SD3Transformer2DModel(**dry_run_preset("sd35_medium")[1]["denoiser"]).parameters())
     assert e["family"] == "sd3" and e["denoiser"] == "JointSD3Transformer2DModel"
     assert e["trained"] == base + (33 - 16) * 1536 * 2 * 2  # + pos_embed.proj's reference | mask input channels
     assert e["frozen_parts"] == CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL + FLUX_VAE  # SD3's VAE is FLUX's shape
@@ -64,7 +64,7 @@ def test_a_model_directory_is_read_from_its_configs(model, fixture, request, tmp
     model_dir = request.getfixturevalue(fixture)
     e = estimate(compose_train(["experiment=demo", f"model={model}", f"model.model_dir={model_dir}"], tmp_path))
     c = load_components(model_dir, JeDiConfig(resolution=32))
-    assert e["trained"] == sum(p.numel() for p in c.unet.parameters())
+    assert e["trained"] == sum(p.numel() for p in c.denoiser.parameters())
     encoders = [m for k, m in c.text_parts().items() if k.startswith("text_encoder") and m is not None]
     assert e["frozen_parts"] == sum(p.numel() for m in (*encoders, c.vae) for p in m.parameters())
 
@@ -96,11 +96,11 @@ def test_activation_trace_on_meta_matches_real_tensors(fixture, request):
     meta trace models the fused kernels CPU and CUDA pick), grows linearly with the sets in the batch, and
     shrinks under gradient checkpointing."""
     c = load_components(request.getfixturevalue(fixture), JeDiConfig(resolution=32))
-    family, down = c.family, c.codec.downsample
-    real = activation_bytes(c.unet, family, 2, 3, 32, down, 16)
-    double = activation_bytes(c.unet, family, 4, 3, 32, down, 16)
-    checkpointed = activation_bytes(c.unet, family, 2, 3, 32, down, 16, gradient_checkpointing=True)
-    meta = activation_bytes(c.unet.to("meta"), family, 2, 3, 32, down, 16)
+    down = c.codec.downsample
+    real = activation_bytes(c.denoiser, 2, 3, 32, down, 16)
+    double = activation_bytes(c.denoiser, 4, 3, 32, down, 16)
+    checkpointed = activation_bytes(c.denoiser, 2, 3, 32, down, 16, gradient_checkpointing=True)
+    meta = activation_bytes(c.denoiser.to("meta"), 2, 3, 32, down, 16)
     assert real > 0 and 0 <= (meta - real) / real < 0.06  # meta copies a few reshapes CPU aliases: a little high
     assert 1.9 < double / real < 2.1  # linear in the sets of the batch
     assert checkpointed < 0.5 * real

@@ -160,7 +160,7 @@ def read_rows(path):
 
 @needs_dreambench
 def test_cli_end_to_end_and_resume(cli, pipe_dir, extractor_dirs, tmp_path, monkeypatch):
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+    from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
     masks = tmp_path / "masks" / "backpack"  # masks for one subject only: MDINO there, empty for dog2
     masks.mkdir(parents=True)

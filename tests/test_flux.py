@@ -15,7 +15,8 @@ from jedi_train.models.components import load_components
 from jedi_train.models.joint import JeDiConfig
 from jedi_train.models.joint_flux import shifted_sigmas
 from jedi_train.models.objective import JeDiObjective
-from jedi_train.pipelines.pipeline_jedi import JeDiFluxPipeline, JeDiPipeline
+from jedi_train.pipelines.auto import JeDiAutoPipeline
+from jedi_train.pipelines.pipeline_jedi_flux import JeDiFluxPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +41,7 @@ def test_text_conditioning_is_flux_s(components):
     with torch.no_grad():
         torch.testing.assert_close(emb.hidden, c.text_encoder_2(ids[:, 1])[0])
         torch.testing.assert_close(emb.pooled, c.text_encoder(ids[:, 0]).pooler_output)
-    assert emb.time_ids is None and emb.hidden.shape[-1] == c.unet.config.joint_attention_dim
+    assert emb.time_ids is None and emb.hidden.shape[-1] == c.denoiser.config.joint_attention_dim
 
 
 def test_flow_matching_objective(components):
@@ -63,15 +64,15 @@ def test_flow_matching_objective(components):
              "is_ref": torch.tensor([[True, False, False]] * 2)}
     out = objective(batch, generator=torch.Generator().manual_seed(0))
     out["loss"].backward()
-    assert torch.isfinite(out["loss"]) and c.unet.x_embedder.weight.grad[:, 64:].abs().sum() > 0
-    c.unet.zero_grad(set_to_none=True)
+    assert torch.isfinite(out["loss"]) and c.denoiser.x_embedder.weight.grad[:, 64:].abs().sum() > 0
+    c.denoiser.zero_grad(set_to_none=True)
 
 
 def test_reference_position_offset_moves_references_only(tiny_flux_model_dir):
     """reference_positions 'offset' (UNO): references at shifted rotary positions. A lone target is unchanged;
     in a set with a reference, the targets' outputs change (they see the reference at another position)."""
-    same = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32)).unet.eval()
-    moved = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32, reference_positions="offset")).unet.eval()
+    same = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32)).denoiser.eval()
+    moved = load_components(tiny_flux_model_dir, JeDiConfig(resolution=32, reference_positions="offset")).denoiser.eval()
     assert moved.jedi.reference_positions == "offset"
     g = torch.Generator().manual_seed(0)
     x, text = torch.randn(3, 33, 16, 16, generator=g), same.config
@@ -90,7 +91,7 @@ def test_reference_position_offset_moves_references_only(tiny_flux_model_dir):
 
 @needs_dreambench
 def test_pipeline_cache_guidance_and_persistence(cache_pipe_dir, tmp_path):
-    pipe = JeDiPipeline.from_pretrained(cache_pipe_dir)  # the one entry point picks the FLUX pipeline
+    pipe = JeDiAutoPipeline.from_pretrained(cache_pipe_dir)  # the one entry point picks the FLUX pipeline
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe, JeDiFluxPipeline) and pipe.guidance_distilled and pipe.reference_cache_supported()
     cached = run(pipe, CAN[:3], use_reference_cache=True)

@@ -8,12 +8,13 @@ import pytest
 import torch
 from helpers.pipelines import make_pipeline_dir, run_generic
 
+from jedi_train.pipelines.auto import JeDiAutoPipeline
 from jedi_train.pipelines.bundle import bundle_sources
-from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
 
 def jedi_images(pipe_dir):
-    pipe = JeDiPipeline.from_pretrained(pipe_dir)
+    pipe = JeDiAutoPipeline.from_pretrained(pipe_dir)
     pipe.set_progress_bar_config(disable=True)
     refs = [np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)]
     return pipe(reference_images=refs, prompt=["a can", "a can on a beach"], num_inference_steps=2,
@@ -25,7 +26,7 @@ def test_export_loads_with_plain_diffusers_without_jedi_train(tiny_model_dir, tm
     pipe_dir = make_pipeline_dir(tiny_model_dir, str(tmp_path / "pipe"))
     with open(os.path.join(pipe_dir, "model_index.json")) as f:
         index = json.load(f)
-    assert index["_class_name"] == ["pipeline_jedi", "JeDiPipeline"]
+    assert index["_class_name"] == ["pipeline_jedi_sd", "JeDiPipeline"]
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     carried = bundle_sources(JeDiPipeline.__module__)
     for name in carried:
@@ -48,26 +49,28 @@ def test_export_loads_with_plain_diffusers_without_jedi_train(tiny_model_dir, tm
 
 def test_jedipipeline_uses_the_installed_code_not_the_bundle(tiny_model_dir, tmp_path):
     pipe_dir = make_pipeline_dir(tiny_model_dir, str(tmp_path / "pipe"))
-    with open(os.path.join(pipe_dir, "pipeline_jedi.py"), "a") as f:
+    with open(os.path.join(pipe_dir, "pipeline_jedi_sd.py"), "a") as f:
         f.write("\nraise RuntimeError('bundled code was executed')\n")
-    pipe = JeDiPipeline.from_pretrained(pipe_dir)
+    pipe = JeDiAutoPipeline.from_pretrained(pipe_dir)
     assert type(pipe) is JeDiPipeline
 
 
 def test_bundle_is_flat_and_complete():
     sources = bundle_sources(JeDiPipeline.__module__)
     # derived from the imports: the pipeline, what it imports (to any depth) and the bundle writer itself
-    assert {"pipeline_jedi.py", "jedi_attention.py", "jedi_text.py", "jedi_images.py", "jedi_bundle.py"} <= set(sources)
+    assert {"pipeline_jedi_sd.py", "jedi_attention.py", "jedi_text.py", "jedi_images.py", "jedi_bundle.py"} <= set(sources)
     for name, source in sources.items():
         for line in source.splitlines():
             s = line.strip()
             assert not s.startswith(("from data_pipelines", "from jedi_train", "from jedi_common")), (name, s)
             if s.startswith("from ."):  # every relative import names a carried file
-                assert s.split()[1][1:] + ".py" in sources, (name, s)
+                words = s.split()
+                target = words[3] if words[1] == "." else words[1][1:]  # from . import X as Y | from .X import
+                assert target + ".py" in sources, (name, s)
     # every module the entry file needs is imported by the entry itself (diffusers copies only those)
-    entry = sources["pipeline_jedi.py"]
+    entry = sources["pipeline_jedi_sd.py"]
     for name in sources:
-        if name != "pipeline_jedi.py":
+        if name != "pipeline_jedi_sd.py":
             assert f"from .{name[:-3]} import" in entry, name
 
 
@@ -75,7 +78,7 @@ def test_bundle_refuses_to_carry_training_code(monkeypatch):
     from jedi_train.pipelines import bundle
 
     real = bundle._project_imports
-    monkeypatch.setattr(bundle, "_project_imports", lambda src: real(src) + ["jedi_train.training.module"])
+    monkeypatch.setattr(bundle, "_project_imports", lambda src: real(src) + [("jedi_train.training.module", None)])
     with pytest.raises(RuntimeError, match="jedi_train.training.module"):
         bundle_sources(JeDiPipeline.__module__)
 

@@ -6,7 +6,7 @@ from helpers.batches import set_batch
 
 from jedi_train.models.components import load_components, tokenize
 from jedi_train.models.objective import Dropout, JeDiObjective, ObjectiveConfig, identity_gain, latent_mask
-from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def components(tiny_model_dir):
     c = load_components(tiny_model_dir)
     torch.manual_seed(0)
     with torch.no_grad():  # make the reference channels matter (a fresh widened conv_in ignores them)
-        c.unet.conv_in.weight.normal_(0, 0.05)
+        c.denoiser.conv_in.weight.normal_(0, 0.05)
     return c
 
 

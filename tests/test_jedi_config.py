@@ -9,7 +9,8 @@ import torch
 from jedi_train.models.components import load_components, load_denoiser
 from jedi_train.models.joint import JeDiConfig, infer_pixel_fold
 from jedi_train.models.joint_unet import JointUNet2DConditionModel
-from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+from jedi_train.pipelines.auto import JeDiAutoPipeline
+from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 from jedi_train.training.encode import frozen_encoders
 
 
@@ -46,7 +47,7 @@ def test_a_saved_joint_model_keeps_its_settings_but_takes_the_reference_attentio
     out = str(tmp_path / "pipe")
     JeDiPipeline.from_components(c).save_pretrained(out)
     kept = load_denoiser(out)  # no config: exactly as saved
-    assert kept.jedi == c.unet.jedi
+    assert kept.jedi == c.denoiser.jedi
     with pytest.warns(UserWarning, match=r"made with conditioning='replacement' \(asked 'channels'\).* saved settings "
                                          "are kept"):
         switched = load_denoiser(out, JeDiConfig(reference_attention="references"))
@@ -67,7 +68,7 @@ def test_settings_saved_before_all_fields_existed_load_with_the_defaults(tiny_mo
     cfg["_jedi"] = {"conditioning": "channels", "reference_timestep": "zero", "pixel_fold": 2, "latent_channels": 12}
     with open(path, "w") as f:
         json.dump(cfg, f)
-    pipe = JeDiPipeline.from_pretrained(out)
+    pipe = JeDiAutoPipeline.from_pretrained(out)
     assert pipe.denoiser.jedi.reference_attention == "set" and pipe.codec.fold == 2
     assert torch.isfinite(pipe.denoiser.conv_in.weight).all()
 

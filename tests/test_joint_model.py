@@ -222,23 +222,23 @@ def test_lora_adapter_export_loads_into_the_base_pipeline(mmdit, request, tmp_pa
     from jedi_train.export.to_pipeline import save_lora_atomically
     from jedi_train.models.components import load_components
     from jedi_train.models.lora import LoraSettings, add_lora, trained_names
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+    from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
     model_dir = request.getfixturevalue(FIXTURES[mmdit])
     c = load_components(model_dir, JeDiConfig(resolution=32))
-    add_lora(c.unet, LoraSettings(rank=4))
-    full = c.unet.joint_input_module
-    assert {n for n in trained_names(c.unet) if "lora" not in n} == {f"{full}.weight", f"{full}.bias"}
+    add_lora(c.denoiser, LoraSettings(rank=4))
+    full = c.denoiser.joint_input_module
+    assert {n for n in trained_names(c.denoiser) if "lora" not in n} == {f"{full}.weight", f"{full}.bias"}
     with torch.no_grad():  # as if trained: every trained weight moves
-        for p in c.unet.parameters():
+        for p in c.denoiser.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    x, t, e = _inputs(3, unet=c.unet)
+    x, t, e = _inputs(3, unet=c.denoiser)
     x = torch.cat([x, x, x[:, :1]], dim=1)  # [noisy | reference | mask]: 2C + 1 channels
     layout = SetLayout.build(torch.tensor([[True, False, False]]))
     with torch.no_grad():
-        want = c.unet.eval().denoise(x, t, e, layout)
-    out = save_lora_atomically(c.unet, str(tmp_path / "lora"))
+        want = c.denoiser.eval().denoise(x, t, e, layout)
+    out = save_lora_atomically(c.denoiser, str(tmp_path / "lora"))
     pipe = JeDiPipeline.from_components(load_components(model_dir, JeDiConfig(resolution=32)))
     with torch.no_grad():
         assert (pipe.transformer.denoise(x, t, e, layout) - want).abs().max() > 1e-2  # the base alone differs

@@ -12,9 +12,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(pipe_dir):
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+    from jedi_train.pipelines.auto import JeDiAutoPipeline
 
-    pipe = JeDiPipeline.from_pretrained(pipe_dir)
+    pipe = JeDiAutoPipeline.from_pretrained(pipe_dir)
     pipe.set_progress_bar_config(disable=True)
     ref = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     return pipe(reference_images=[ref], prompt=["a photo of a mug"], num_inference_steps=3, guidance_scale=2.0,

@@ -21,7 +21,7 @@ LORA = ["model.lora.rank=4", "export_after_fit=false"]
 def _unet(model_dir):
     from jedi_train.models.components import load_components
 
-    return load_components(model_dir).unet
+    return load_components(model_dir).denoiser
 
 
 def _predict(unet, seed=0):
@@ -73,11 +73,11 @@ def lora_runs(tmp_path_factory):
 
 def test_lora_checkpoints_hold_only_trained_weights_and_resume_exactly(lora_runs):
     ckpt = torch.load(lora_runs["full"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    unet_keys = [k for k in ckpt["state_dict"] if k.startswith("unet.")]
-    assert unet_keys and all("lora_" in k or k.startswith("unet.conv_in.") for k in unet_keys)
-    assert sorted(f"unet.{n}" for n in ckpt["trained_names"]) == sorted(unet_keys)
+    unet_keys = [k for k in ckpt["state_dict"] if k.startswith("denoiser.")]
+    assert unet_keys and all("lora_" in k or k.startswith("denoiser.conv_in.") for k in unet_keys)
+    assert sorted(f"denoiser.{n}" for n in ckpt["trained_names"]) == sorted(unet_keys)
     assert len(ckpt["ema"]["shadow_params"]) == len(unet_keys) and ckpt["lora_base"]
-    trained = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("unet."))
+    trained = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("denoiser."))
     assert trained < 0.2 * 4.1e6  # the tiny UNet has ~4 M weights; the checkpoint a fraction of them
     assert "resumed at step 2" in lora_runs["second"].stdout + lora_runs["second"].stderr
     full, res = losses(lora_runs["full"]), losses(lora_runs["resumed"])
@@ -88,7 +88,8 @@ def test_lora_checkpoints_hold_only_trained_weights_and_resume_exactly(lora_runs
 
 def test_fused_export_equals_the_adapter_loaded_into_the_base_pipeline(lora_runs, tmp_path):
     from jedi_train.models.components import load_components
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+    from jedi_train.pipelines.auto import JeDiAutoPipeline
+    from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
     root, ckpt = lora_runs["root"], str(lora_runs["full"] / "checkpoints" / "last.ckpt")
     fused, adapter = tmp_path / "fused", tmp_path / "lora"
@@ -96,7 +97,7 @@ def test_fused_export_equals_the_adapter_loaded_into_the_base_pipeline(lora_runs
     out = run_jedi("jedi-export", ckpt, str(adapter), "--lora-only", root=root)
     assert "exported LoRA adapter" in out.stdout
     assert os.listdir(adapter) == ["pytorch_lora_weights.safetensors"]
-    pipe = JeDiPipeline.from_pretrained(str(fused))
+    pipe = JeDiAutoPipeline.from_pretrained(str(fused))
     hp = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
     base = JeDiPipeline.from_components(load_components(hp["model_dir"], JeDiConfig.from_dict(hp),
                                                         hp["prediction_type"]))
@@ -113,7 +114,7 @@ def test_lora_only_on_a_full_finetune_is_refused(tmp_path, tiny_model_dir):
     from jedi_train.models.components import load_components
     from jedi_train.training.checkpoints import atomic_save
 
-    unet = load_components(tiny_model_dir).unet
+    unet = load_components(tiny_model_dir).denoiser
     ckpt = tmp_path / "full.ckpt"
     atomic_save({"state_dict": {f"unet.{k}": v for k, v in unet.state_dict().items()},
                  "hyper_parameters": {"model_dir": tiny_model_dir}}, str(ckpt))

@@ -35,15 +35,15 @@ def _bytes(tensors):
 @pytest.mark.parametrize("dtype,ratio", [("bfloat16", 0.5), ("float8_e4m3fn", 0.25)])
 def test_the_frozen_base_is_stored_in_low_precision_and_the_adapter_still_trains(tiny_model_dir, dtype, ratio):
     full, low = _module(tiny_model_dir), _module(tiny_model_dir, dtype)
-    frozen = [n for n, p in low.unet.named_parameters() if not p.requires_grad]
-    kept = dict(full.unet.named_parameters())
-    stored = {n: p for n, p in low.unet.named_parameters() if not p.requires_grad}
+    frozen = [n for n, p in low.denoiser.named_parameters() if not p.requires_grad]
+    kept = dict(full.denoiser.named_parameters())
+    stored = {n: p for n, p in low.denoiser.named_parameters() if not p.requires_grad}
     cast = [n for n in frozen if stored[n].dtype == getattr(torch, dtype)]
     assert any(".to_q.base_layer." in n for n in cast) and any("conv" in n for n in cast)
     plain = [n.replace("parametrizations.weight.original", "weight") for n in cast]  # the name without storage
     assert _bytes(stored[n] for n in cast) == pytest.approx(ratio * _bytes(kept[n] for n in plain))
     assert low.strict_loading is False  # a LoRA checkpoint holds the trained weights only: resume loads it partially
-    for n, p in low.unet.named_parameters():  # what trains stays fp32
+    for n, p in low.denoiser.named_parameters():  # what trains stays fp32
         if p.requires_grad:
             assert p.dtype == torch.float32 and ("lora_" in n or n.startswith("conv_in.")), n
 
@@ -52,23 +52,23 @@ def test_the_frozen_base_is_stored_in_low_precision_and_the_adapter_still_trains
     tol = {"bfloat16": 0.005, "float8_e4m3fn": 0.02}[dtype]  # the base's rounding, nothing else (seen: 1e-4, 1.4e-3)
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= tol * ref.item()
     loss.backward()
-    grads = [p.grad for n, p in low.unet.named_parameters() if "lora_B" in n]
+    grads = [p.grad for n, p in low.denoiser.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(stored[n].dtype == getattr(torch, dtype) for n in cast)  # back in storage after the forward
 
 
 def test_the_end_of_training_export_fuses_into_the_full_precision_base(tiny_model_dir, tmp_path):
     from jedi_train.export.to_pipeline import export_module
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+    from jedi_train.pipelines.auto import JeDiAutoPipeline
 
     low, full = _module(tiny_model_dir, "float8_e4m3fn"), _module(tiny_model_dir)
     with torch.no_grad():
-        for (n, p), (_, q) in zip(low.unet.named_parameters(), full.unet.named_parameters()):
+        for (n, p), (_, q) in zip(low.denoiser.named_parameters(), full.denoiser.named_parameters()):
             if p.requires_grad:  # the same "trained" adapter in both
                 p.add_(0.01 * torch.randn_like(p))
                 q.copy_(p)
-    a = JeDiPipeline.from_pretrained(export_module(low, str(tmp_path / "a"), use_ema=False)).unet.state_dict()
-    b = JeDiPipeline.from_pretrained(export_module(full, str(tmp_path / "b"), use_ema=False)).unet.state_dict()
+    a = JeDiAutoPipeline.from_pretrained(export_module(low, str(tmp_path / "a"), use_ema=False)).unet.state_dict()
+    b = JeDiAutoPipeline.from_pretrained(export_module(full, str(tmp_path / "b"), use_ema=False)).unet.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # not fused into fp8-rounded weights
 
 

@@ -39,26 +39,26 @@ def test_resumed_run_matches_uninterrupted_run(tiny_model_dir, tmp_path):
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_model_dir):
     module = make_module(tiny_model_dir, max_nonfinite_steps=3)
-    before = {k: v.clone() for k, v in module.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in module.denoiser.state_dict().items()}
     with pytest.raises(RuntimeError, match="NaN/inf for 3 steps in a row"):
         _fit(module, 10, nan_from=0)
     assert module.nonfinite_total == 3
-    assert all(torch.equal(before[k], v) for k, v in module.unet.state_dict().items())  # no step was taken
+    assert all(torch.equal(before[k], v) for k, v in module.denoiser.state_dict().items())  # no step was taken
 
 
 def test_frozen_parts_stay_out_of_the_optimizer_and_checkpoint(tiny_model_dir):
     module = make_module(tiny_model_dir)
     names = set(module.state_dict())
-    assert names and all(n.startswith("unet.") for n in names)  # text encoder / VAE not saved or sharded
+    assert names and all(n.startswith("denoiser.") for n in names)  # text encoder / VAE not saved or sharded
     opt = module.configure_optimizers  # needs a trainer for max_steps: check the parameter set instead
-    trainable = {id(p) for p in module.unet.parameters() if p.requires_grad}
+    trainable = {id(p) for p in module.denoiser.parameters() if p.requires_grad}
     assert not any(p.requires_grad for p in module.components.text_encoder.parameters())
-    assert len(trainable) == len(list(module.unet.parameters())) and callable(opt)
+    assert len(trainable) == len(list(module.denoiser.parameters())) and callable(opt)
 
 
 def test_trainable_prefixes_limit_what_trains(tiny_model_dir):
     module = make_module(tiny_model_dir, trainable=["conv_in", "down_blocks.1.attentions"])
-    trained = [n for n, p in module.unet.named_parameters() if p.requires_grad]
+    trained = [n for n, p in module.denoiser.named_parameters() if p.requires_grad]
     assert trained and all(n.startswith(("conv_in", "down_blocks.1.attentions")) for n in trained)
 
 
@@ -83,7 +83,7 @@ def test_optimizer_and_schedule_come_from_their_partial_configs(tiny_model_dir):
     out = m.configure_optimizers()
     opt, sch = out["optimizer"], out["lr_scheduler"]["scheduler"]
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
-    trained = {id(p) for p in m.unet.parameters() if p.requires_grad}
+    trained = {id(p) for p in m.denoiser.parameters() if p.requires_grad}
     assert {id(p) for g in opt.param_groups for p in g["params"]} == trained
     lrs = []
     for _ in range(6):

@@ -47,7 +47,7 @@ def test_references_get_no_gradient_from_their_prediction(tiny_model_dir):
     obj = JeDiObjective(comps)
     batch = _batch(comps)
     seen = {}
-    handle = comps.unet.register_forward_hook(lambda m, i, o: seen.setdefault("pred", o.sample) .retain_grad())
+    handle = comps.denoiser.register_forward_hook(lambda m, i, o: seen.setdefault("pred", o.sample) .retain_grad())
     out = obj(batch, dropout=_no_dropout(batch))
     out["loss"].backward()
     handle.remove()
@@ -108,7 +108,7 @@ def test_latent_model_trains_only_the_unet(tiny_vae_model_dir):
     out = obj(_batch(comps))
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
-    assert comps.unet.conv_in.weight.grad is not None
+    assert comps.denoiser.conv_in.weight.grad is not None
     assert all(p.grad is None and not p.requires_grad for p in comps.vae.parameters())
     assert all(p.grad is None for p in comps.text_encoder.parameters())
 
@@ -140,10 +140,10 @@ def test_each_parameterisation_has_zero_loss_at_its_own_target(tiny_model_dir, p
                "v_prediction": comps.noise_scheduler.get_velocity(latents, noise, t_img)}
     assert torch.equal(obj.target(latents, noise, t_img), targets[prediction_type])
     for name, pred in targets.items():  # the UNet's forward replaced by a fixed prediction
-        comps.unet.forward = lambda *a, pred=pred, **k: SimpleNamespace(sample=pred)
+        comps.denoiser.forward = lambda *a, pred=pred, **k: SimpleNamespace(sample=pred)
         loss = obj(batch, noise=noise, timesteps=t, dropout=_no_dropout(batch))["loss"].item()
         assert loss == 0 if name == prediction_type else loss > 1e-3, (name, loss)
-    del comps.unet.forward
+    del comps.denoiser.forward
 
 def test_min_snr_weighting_for_sample_prediction(tiny_model_dir):
     from diffusers.training_utils import compute_snr

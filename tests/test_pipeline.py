@@ -12,7 +12,8 @@ from PIL import Image
 
 from jedi_train.models.components import load_components
 from jedi_train.models.joint import JeDiConfig
-from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+from jedi_train.pipelines.auto import JeDiAutoPipeline
+from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 from jedi_train.pipelines.references import load_references, prepare_reference
 from jedi_train.pipelines.set_plan import SetPlan, guidance_branches
 
@@ -293,14 +294,14 @@ def test_bad_inputs(pipe, pipe_dir, tiny_model_dir, tmp_path):
         run(pipe, [np.zeros((32, 32, 3), np.uint8)], prompts=[])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
-        JeDiPipeline.from_pretrained(str(tmp_path / "empty"))
+        JeDiAutoPipeline.from_pretrained(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        JeDiPipeline.from_pretrained(str(tmp_path / "missing"))
+        JeDiAutoPipeline.from_pretrained(str(tmp_path / "missing"))
     plain = shutil.copytree(pipe_dir, tmp_path / "plain")  # a base UNet where the joint one should be
     shutil.rmtree(plain / "unet")
     shutil.copytree(os.path.join(tiny_model_dir, "unet"), plain / "unet")
     with pytest.raises(ValueError, match="not a joint UNet"):
-        JeDiPipeline.from_pretrained(str(plain))
+        JeDiAutoPipeline.from_pretrained(str(plain))
     with pytest.raises(ValueError, match="not a joint UNet"):
         JeDiPipeline(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"), pipe.text_encoder,
                      pipe.tokenizer, pipe.scheduler)

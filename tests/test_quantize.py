@@ -45,7 +45,7 @@ def test_bad_settings_are_one_clear_error(monkeypatch):
 def test_a_run_with_8bit_text_encoders_exports_them_as_released(tiny_model_dir, tmp_path):
     pytest.importorskip("torchao")
     from jedi_train.export.to_pipeline import export_module
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+    from jedi_train.pipelines.auto import JeDiAutoPipeline
     from jedi_train.training.module import JeDiModule
 
     m = JeDiModule(tiny_model_dir, text_encoder_quantization="int8", ema={"enabled": False})
@@ -54,7 +54,7 @@ def test_a_run_with_8bit_text_encoders_exports_them_as_released(tiny_model_dir, 
     batch_ids = m.components.text.token_ids(["a can"])
     assert torch.isfinite(m.components.text.embed(batch_ids).hidden).all()
     out = export_module(m, str(tmp_path / "pipe"))
-    pipe = JeDiPipeline.from_pretrained(out)
+    pipe = JeDiAutoPipeline.from_pretrained(out)
     released = load_components(tiny_model_dir).text_encoder
     assert all(type(p) is torch.nn.Parameter for p in pipe.text_encoder.parameters())
     for (name, p), q in zip(pipe.text_encoder.named_parameters(), released.parameters()):

@@ -15,7 +15,8 @@ from helpers.pipelines import CAN, DOG, load, make_pipeline_dir, needs_dreambenc
 from jedi_train.models.components import load_components
 from jedi_train.models.joint import JeDiConfig
 from jedi_train.models.objective import JeDiObjective
-from jedi_train.pipelines.pipeline_jedi import JeDiPipeline, JeDiSD3Pipeline
+from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
+from jedi_train.pipelines.pipeline_jedi_sd3 import JeDiSD3Pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,8 +40,8 @@ def test_text_conditioning_is_sd3_s(components):
     clip = F.pad(torch.cat([l.hidden_states[-2], g.hidden_states[-2]], -1), (0, t5.shape[-1] - 32))
     torch.testing.assert_close(emb.hidden, torch.cat([clip, t5], dim=1))
     torch.testing.assert_close(emb.pooled, torch.cat([l.text_embeds, g.text_embeds], -1))
-    assert emb.hidden.shape[-1] == c.unet.config.joint_attention_dim
-    assert emb.pooled.shape[-1] == c.unet.config.pooled_projection_dim
+    assert emb.hidden.shape[-1] == c.denoiser.config.joint_attention_dim
+    assert emb.pooled.shape[-1] == c.denoiser.config.pooled_projection_dim
 
 
 def test_flow_objective_trains_the_widened_patch_embedding(components):
@@ -52,8 +53,8 @@ def test_flow_objective_trains_the_widened_patch_embedding(components):
              "is_ref": torch.tensor([[True, False, False]] * 2)}
     out = objective(batch, generator=torch.Generator().manual_seed(0))
     out["loss"].backward()
-    assert torch.isfinite(out["loss"]) and c.unet.pos_embed.proj.weight.grad[:, 16:].abs().sum() > 0
-    c.unet.zero_grad(set_to_none=True)
+    assert torch.isfinite(out["loss"]) and c.denoiser.pos_embed.proj.weight.grad[:, 16:].abs().sum() > 0
+    c.denoiser.zero_grad(set_to_none=True)
 
 
 @needs_dreambench

@@ -13,7 +13,7 @@ from helpers.pipelines import CAN, DOG, load, make_pipeline_dir, needs_dreambenc
 
 from jedi_train.models.components import load_components
 from jedi_train.models.objective import JeDiObjective
-from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +40,7 @@ def test_text_conditioning_is_sdxl_s(components):
         out2 = c.text_encoder_2(ids[:, 1], output_hidden_states=True)
     torch.testing.assert_close(emb.hidden, torch.cat([h1, out2.hidden_states[-2]], dim=-1))
     torch.testing.assert_close(emb.pooled, out2.text_embeds)
-    assert emb.hidden.shape[-1] == c.unet.config.cross_attention_dim
+    assert emb.hidden.shape[-1] == c.denoiser.config.cross_attention_dim
     assert emb.time_ids.tolist() == [[32.0, 32, 0, 0, 32, 32]] * 2
 
 
@@ -53,9 +53,9 @@ def test_objective_trains_the_unet_with_pooled_text(components):
     out = objective(batch, generator=torch.Generator().manual_seed(0))
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
-    assert c.unet.add_embedding.linear_1.weight.grad.abs().sum() > 0  # the pooled-text / time-id path trains
+    assert c.denoiser.add_embedding.linear_1.weight.grad.abs().sum() > 0  # the pooled-text / time-id path trains
     assert all(p.grad is None for p in c.text_encoder_2.parameters())
-    c.unet.zero_grad(set_to_none=True)
+    c.denoiser.zero_grad(set_to_none=True)
     # caption dropout replaces BOTH tokenizers' ids by the empty caption's
     drop = objective.sample_dropout(batch["is_ref"], torch.ones(2, 3, dtype=torch.bool))
     assert objective.empty_ids.shape == ids.shape[2:]
@@ -86,9 +86,9 @@ def test_size_and_crop_micro_conditioning_come_from_each_images_own_geometry(com
 
     def record(sample, t, text, layout, guidance=None):
         seen["time_ids"] = text.time_ids
-        return torch.zeros_like(sample[:, :components.unet.config.out_channels])
+        return torch.zeros_like(sample[:, :components.denoiser.config.out_channels])
 
-    monkeypatch.setattr(components.unet, "denoise", record)
+    monkeypatch.setattr(components.denoiser, "denoise", record)
     JeDiObjective(components)(batch, generator=torch.Generator().manual_seed(0))
     t = seen["time_ids"].view(2, 3, 6)
     assert t[0].tolist() == [[40, 64, 0, int(x), 32, 32] for x in geo[:, 3]]
@@ -121,4 +121,4 @@ def test_bad_sdxl_directories_fail_in_one_line(tiny_sdxl_model_dir, components, 
         load_components(str(flux))
     c = components
     with pytest.raises(ValueError, match="no text_encoder_2"):
-        JeDiPipeline(c.unet, c.text_encoder, c.tokenizer, c.noise_scheduler, c.vae)
+        JeDiPipeline(c.denoiser, c.text_encoder, c.tokenizer, c.noise_scheduler, c.vae)

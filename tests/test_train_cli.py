@@ -119,8 +119,8 @@ def check_model_card(out: Path, step: int, run_id: str):
 
 
 def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path):
-    from jedi_train import JeDiPipeline
     from jedi_train.models.attention import SetLayout
+    from jedi_train.pipelines.auto import JeDiAutoPipeline
     from jedi_train.training.module import JeDiModule
 
     ckpt = runs["resumed"] / "checkpoints" / "last.ckpt"
@@ -131,7 +131,7 @@ def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path)
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not glob.glob(str(tmp_path / "*tmp*"))  # the temp dir was renamed, not left behind
     check_model_card(out, step=2 * K, run_id=(runs["resumed"] / "wandb_id.txt").read_text().strip())
-    pipe = JeDiPipeline.from_pretrained(out)
+    pipe = JeDiAutoPipeline.from_pretrained(out)
     assert pipe.reference_cache_supported()  # the demo trains references->references attention at t=0
     module = JeDiModule.load_from_checkpoint(str(ckpt), map_location="cpu")
     g = torch.Generator().manual_seed(0)
@@ -145,7 +145,7 @@ def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path)
     got = unet(x, t, text, set_layout=layout).sample
     assert torch.allclose(got, want, atol=1e-5)
     with pytest.raises(AssertionError):  # the raw (non-EMA) weights differ: EMA was really exported
-        assert torch.allclose(got, module.unet(x, t, text, set_layout=layout).sample, atol=1e-5)
+        assert torch.allclose(got, module.denoiser(x, t, text, set_layout=layout).sample, atol=1e-5)
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path):

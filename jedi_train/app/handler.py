@@ -1,6 +1,6 @@
 """What the page calls: JeDiApp.generate (references + prompts -> gallery, references, zip, status) and
 JeDiApp.preview (uploads -> the references as the model will see them). Sampling is jedi-sample's own
-(cli/sample.py: prepare_references, make_scheduler, generate, settings_dict, write_results), with the same
+(sampling.py: prepare_references, make_scheduler, generate, settings_dict, write_results), with the same
 defaults; a request's directory holds exactly what jedi-sample writes to --out, and the zip holds that."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 
 import gradio as gr
 
-from jedi_train.cli import sample
+from jedi_train import sampling as sample
 
 MAX_PROMPTS = 8
 MAX_IMAGES_PER_PROMPT = 8
@@ -76,7 +76,6 @@ class JeDiApp:
 
     # -- what the page shows about the model -------------------------------------------------------
     def model_info(self) -> str:
-        from jedi_train.export.model_card import _backbone
 
         pipe = self.pipe
         if pipe.reference_cache_supported():
@@ -84,7 +83,7 @@ class JeDiApp:
         else:
             cache = (f"off (this model has reference_timestep={pipe.denoiser.jedi.reference_timestep}; "
                      "references are recomputed at every step)")
-        return (f"**Model** `{self.pipeline_dir}`  \n**Backbone** {_backbone(pipe)}  \n"
+        return (f"**Model** `{self.pipeline_dir}`  \n**Backbone** {pipe.describe()}  \n"
                 f"**Resolution** {pipe.resolution} px  \n**Reference KV cache** {cache}  \n"
                 f"**Device** {pipe.device}  \n**Sampler** {type(self.base_scheduler).__name__} (default)")
 
@@ -153,7 +152,8 @@ class JeDiApp:
 
         max_set_size = sample.DEFAULTS["max_set_size"]
         with self.lock:
-            self.pipe.scheduler = sample.make_scheduler(self.base_scheduler, None if scheduler == "default" else scheduler)
+            self.pipe.scheduler = sample.make_scheduler(self.base_scheduler, None if scheduler == "default" else scheduler,
+                                                       self.pipe.family)
             progress(0, desc="sampling")
             try:
                 result, seconds = sample.generate(self.pipe, ref_files, prompts, num, seed, steps, guidance,

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from jedi_train.cli.sample import UsageError, check_pipeline_dir, load_pipeline
+    from jedi_train.sampling import UsageError, check_pipeline_dir, load_pipeline
 
     try:
         check_pipeline_dir(args.pipeline_dir)

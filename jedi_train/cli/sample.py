@@ -10,26 +10,27 @@ The directory is written under a temporary name next to --out and renamed at the
 crashed or interrupted run never leaves a --out that looks complete.
 Bad input: one line on stderr naming the input and the fix, exit code 2.
 
-The steps shared with jedi-app (the web demo, app/): DEFAULTS, prepare_references, load_pipeline,
-generate, settings_dict and write_results.
+The library behind it (shared with jedi-app and jedi-eval) is jedi_train/sampling.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 from jedi_common.errors import missing
-
-SCHEDULERS = ("ddim", "dpm")
-# sampling defaults of jedi-sample and jedi-app alike (scheduler None: the pipeline's own)
-DEFAULTS = {"seed": 0, "steps": 30, "guidance": 7.5, "image_guidance": 1.5, "scheduler": None, "max_set_size": 8}
-
-
-class UsageError(Exception):
-    pass
+from jedi_train.sampling import (
+    DEFAULTS,
+    SCHEDULERS,
+    UsageError,
+    check_pipeline_dir,
+    generate,
+    load_pipeline,
+    make_scheduler,
+    prepare_references,
+    settings_dict,
+    write_results,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,14 +66,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def check_pipeline_dir(path: str) -> None:
-    if not os.path.isdir(path):
-        raise UsageError(f"pipeline directory {path} {missing(path)}; give the folder jedi-export wrote")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise UsageError(f"pipeline directory {path} has no model_index.json, so it is not a saved "
-                         "pipeline; export one with jedi-export CHECKPOINT OUT_DIR")
-
-
 def check_args(args) -> None:
     """Everything that can be checked before the model loads."""
     check_pipeline_dir(args.pipeline_dir)
@@ -102,124 +95,6 @@ def check_args(args) -> None:
                          "will not replace it; choose a new directory")
 
 
-def check_reference_sizes(files, max_pixels: int | None = None) -> list[str]:
-    """Refuse photos PIL will not decode (decompression bombs) or over max_pixels; header reads only.
-    Returns warnings: tiny photos, CMYK (converted to RGB), animations (first frame used)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from data_pipelines.sets import SetOptions
-
-    min_size = SetOptions.min_image_size  # training drops images smaller than this
-    warnings = []
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                (w, h), mode, frames = img.size, img.mode, getattr(img, "n_frames", 1)
-        except Image.DecompressionBombError:
-            raise UsageError(f"reference {path} has too many pixels for PIL to decode safely (a possible "
-                             "decompression bomb); give a smaller photo, e.g. scaled to 4096 px or less") from None
-        except (UnidentifiedImageError, OSError):
-            continue  # load_references names it
-        if max_pixels is not None and w * h > max_pixels:
-            raise UsageError(f"reference {path} is {w}x{h} pixels, over the limit of {max_pixels / 1e6:.0f} M "
-                             "pixels; give a smaller photo, e.g. scaled to 4096 px or less")
-        if min(w, h) < min_size:
-            warnings.append(f"reference {path} is only {w}x{h} pixels (training drops images under {min_size} px); "
-                            "it is upscaled and shows little of the subject")
-        if mode == "CMYK":
-            warnings.append(f"reference {path} is CMYK; it was converted to RGB (colours may shift: save it as "
-                            "RGB for exact colours)")
-        if frames > 1:
-            warnings.append(f"reference {path} is animated ({frames} frames); only its first frame is used")
-    return warnings
-
-
-def prepare_references(refs, max_pixels: int | None = None) -> tuple[list[str], list[str]]:
-    """--ref items (files, folders) -> (absolute image files, warnings). Raises UsageError / ValueError
-    (unreadable image) / FileNotFoundError: all before the model runs."""
-    from jedi_train.pipelines.references import expand_reference_paths, load_references
-
-    ref_files = [os.path.abspath(p) for p in expand_reference_paths(list(refs))]
-    warnings = check_reference_sizes(ref_files, max_pixels)
-    load_references(ref_files, 8)  # unreadable files fail here, before the model loads
-    return ref_files, warnings
-
-
-def load_pipeline(pipeline_dir: str, device: str | None = None):
-    """The JeDiPipeline on `device` (default: cuda if available, else cpu)."""
-    import torch
-
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return JeDiPipeline.from_pretrained(pipeline_dir).to(device)
-
-
-def make_scheduler(base, name: str | None):
-    """`base` (the pipeline's own scheduler) for None, else a DDIM / DPM-Solver++ from its config."""
-    if name is None:
-        return base
-    if "FlowMatch" in type(base).__name__:  # FLUX: the DDPM-family samplers do not apply
-        raise UsageError(f"--scheduler {name} is for DDPM-family models (SD, SDXL); this FLUX pipeline samples with "
-                         f"its flow-matching {type(base).__name__}: leave --scheduler out")
-    if name == "ddim":
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler.from_config(base.config)
-    if name == "dpm":
-        from diffusers import DPMSolverMultistepScheduler
-
-        return DPMSolverMultistepScheduler.from_config(base.config, algorithm_type="dpmsolver++")
-    raise UsageError(f"scheduler {name!r} is unknown; use one of {', '.join(SCHEDULERS)}")
-
-
-def generate(pipe, ref_files, prompts, num: int, seed: int, steps: int, guidance: float, image_guidance: float,
-             max_set_size: int, no_cache: bool = False):
-    """One sampling call with pipe's current scheduler -> (JeDiPipelineOutput, seconds)."""
-    import torch
-
-    t0 = time.perf_counter()
-    result = pipe(reference_images=ref_files, prompt=list(prompts), num_images_per_prompt=num,
-                  num_inference_steps=steps, guidance_scale=guidance, image_guidance_scale=image_guidance,
-                  max_set_size=max_set_size, generator=torch.Generator(device="cpu").manual_seed(seed),
-                  output_type="pil", use_reference_cache=False if no_cache else None)  # None: when trained for it
-    return result, time.perf_counter() - t0
-
-
-def output_names(prompts, num: int) -> list[dict]:
-    return [{"file": f"{i // num:02d}_{i % num:02d}.png", "prompt": prompts[i // num], "index": i % num}
-            for i in range(len(prompts) * num)]
-
-
-def settings_dict(pipe, pipeline_dir, ref_files, prompts, num, seed, steps, guidance, image_guidance,
-                  max_set_size, no_cache, seconds, command) -> dict:
-    """What settings.json holds: every setting, the files written, the timing."""
-    return {
-        "pipeline_dir": os.path.abspath(pipeline_dir), "references": list(ref_files), "prompts": list(prompts),
-        "num_images_per_prompt": num, "seed": seed, "steps": steps,
-        "guidance_scale": guidance, "image_guidance_scale": image_guidance,
-        "scheduler": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
-        "reference_cache": bool(not no_cache and pipe.reference_cache_supported() and image_guidance != 0),
-        "max_set_size": max_set_size, "resolution": pipe.resolution, "device": str(pipe.device),
-        "jedi": pipe.denoiser.jedi.to_dict(), "outputs": output_names(prompts, num), "grid": "grid.png",
-        "sampling_seconds": round(seconds, 3), "command": list(command),
-    }
-
-
-def write_results(out_dir: str, result, settings: dict) -> None:
-    """The outputs, references/, grid.png and settings.json into an existing directory."""
-    from jedi_train.viz import make_grid
-
-    for img, o in zip(result.images, settings["outputs"]):
-        img.save(os.path.join(out_dir, o["file"]))
-    os.makedirs(os.path.join(out_dir, "references"), exist_ok=True)
-    for i, img in enumerate(result.reference_images):
-        img.save(os.path.join(out_dir, "references", f"{i:02d}.png"))
-    make_grid(result.reference_images, result.images, settings["prompts"]).save(os.path.join(out_dir, "grid.png"))
-    with open(os.path.join(out_dir, "settings.json"), "w") as f:
-        json.dump(settings, f, indent=2, default=str)  # default=str: tuples/dtypes in scheduler configs
-
-
 def run(args) -> str:
     from jedi_common.atomic import staged_dir
 
@@ -227,7 +102,7 @@ def run(args) -> str:
     for w in warnings:
         print(f"jedi-sample: warning: {w}", file=sys.stderr)
     pipe = load_pipeline(args.pipeline_dir, args.device)
-    pipe.scheduler = make_scheduler(pipe.scheduler, args.scheduler)
+    pipe.scheduler = make_scheduler(pipe.scheduler, args.scheduler, pipe.family)
     result, seconds = generate(pipe, ref_files, args.prompt, args.num, args.seed, args.steps, args.guidance,
                                args.image_guidance, args.max_set_size, args.no_cache)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -33,27 +32,15 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, stat: Callable[[np.ndarra
 
 
 def load_pipeline(pipeline_dir: str, device: str | None = None):
-    """A JeDiPipeline from an export dir, or EvalError naming what is wrong."""
-    import torch
+    """The saved pipeline of any family (sampling.load_pipeline, the loader jedi-sample uses), or EvalError
+    naming what is wrong."""
+    from jedi_train.sampling import UsageError
+    from jedi_train.sampling import load_pipeline as load
 
-    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
-
-    if not os.path.isdir(pipeline_dir):
-        raise EvalError(f"pipeline directory {pipeline_dir} does not exist; give the folder jedi-export wrote")
-    index = os.path.join(pipeline_dir, "model_index.json")
-    if not os.path.isfile(index):
-        raise EvalError(f"{pipeline_dir} has no model_index.json, so it is not a saved pipeline; export one with "
-                        "jedi-export CHECKPOINT OUT_DIR")
-    with open(index) as f:
-        cls = json.load(f).get("_class_name")
-    if isinstance(cls, list) and len(cls) == 2:  # ["jedi_pipeline", "JeDiPipeline"]: bundled code (bundle.py)
-        cls = cls[1]
-    if cls != "JeDiPipeline":
-        raise EvalError(f"{pipeline_dir} holds a {cls}, not a JeDiPipeline; give a directory jedi-export wrote")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = JeDiPipeline.from_pretrained(pipeline_dir).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    try:
+        return load(pipeline_dir, device, progress=False)
+    except UsageError as e:
+        raise EvalError(str(e)) from None
 
 
 def write_json_atomic(path: str, obj) -> None:

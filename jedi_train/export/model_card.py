@@ -76,18 +76,6 @@ def _base_model(model_dir: str | None) -> str | None:
     return None
 
 
-def _backbone(pipe) -> str:
-    model = pipe.denoiser
-    u, jedi = model.config, model.jedi
-    params = sum(p.numel() for p in model.parameters())
-    space = (f"pixel space (pixels folded {jedi.pixel_fold}x{jedi.pixel_fold})" if pipe.vae is None
-             else f"latent space ({type(pipe.vae).__name__}, /{pipe.codec.downsample})")
-    shape = (f"blocks {list(u.block_out_channels)}" if "block_out_channels" in u else
-             f"{u.num_layers} double + {u.num_single_layers} single-stream blocks" if "num_single_layers" in u else
-             f"{u.num_layers} joint blocks")  # SD3
-    return f"{type(model).__name__} ({params / 1e6:.1f} M parameters, {shape}), {space}, {pipe.resolution} px"
-
-
 def latest_eval_table(run_dir: str | None) -> str | None:
     """The newest jedi-eval summary.md under the run (eval*/summary.md), without its title line."""
     if not run_dir:
@@ -116,7 +104,7 @@ def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: 
     opt = hparams.get("optimizer") or {}
     world = (info.get("devices") or 1) if isinstance(info.get("devices"), int) else 1
     world *= info.get("num_nodes") or 1
-    rows = [("backbone", _backbone(pipe)),
+    rows = [("backbone", pipe.describe()),
             ("base model", base or f"local `{hparams.get('model_dir', '?')}`"),
             ("JeDi", (f"conditioning {jedi.conditioning}, reference timestep {jedi.reference_timestep}, "
                       f"reference attention {jedi.reference_attention}, "
@@ -132,8 +120,8 @@ def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: 
     snippet = (
         "```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
         "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_REPO\", trust_remote_code=True)  # code ships here\n"
-        "# or, with jedi-train installed: from jedi_train.pipelines.pipeline_jedi import JeDiPipeline; "
-        "JeDiPipeline.from_pretrained(...)\n"
+        "# or, with jedi-train installed: from jedi_train.pipelines.auto import JeDiAutoPipeline; "
+        "JeDiAutoPipeline.from_pretrained(...)\n"
         "images = pipe(reference_images=[\"ref1.jpg\", \"ref2.jpg\"],  # 1..K photos of one subject\n"
         "              prompt=[\"a photo of it on the beach\"], num_images_per_prompt=4,\n"
         "              guidance_scale=3.0, image_guidance_scale=3.0,  # text / identity strength\n"

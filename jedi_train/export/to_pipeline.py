@@ -16,10 +16,10 @@ import torch
 
 from jedi_common.atomic import staged_dir
 from jedi_train.export.model_card import find_run_dir, write_model_card
+from jedi_train.models import families
 from jedi_train.models.components import (
     Components,
     check_model_dir,
-    denoiser_family,
     load_components,
     load_denoiser,
     load_text_parts,
@@ -36,14 +36,14 @@ from jedi_train.models.lora import (
     trained_parameters,
 )
 from jedi_train.pipelines.bundle import is_bundle_file
-from jedi_train.pipelines.pipeline_jedi import JeDiFluxPipeline, JeDiPipeline, JeDiSD3Pipeline
+from jedi_train.pipelines.pipeline_jedi import JeDiBasePipeline
 from jedi_train.training.checkpoints import (
     check_family,
     check_lora_checkpoint,
     copy_ema,
+    denoiser_state_from_checkpoint,
     load_checkpoint,
-    load_unet_weights,
-    unet_state_from_checkpoint,
+    load_denoiser_weights,
 )
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights(DIR) finds it
@@ -98,24 +98,24 @@ def export_module(module, out_dir: str, use_ema: bool = True, overwrite: bool = 
     """From a live JeDiModule (end of training; replaces the run's previous export on resume)."""
     if module.lora.enabled and module.lora.base_dtype:  # fuse into the full-precision base, not the stored one
         hp = dict(module.hparams)
-        unet = load_denoiser(hp["model_dir"], module.jedi)  # the rest is the module's own
-        add_lora(unet, module.lora)
-        unet.load_state_dict({n: p.detach().cpu().float() for n, p in module.unet.named_parameters()
+        denoiser = load_denoiser(hp["model_dir"], module.jedi)  # the rest is the module's own
+        add_lora(denoiser, module.lora)
+        denoiser.load_state_dict({n: p.detach().cpu().float() for n, p in module.denoiser.named_parameters()
                               if p.requires_grad}, strict=False)
     else:
-        unet = copy.deepcopy(module.unet).to("cpu", torch.float32)
+        denoiser = copy.deepcopy(module.denoiser).to("cpu", torch.float32)
     if use_ema and module.ema is not None:
         ema = copy.deepcopy(module.ema)
         ema.to("cpu")
-        ema.copy_to(trained_parameters(unet))
-    if has_lora(unet):
-        fuse_lora(unet)
+        ema.copy_to(trained_parameters(denoiser))
+    if has_lora(denoiser):
+        fuse_lora(denoiser)
     components = copy.copy(module.components)
     if module.hparams.get("text_encoder_quantization"):  # the export ships the text encoders as released
         for name, part in load_text_parts(module.hparams["model_dir"], components.family).items():
             setattr(components, name, part)
     card = {"hparams": dict(module.hparams), "step": module.global_step, "run_dir": find_run_dir(out_dir)}
-    return save_pipeline_atomically(JeDiPipeline.from_components(components, unet), out_dir, overwrite, card)
+    return save_pipeline_atomically(JeDiBasePipeline.from_components(components, denoiser), out_dir, overwrite, card)
 
 
 def check_lora_target(out_dir: str, overwrite: bool) -> None:
@@ -128,11 +128,11 @@ def check_lora_target(out_dir: str, overwrite: bool) -> None:
         raise ValueError(f"{out_dir} holds a previous LoRA export; pass --overwrite to replace it")
 
 
-def save_lora_atomically(unet, out_dir: str) -> str:
+def save_lora_atomically(denoiser, out_dir: str) -> str:
     """The adapter alone in diffusers' format (pipe.load_lora_weights(out_dir) on a JeDiPipeline of the base)."""
     out_dir = os.path.realpath(out_dir)
-    state, metadata = lora_layers(unet.to("cpu", torch.float32))
-    pipeline = {"flux": JeDiFluxPipeline, "sd3": JeDiSD3Pipeline}.get(denoiser_family(unet), JeDiPipeline)
+    state, metadata = lora_layers(denoiser.to("cpu", torch.float32))
+    pipeline = families.family_of(denoiser).pipeline()
     with staged_dir(out_dir) as tmp:
         pipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
                                        weight_name=LORA_WEIGHTS)
@@ -152,21 +152,21 @@ def export_checkpoint(ckpt_path: str, out_dir: str, use_ema: bool = True, model_
         raise ValueError(f"{ckpt_path} records no model_dir; pass --model-dir with the base model directory")
     check_family(ckpt, check_model_dir(model_dir), ckpt_path)  # before loading: the settings differ by family
     components = components_from_hparams(hp, model_dir)
-    unet, lora = components.unet, LoraSettings(**(hp.get("lora") or {}))
+    denoiser, lora = components.denoiser, LoraSettings(**(hp.get("lora") or {}))
     if lora.enabled:
-        add_lora(unet, lora)
-        check_lora_checkpoint(ckpt, base_fingerprint(unet), trained_names(unet), ckpt_path)
-        unet.load_state_dict(unet_state_from_checkpoint(ckpt), strict=False)
+        add_lora(denoiser, lora)
+        check_lora_checkpoint(ckpt, base_fingerprint(denoiser), trained_names(denoiser), ckpt_path)
+        denoiser.load_state_dict(denoiser_state_from_checkpoint(ckpt), strict=False)
     elif lora_only:
         raise ValueError(f"{ckpt_path} was trained without LoRA (model.lora.rank 0); --lora-only needs a LoRA run "
                          "(export the whole pipeline without --lora-only)")
     else:
-        load_unet_weights(unet, unet_state_from_checkpoint(ckpt), ckpt_path)
+        load_denoiser_weights(denoiser, denoiser_state_from_checkpoint(ckpt), ckpt_path)
     if use_ema and ckpt.get("ema"):
-        copy_ema(unet, ckpt)
+        copy_ema(denoiser, ckpt)
     if lora_only:
-        return save_lora_atomically(unet, out_dir)
+        return save_lora_atomically(denoiser, out_dir)
     if lora.enabled:
-        fuse_lora(unet)
+        fuse_lora(denoiser)
     card = {"hparams": hp, "step": ckpt.get("global_step"), "run_dir": find_run_dir(ckpt_path)}
-    return save_pipeline_atomically(JeDiPipeline.from_components(components), out_dir, overwrite, card)
+    return save_pipeline_atomically(JeDiBasePipeline.from_components(components), out_dir, overwrite, card)

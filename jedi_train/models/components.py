@@ -1,17 +1,13 @@
-"""The frozen parts around the joint UNet: tokenizer(s), text encoder(s), VAE (or pixel codec), scheduler.
+"""The frozen parts around the joint denoiser: tokenizer(s), text encoder(s), VAE (or pixel codec), scheduler.
 
-One loader, `load_components(model_dir)`, reads a diffusers Stable-Diffusion directory of either family:
-  * SD 1.x/2.x: unet/, text_encoder/, tokenizer/, scheduler/, vae/ (optional: pixel-space tiny models);
-  * SDXL: the same plus text_encoder_2/ and tokenizer_2/ (its UNet takes pooled text + time ids);
-  * FLUX.1: transformer/ (an MM-DiT) in place of unet/, CLIP + T5 text encoders, a flow-matching scheduler;
-  * SD3 / SD3.5: transformer/ (an MM-DiT), three text encoders (CLIP-L, CLIP-G, T5), a flow-matching scheduler.
-The family is read from the denoiser's config. A real download and the tiny offline models that
-`tiny.create_tiny_model_dir` writes use the same path: tests exercise exactly what a user's directory goes through.
+One loader, `load_components(model_dir)`, reads a diffusers directory of any family in the family table
+(families.py: SD 1.x/2.x, SDXL, FLUX.1, SD3 / SD3.5): the row says which folders it has, which text encoders,
+which scheduler. A real download and the tiny offline models that `tiny.create_tiny_model_dir` writes use the
+same path: tests exercise exactly what a user's directory goes through.
 """
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import warnings
@@ -19,37 +15,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTokenizer
 
+from jedi_train.models import families
+from jedi_train.models.families import Family
 from jedi_train.models.joint import JeDiConfig
-from jedi_train.models.joint_flux import load_joint_flux
-from jedi_train.models.joint_sd3 import load_joint_sd3
-from jedi_train.models.joint_unet import JointUNet2DConditionModel, load_joint_unet
 from jedi_train.models.text import PromptEncoder, tokenize  # noqa: F401  (tokenize: re-exported for callers)
-
-FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1",
-            "sd3": "Stable Diffusion 3"}
-REQUIRED = {"sd": ("unet", "text_encoder", "tokenizer", "scheduler"),
-            "sdxl": ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-            "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-            "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
-                    "tokenizer_2", "tokenizer_3", "scheduler")}
-FLOW_FAMILIES = ("flux", "sd3")  # MM-DiTs trained by flow matching, their denoiser in transformer/
-# transformer/config.json's _class_name (a base model, or a jedi-train export) -> family
-TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "flux", "JointFluxTransformer2DModel": "flux",
-                       "SD3Transformer2DModel": "sd3", "JointSD3Transformer2DModel": "sd3"}
-
-
-def denoiser_folder(family: str) -> str:
-    return "transformer" if family in FLOW_FAMILIES else "unet"
 
 
 class LatentCodec:
@@ -114,32 +87,36 @@ class LatentCodec:
 
 @dataclass
 class Components:
-    unet: JointUNet2DConditionModel
-    text_encoder: CLIPTextModel
+    denoiser: torch.nn.Module  # the joint UNet or MM-DiT: the one module that trains
+    text_encoder: torch.nn.Module
     tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
     vae: AutoencoderKL | None
-    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL, FLUX (T5), SD3
-    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: torch.nn.Module | None = None  # SDXL, FLUX (T5), SD3
+    tokenizer_2: object | None = None
     text_encoder_3: torch.nn.Module | None = None  # SD3: T5
     tokenizer_3: object | None = None
 
     @property
     def codec(self) -> LatentCodec:
-        return LatentCodec.of(self.vae, self.unet)
+        return LatentCodec.of(self.vae, self.denoiser)
 
     @property
     def resolution(self) -> int:
-        return model_resolution(self.unet, self.codec)
+        return model_resolution(self.denoiser, self.codec)
 
     @property
-    def text(self) -> PromptEncoder:
-        return PromptEncoder.of(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
-                                self.tokenizer_3, self.text_encoder_3)
+    def family_row(self) -> Family:
+        return families.family_of(self.denoiser)
 
     @property
     def family(self) -> str:
-        return denoiser_family(self.unet)
+        return self.family_row.name
+
+    @property
+    def text(self) -> PromptEncoder:
+        return PromptEncoder.of(self.family_row.text_layout, self.tokenizer, self.text_encoder, self.tokenizer_2,
+                                self.text_encoder_2, self.tokenizer_3, self.text_encoder_3)
 
     def drop_text_encoders(self) -> None:
         """Free the text encoders when every batch brings cached embeddings (jedi-data encode); tokenizers stay."""
@@ -151,58 +128,20 @@ class Components:
 
 
 def denoiser_family(model) -> str:
-    if isinstance(model, FluxTransformer2DModel):
-        return "flux"
-    if isinstance(model, SD3Transformer2DModel):
-        return "sd3"
-    return "sdxl" if model.config.get("addition_embed_type") == "text_time" else "sd"
+    return families.family_of(model).name
 
 
 def model_resolution(denoiser, codec: LatentCodec) -> int:
-    """Pixel size the model works at: sample size x the codec's downsampling (UNets, SD3); a FLUX transformer
-    has no fixed size: the resolution it was made joint for (its _jedi settings)."""
-    if denoiser_family(denoiser) == "flux":
+    """Pixel size the model works at: sample size x the codec's downsampling (UNets, SD3); a family without a
+    fixed size (FLUX): the resolution it was made joint for (its _jedi settings)."""
+    if not families.family_of(denoiser).fixed_resolution:
         return int(denoiser.jedi.resolution)
     return denoiser.config.sample_size * codec.downsample
 
 
 def model_family(model_dir: str) -> str:
-    """'sd', 'sdxl', 'flux' or 'sd3', read from the denoiser's config; one clear error for anything else."""
-    unet_cfg = os.path.join(model_dir, "unet", "config.json")
-    if not os.path.isfile(unet_cfg):
-        found = _pipeline_class(model_dir)
-        transformer_cfg = os.path.join(model_dir, "transformer", "config.json")
-        if os.path.isdir(os.path.join(model_dir, "transformer")):
-            try:
-                with open(transformer_cfg) as f:
-                    cls = json.load(f).get("_class_name")
-            except (OSError, ValueError):
-                cls = None
-            if cls in TRANSFORMER_CLASSES:
-                return TRANSFORMER_CLASSES[cls]
-            raise ValueError(f"model directory {model_dir} holds a diffusion transformer ({cls or found or 'transformer/'}"
-                             f"{', ' + found if found and cls else ''}) that jedi-train does not support; it supports "
-                             f"{', '.join(FAMILIES.values())}: point model.model_dir at one of those")
-        return "sd"  # check_model_dir names the missing unet/
-    with open(unet_cfg) as f:
-        cfg = json.load(f)
-    added = cfg.get("addition_embed_type")
-    if added == "text_time":
-        return "sdxl"
-    if added is not None or cfg.get("_class_name", "UNet2DConditionModel") not in ("UNet2DConditionModel",
-                                                                                  "JointUNet2DConditionModel"):
-        raise ValueError(f"model directory {model_dir} holds a {cfg.get('_class_name')} with addition_embed_type="
-                         f"{added!r} ({_pipeline_class(model_dir) or 'unknown pipeline'}); jedi-train supports "
-                         f"{', '.join(FAMILIES.values())}")
-    return "sd"
-
-
-def _pipeline_class(model_dir: str) -> str | None:
-    try:
-        with open(os.path.join(model_dir, "model_index.json")) as f:
-            return json.load(f).get("_class_name")
-    except (OSError, ValueError):
-        return None
+    """The family's short name, read from the denoiser's config; one clear error for anything else."""
+    return families.family_of_dir(model_dir).name
 
 
 def check_model_dir(model_dir: str) -> str:
@@ -212,13 +151,13 @@ def check_model_dir(model_dir: str) -> str:
         raise FileNotFoundError(f"model directory {model_dir} {why}; set model.model_dir to a diffusers "
                                 "Stable Diffusion directory (unet/ text_encoder/ tokenizer/ scheduler/ [vae/]; "
                                 "SDXL also text_encoder_2/ tokenizer_2/)")
-    family = model_family(model_dir)
-    for comp in REQUIRED[family]:
+    family = families.family_of_dir(model_dir)
+    for comp in family.required:
         if not os.path.isdir(os.path.join(model_dir, comp)):
-            why = " (its UNet takes SDXL's pooled text embeddings and time ids)" if family == "sdxl" else ""
-            raise FileNotFoundError(f"model directory {model_dir} is a {FAMILIES[family]} model{why} but lacks the "
+            why = " (its UNet takes SDXL's pooled text embeddings and time ids)" if family.name == "sdxl" else ""
+            raise FileNotFoundError(f"model directory {model_dir} is a {family.title} model{why} but lacks the "
                                     f"'{comp}' component ({os.path.join(model_dir, comp)} is missing)")
-    return family
+    return family.name
 
 
 def refuse_pickled_weights(load):
@@ -246,45 +185,34 @@ TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "tex
 @refuse_pickled_weights
 def load_text_parts(model_dir: str, family: str) -> dict:
     """{component name: model} for TEXT_PARTS: the family's tokenizers and text encoders, None for the rest."""
-    from transformers import AutoTokenizer, T5EncoderModel
-
+    row = families.get(family)
     parts = dict.fromkeys(TEXT_PARTS)
-    first_clip = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel  # SD3 pools both CLIPs' projections
-    parts["text_encoder"] = first_clip.from_pretrained(model_dir, subfolder="text_encoder")
-    parts["tokenizer"] = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    if family in ("sdxl", "sd3"):
-        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")
-        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
-    t5 = {"flux": "2", "sd3": "3"}.get(family)
-    if t5:
-        parts[f"text_encoder_{t5}"] = T5EncoderModel.from_pretrained(model_dir, subfolder=f"text_encoder_{t5}")
-        parts[f"tokenizer_{t5}"] = AutoTokenizer.from_pretrained(model_dir, subfolder=f"tokenizer_{t5}")
+    for slot, (encoder, tokenizer) in enumerate(zip(row.encoder_folders, row.tokenizers)):
+        parts[encoder] = row.text_encoder_class(slot).from_pretrained(model_dir, subfolder=encoder)
+        parts[tokenizer] = row.tokenizer_class(slot).from_pretrained(model_dir, subfolder=tokenizer)
     return parts
 
 
 @refuse_pickled_weights
 def load_denoiser(model_dir: str, jedi: JeDiConfig | None = None):
-    """The joint denoiser alone (UNet, or FLUX's transformer). A base model is made joint with `jedi`; a
+    """The joint denoiser alone (the family's joint class). A base model is made joint with `jedi`; a
     saved joint model keeps its settings, except the reference-attention rule (no weights depend on it),
     which `jedi` sets when given."""
-    family = check_model_dir(model_dir)
+    family = families.get(check_model_dir(model_dir))
     make = jedi or JeDiConfig()
-    if family in FLOW_FAMILIES:
-        unet = (load_joint_flux if family == "flux" else load_joint_sd3)(model_dir, "transformer", make)
-    else:
-        if os.path.isdir(os.path.join(model_dir, "vae")):  # latents are not folded pixels, whatever their channels
-            make = make.replace(pixel_fold=1)
-        unet = load_joint_unet(model_dir, "unet", make)
+    if not family.needs_vae and os.path.isdir(os.path.join(model_dir, "vae")):  # latents, not folded pixels
+        make = make.replace(pixel_fold=1)
+    denoiser = family.joint().load(model_dir, family.denoiser_folder, make)
     if jedi is not None:
-        saved = unet.jedi
+        saved = denoiser.jedi
         kept = [f"{k}={v!r} (asked {getattr(jedi, k)!r})" for k, v in saved.to_dict().items()
                 if k in ("conditioning", "reference_timestep", "reference_positions") and getattr(jedi, k) != v]
         if kept:  # the weights were trained with them: the saved ones win
             warnings.warn(f"{model_dir} holds a joint model made with {', '.join(kept)}; its saved settings are "
                           "kept (they shaped its weights): set model.* to match to silence this", stacklevel=2)
         if saved.reference_attention != jedi.reference_attention:
-            unet.set_reference_attention(jedi.reference_attention)
-    return unet
+            denoiser.set_reference_attention(jedi.reference_attention)
+    return denoiser
 
 
 @refuse_pickled_weights
@@ -293,19 +221,19 @@ def load_components(model_dir: str, jedi: JeDiConfig | None = None, prediction_t
     """Load every component of a diffusers directory; the denoiser becomes (or stays) joint (see load_denoiser).
     noise_schedule: DDPMScheduler config overrides, e.g. {"rescale_betas_zero_snr": True} (zero terminal
     SNR: at t = 999 the noisy image holds nothing of the image, as sampling from pure noise assumes)."""
-    family = check_model_dir(model_dir)
+    family = families.get(check_model_dir(model_dir))
     has_vae = os.path.isdir(os.path.join(model_dir, "vae"))
-    unet = load_denoiser(model_dir, jedi)
-    text = load_text_parts(model_dir, family)
-    if family in FLOW_FAMILIES:  # flow matching: the velocity is the only target
+    denoiser = load_denoiser(model_dir, jedi)
+    text = load_text_parts(model_dir, family.name)
+    if family.flow_matching:  # the velocity is the only target
         if prediction_type not in (None, "flow") or noise_schedule:
-            raise ValueError(f"{FAMILIES[family]} is a flow-matching model: set model.prediction_type=flow (not "
+            raise ValueError(f"{family.title} is a flow-matching model: set model.prediction_type=flow (not "
                              f"{prediction_type!r}) and model.noise_schedule=null")
         noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
     else:
         if prediction_type == "flow":
             raise ValueError(f"prediction_type=flow is for flow-matching models (FLUX, SD3); {model_dir} is a "
-                             f"{FAMILIES[family]} model: use epsilon, v_prediction or sample")
+                             f"{family.title} model: use epsilon, v_prediction or sample")
         sched_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
         sched_kwargs.update(noise_schedule or {})
         noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **sched_kwargs)
@@ -315,4 +243,4 @@ def load_components(model_dir: str, jedi: JeDiConfig | None = None, prediction_t
             frozen.requires_grad_(False).eval()
             if dtype is not None:
                 frozen.to(dtype)
-    return Components(unet=unet, noise_scheduler=noise_scheduler, vae=vae, **text)
+    return Components(denoiser=denoiser, noise_scheduler=noise_scheduler, vae=vae, **text)

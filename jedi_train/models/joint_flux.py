@@ -177,6 +177,15 @@ class JointFluxTransformer2DModel(JointDenoiserMixin, FluxTransformer2DModel):
                    joint_attention_kwargs=kwargs).sample
         return unpack(out, h, w)
 
+    def dummy_inputs(self, images: int, latent: int, text_len: int, dtype, device):
+        """(sample, timesteps, text) shaped as the objective hands them over (the dry run traces with them)."""
+        cfg = self.config
+        text = TextEmbeddings(torch.empty(images, text_len, cfg.joint_attention_dim, dtype=dtype, device=device),
+                              torch.empty(images, cfg.pooled_projection_dim, dtype=dtype, device=device))
+        channels = cfg.in_channels // 4  # denoise() packs 2x2 patches itself
+        sample = torch.empty(images, channels, latent, latent, dtype=dtype, device=device)
+        return sample, torch.empty(images, device=device), text
+
 
 def load_joint_flux(path: str, subfolder: str | None = "transformer", jedi: JeDiConfig | None = None,
                     **from_pretrained_kwargs) -> JointFluxTransformer2DModel:

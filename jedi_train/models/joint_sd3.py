@@ -105,6 +105,14 @@ class JointSD3Transformer2DModel(JointDenoiserMixin, SD3Transformer2DModel):
         return self(hidden_states=sample, encoder_hidden_states=text.hidden, pooled_projections=text.pooled,
                     timestep=timestep, joint_attention_kwargs=kwargs).sample
 
+    def dummy_inputs(self, images: int, latent: int, text_len: int, dtype, device):
+        """(sample, timesteps, text): CLIP + T5 tokens side by side at T5's width; both CLIPs' pooled projections."""
+        cfg = self.config
+        text = TextEmbeddings(torch.empty(images, text_len, cfg.joint_attention_dim, dtype=dtype, device=device),
+                              torch.empty(images, cfg.pooled_projection_dim, dtype=dtype, device=device))
+        sample = torch.empty(images, cfg.in_channels, latent, latent, dtype=dtype, device=device)
+        return sample, torch.empty(images, device=device), text
+
 
 def load_joint_sd3(path: str, subfolder: str | None = "transformer", jedi: JeDiConfig | None = None,
                    **from_pretrained_kwargs) -> JointSD3Transformer2DModel:

@@ -64,6 +64,18 @@ class JointUNet2DConditionModel(JointDenoiserMixin, UNet2DConditionModel):
         return super().forward(sample, timestep, encoder_hidden_states, *args,
                                cross_attention_kwargs=cross_attention_kwargs, **kwargs)
 
+    def dummy_inputs(self, images: int, latent: int, text_len: int, dtype, device):
+        """(sample, timesteps, text) shaped as the objective hands them over (the dry run traces with them)."""
+        cfg, pooled, time_ids = self.config, None, None
+        if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 time ids per image
+            dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            pooled = torch.empty(images, dim, dtype=dtype, device=device)
+            time_ids = torch.empty(images, 6, dtype=dtype, device=device)
+        text = TextEmbeddings(torch.empty(images, text_len, cfg.cross_attention_dim, dtype=dtype, device=device),
+                              pooled, time_ids)
+        sample = torch.empty(images, cfg.in_channels, latent, latent, dtype=dtype, device=device)
+        return sample, torch.empty(images, device=device), text
+
 
 def load_joint_unet(path: str, subfolder: str | None = "unet", jedi: JeDiConfig | None = None,
                     **from_pretrained_kwargs) -> JointUNet2DConditionModel:

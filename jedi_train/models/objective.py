@@ -168,7 +168,7 @@ class JeDiObjective:
                  dropout: Dropout | None = None, generator: torch.Generator | None = None,
                  return_error: bool = False) -> dict:
         """return_error: also return the per-element squared error (B*N, C, h, w), detached."""
-        unet = self.c.unet
+        unet = self.c.denoiser
         pixels, ids = batch["pixel_values"], batch["input_ids"]
         is_ref = batch["is_ref"].bool()
         valid = batch.get("valid", torch.ones_like(is_ref)).bool()

@@ -16,6 +16,7 @@ stream, its caption cache and the caption dropout stay one code path.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -102,27 +103,28 @@ def token_ids(tokenizers: list, captions: list[str]) -> torch.Tensor:
 
 class PromptEncoder:
     """The frozen tokenizer(s) and text encoder(s) of one model: token ids for the data stream, embeddings
-    for the denoiser. One pair = SD 1.x/2.x; two = SDXL (the second encoder has the projection) or FLUX (the
-    second is T5); three = SD3."""
+    for the denoiser. `layout` is the family's recipe (families.py `text_layout`): "sd" one pair; "sdxl" two
+    CLIPs (the second with the projection); "flux" CLIP pooled + T5; "sd3" two CLIPs + T5."""
 
-    def __init__(self, tokenizers: list, text_encoders: list):
+    LAYOUTS: ClassVar[dict[str, int]] = {"sd": 1, "sdxl": 2, "flux": 2, "sd3": 3}  # layout -> tokenizer/encoder pairs
+
+    def __init__(self, tokenizers: list, text_encoders: list, layout: str):
         """text_encoders all None: dropped (Components.drop_text_encoders); token ids still work, embed refuses."""
-        if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2, 3):
-            raise ValueError(f"{len(tokenizers)} tokenizers / {len(text_encoders)} text encoders: expected one pair "
-                             "(SD 1.x/2.x), two (SDXL, FLUX) or three (SD3)")
-        self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"text layout {layout!r} is unknown; known: {', '.join(self.LAYOUTS)}")
+        if len(tokenizers) != len(text_encoders) or len(tokenizers) != self.LAYOUTS[layout]:
+            raise ValueError(f"{len(tokenizers)} tokenizers / {len(text_encoders)} text encoders, but the {layout} "
+                             f"text layout takes {self.LAYOUTS[layout]} of each")
+        self.tokenizers, self.text_encoders, self.layout = list(tokenizers), list(text_encoders), layout
         self.dropped = all(e is None for e in self.text_encoders)
-        # SDXL's second encoder is a CLIP with projection; FLUX's is T5 (no pooled output of its own)
-        self.layout = ("sd" if len(tokenizers) == 1 else "sd3" if len(tokenizers) == 3 else
-                       "flux" if "T5" in type(text_encoders[1]).__name__ else "sdxl")
 
     @classmethod
-    def of(cls, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None, tokenizer_3=None,
+    def of(cls, layout: str, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None, tokenizer_3=None,
            text_encoder_3=None) -> PromptEncoder:
-        """From a model's named components (the pairs it has: SD one, SDXL / FLUX two, SD3 three)."""
-        pairs = [(t, e) for t, e in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2),
-                                     (tokenizer_3, text_encoder_3)) if t is not None]
-        return cls([t for t, _ in pairs], [e for _, e in pairs])
+        """From a model's named components (the pairs its layout has)."""
+        pairs = [(tokenizer, text_encoder), (tokenizer_2, text_encoder_2), (tokenizer_3, text_encoder_3)]
+        pairs = pairs[:cls.LAYOUTS.get(layout, 3)]  # an unknown layout: __init__ names it
+        return cls([t for t, _ in pairs], [e for _, e in pairs], layout)
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
         return token_ids(self.tokenizers, captions)
@@ -136,7 +138,7 @@ class PromptEncoder:
                              "text embeddings; cache every source with `jedi-data encode`, or set "
                              "data.drop_text_encoders=false")
         enc = self.text_encoders[0]
-        if len(self.tokenizers) == 1:
+        if self.layout == "sd":
             return TextEmbeddings(enc(ids.reshape(-1, ids.shape[-1]).to(enc.device))[0])
         ids = ids.reshape(-1, len(self.tokenizers), ids.shape[-1])
         parts = [ids[:, i, :t.model_max_length] for i, t in enumerate(self.tokenizers)]

@@ -1,4 +1,5 @@
-"""Tiny models that need no download: randomly initialised SD / SDXL / FLUX.1 / SD3 directories in the real layouts.
+"""Tiny models that need no download: randomly initialised directories in the real layouts, one recipe per
+family (the family table names it: families.py `tiny_recipe`).
 
 `create_tiny_model_dir` writes what `model=tiny_pixel | tiny_sdxl | tiny_flux | tiny_sd3` create on first use
 (model.create_tiny_if_missing); they load through `components.load_components` exactly like a user's
@@ -15,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from jedi_train.models.components import FAMILIES
+from jedi_train.models import families
 
 
 def build_tiny_tokenizer(out_dir: str, model_max_length: int = 32) -> CLIPTokenizer:
@@ -59,20 +60,25 @@ def create_tiny_model_dir(out_dir: str, resolution: int = 32, pixel_fold: int = 
                           prediction_type: str = "v_prediction", seed: int = 0,
                           unet_kwargs: dict | None = None, family: str = "sd",
                           transformer_kwargs: dict | None = None) -> str:
-    """Write a randomly initialised model directory in the real layout (a BASE model, not yet joint).
-    family 'sdxl': two text encoders (the second with a projection) and a UNet taking pooled text + time ids;
-    'flux' / 'sd3': see _create_tiny_flux_dir / _create_tiny_sd3_dir (transformer_kwargs; resolution and the
-    UNet settings do not apply)."""
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is unknown; use one of {tuple(FAMILIES)}")
+    """Write a randomly initialised model directory in the real layout (a BASE model, not yet joint), with the
+    family's recipe. UNet families take resolution / pixel_fold / with_vae / prediction_type / unet_kwargs;
+    the MM-DiTs take transformer_kwargs (see their recipes)."""
+    row = families.get(family)
     torch.manual_seed(seed)
-    if family in ("flux", "sd3"):
-        create = _create_tiny_flux_dir if family == "flux" else _create_tiny_sd3_dir
-        return create(out_dir, **(transformer_kwargs or {}))
+    return row.create_tiny(out_dir, family=row, resolution=resolution, pixel_fold=pixel_fold, with_vae=with_vae,
+                           prediction_type=prediction_type, unet_kwargs=unet_kwargs,
+                           transformer_kwargs=transformer_kwargs)
+
+
+def create_tiny_unet_dir(out_dir: str, family: families.Family, resolution: int = 32, pixel_fold: int = 2,
+                         with_vae: bool = False, prediction_type: str = "v_prediction",
+                         unet_kwargs: dict | None = None, **_) -> str:
+    """SD 1.x/2.x: one CLIP; the SDXL text layout: two text encoders (the second with a projection) and a UNet
+    taking pooled text + time ids."""
     unet_kwargs = dict(unet_kwargs or {})
     hidden = unet_kwargs.pop("cross_attention_dim", 64)
     tokenizer = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
-    if family == "sdxl":  # SDXL: cross-attention over both encoders' features side by side
+    if family.text_layout == "sdxl":  # cross-attention over both encoders' features side by side
         widths = (hidden // 2, hidden - hidden // 2)
         _tiny_clip(tokenizer, widths[0]).save_pretrained(os.path.join(out_dir, "text_encoder"))
         _tiny_clip(tokenizer, widths[1], projection=True).save_pretrained(os.path.join(out_dir, "text_encoder_2"))
@@ -120,8 +126,12 @@ def _tiny_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
                          scaling_factor=scaling_factor, shift_factor=shift_factor)
 
 
-def _create_tiny_sd3_dir(out_dir: str, width: int = 32, heads: int = 2, layers: int = 2,
-                         dual_attention_layers: tuple = (0,), qk_norm: str | None = "rms_norm") -> str:
+def create_tiny_sd3_dir(out_dir: str, transformer_kwargs: dict | None = None, **_) -> str:
+    return _tiny_sd3(out_dir, **(transformer_kwargs or {}))
+
+
+def _tiny_sd3(out_dir: str, width: int = 32, heads: int = 2, layers: int = 2, dual_attention_layers: tuple = (0,),
+              qk_norm: str | None = "rms_norm") -> str:
     """An SD3-layout directory: CLIP-L and CLIP-G (both with projections) + T5, a 16-channel VAE (SD3's shift and
     scale), an MM-DiT whose first block has SD3.5's dual attention and qk RMS norm, SD3's flow-matching
     scheduler (shift 3). The T5 tokenizer is the CLIP BPE one (no SentencePiece model offline)."""
@@ -145,8 +155,12 @@ def _create_tiny_sd3_dir(out_dir: str, width: int = 32, heads: int = 2, layers: 
     return out_dir
 
 
-def _create_tiny_flux_dir(out_dir: str, width: int = 32, heads: int = 2, layers: int = 1, single_layers: int = 1,
-                          guidance_embeds: bool = True) -> str:
+def create_tiny_flux_dir(out_dir: str, transformer_kwargs: dict | None = None, **_) -> str:
+    return _tiny_flux(out_dir, **(transformer_kwargs or {}))
+
+
+def _tiny_flux(out_dir: str, width: int = 32, heads: int = 2, layers: int = 1, single_layers: int = 1,
+               guidance_embeds: bool = True) -> str:
     """A FLUX.1-layout directory: CLIP + T5 text encoders, a 16-channel VAE (shift + scale), an MM-DiT with
     double- and single-stream blocks, FLUX.1-dev's flow-matching scheduler settings. The T5 tokenizer is the
     CLIP BPE one (no SentencePiece model offline); a real FLUX directory brings its own."""
@@ -167,10 +181,11 @@ def _create_tiny_flux_dir(out_dir: str, width: int = 32, heads: int = 2, layers:
 
 
 def create_tiny_model_dir_if_missing(model_dir: str, spec: dict) -> bool:
-    """`create_tiny_model_dir(model_dir, **spec)` unless a model (unet/ or transformer/) is there already.
+    """`create_tiny_model_dir(model_dir, **spec)` unless a model (any family's denoiser folder) is there already.
     Written beside and renamed into place: ranks racing to create it are fine (the first one wins).
     Returns whether this call created it."""
-    if any(os.path.isfile(os.path.join(model_dir, sub, "config.json")) for sub in ("unet", "transformer")):
+    folders = {f.denoiser_folder for f in families.FAMILIES.values()}
+    if any(os.path.isfile(os.path.join(model_dir, sub, "config.json")) for sub in folders):
         return False
     os.makedirs(os.path.dirname(os.path.abspath(model_dir)), exist_ok=True)
     tmp = f"{model_dir}.tmp-{os.getpid()}"

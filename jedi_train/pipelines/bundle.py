@@ -36,20 +36,35 @@ def flat_name(module: str) -> str:
     return base if base.startswith(("jedi", "pipeline_jedi")) else f"jedi_{base}"
 
 
-def _project_imports(source: str) -> list[str]:
-    """Modules of this project that `source` imports with `from X import ...` (any depth)."""
+def _is_package(module: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.submodule_search_locations is not None
+
+
+def _project_imports(source: str) -> list[tuple[str, str | None]]:
+    """(module, submodule name or None) per `from X import ...` of this project in `source` (any depth):
+    `from jedi_train.models import families` imports the submodule jedi_train.models.families."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
                 and node.module.split(".")[0] in PROJECT:
-            found.append(node.module)
+            if _is_package(node.module):
+                if len(node.names) != 1:
+                    raise RuntimeError(f"the export bundle cannot flatten `from {node.module} import "
+                                       f"{', '.join(a.name for a in node.names)}`: import one submodule per line")
+                found.append((node.module, node.names[0].name))
+            else:
+                found.append((node.module, None))
     return found
 
 
-def _flat_imports(source: str) -> list[str]:
-    """In a bundle: the sibling files `source` imports (`from .X import ...`)."""
-    return [node.module for node in ast.walk(ast.parse(source))
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+def _flat_imports(source: str) -> list[tuple[str, str | None]]:
+    """In a bundle: the sibling files `source` imports (`from .X import ...`, `from . import X as Y`)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found += [(node.module, None)] if node.module else [(a.name, None) for a in node.names]
+    return found
 
 
 def _closure(entry: str) -> dict[str, str]:
@@ -71,10 +86,17 @@ def _closure(entry: str) -> dict[str, str]:
             path = importlib.util.find_spec(module).origin
         with open(path, encoding="utf-8") as f:
             source = f.read()
-        deps = _flat_imports(source) if in_bundle else _project_imports(source)
-        for dep in deps:
-            source = re.sub(rf"^([ \t]*)from {re.escape(dep)} import", rf"\1from .{flat_name(dep)} import", source,
-                            flags=re.MULTILINE)
+        deps = []
+        for dep, sub in (_flat_imports(source) if in_bundle else _project_imports(source)):
+            if sub is None:
+                source = re.sub(rf"^([ \t]*)from {re.escape(dep)} import", rf"\1from .{flat_name(dep)} import",
+                                source, flags=re.MULTILINE)
+                deps.append(dep)
+            else:  # from package import submodule -> from . import flat as submodule
+                full = f"{dep}.{sub}"
+                source = re.sub(rf"^([ \t]*)from {re.escape(dep)} import {sub}\b",
+                                rf"\1from . import {flat_name(full)} as {sub}", source, flags=re.MULTILINE)
+                deps.append(full)
         sources[name] = source
         todo += deps
     return sources

@@ -1,21 +1,22 @@
-"""`JeDiPipeline`: personalized text-to-image from K reference photos, no finetuning (a diffusers pipeline).
+"""The shared JeDi sampling loop: personalized text-to-image from K reference photos, no finetuning.
 
-The references join each set as known images, exactly as training showed them to the UNet
+`JeDiBasePipeline` (a diffusers DiffusionPipeline) is what every family's pipeline runs; each family's file
+(pipeline_jedi_sd.py: SD 1.x/2.x + SDXL; pipeline_jedi_flux.py, pipeline_jedi_sd3.py over the MM-DiT base in
+pipeline_jedi_mmdit.py) adds only its components and hooks: `denoiser_name`, `sampling_scheduler`,
+`prepare_timesteps`, `noise_references`, `guidance_distilled`, LoRA loading. jedi_train.pipelines.auto picks
+the class of a saved pipeline (JeDiAutoPipeline.from_pretrained).
+
+The references join each set as known images, exactly as training showed them to the denoiser
 (objective.py): clean latent in the reference slot, mask 1, timestep 0 (reference_timestep 'zero')
 or re-noised to the set's timestep ('target'); the targets start from noise and are sampled with
 whatever diffusers scheduler is installed. Image guidance (docs/method.md) runs its three branches
-(no text + references hidden, no text + references, text + references) in one batched UNet call
+(no text + references hidden, no text + references, text + references) in one batched denoiser call
 per step; image_guidance_scale = 0 is plain text-to-image (references hidden in every branch).
 How targets are grouped into sets when K + M is large: see set_plan.py.
 
 Reference key/value cache (use_reference_cache): for models trained with references at t = 0 that
 attend only to references, the references' keys/values are recorded in one references-only pass
 and replayed at every step; the sets then hold only targets. Same images, far less work per step.
-
-Backbones: `JeDiPipeline` drives SD 1.x/2.x and SDXL UNets (SDXL's second text encoder and tokenizer are
-optional components); `JeDiFluxPipeline` and `JeDiSD3Pipeline` (end of this file) are the same loop for the
-MM-DiTs with their parts swapped in through small hooks (`denoiser`, `prepare_timesteps`, `noise_references`,
-`guidance_distilled`).
 """
 from __future__ import annotations
 
@@ -24,23 +25,20 @@ import inspect
 import json
 import os
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import FluxLoraLoaderMixin, SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from jedi_train.models import families
 from jedi_train.models.attention import ReferenceKVCache, SetLayout
 from jedi_train.models.components import LatentCodec, model_resolution
-from jedi_train.models.joint_flux import JointFluxTransformer2DModel, flow_mu
-from jedi_train.models.joint_sd3 import JointSD3Transformer2DModel
-from jedi_train.models.joint_unet import JointUNet2DConditionModel
+from jedi_train.models.families import Family
+from jedi_train.models.joint import JointDenoiserMixin
 from jedi_train.models.text import PromptEncoder, TextEmbeddings
 from jedi_train.pipelines.references import load_references
 from jedi_train.pipelines.set_plan import Branch, SetPlan, guidance_branches
@@ -48,22 +46,8 @@ from jedi_train.pipelines.set_plan import Branch, SetPlan, guidance_branches
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def _export_unet_class():
-    """Exports before bundle.py named the UNet ["jedi_train", "JointUNet2DConditionModel"]. diffusers resolves
-    that library from sys.modules and finds the loader by looking up its base classes (ModelMixin, ...) on
-    the same module, so `jedi_train` must expose both names; its lazy __init__ does not expose ModelMixin."""
-    try:
-        import jedi_train
-    except ImportError:  # running from an export's bundle: such exports name a plain diffusers UNet
-        return
-    from diffusers import ModelMixin
-
-    for name, obj in (("JointUNet2DConditionModel", JointUNet2DConditionModel), ("ModelMixin", ModelMixin)):
-        if getattr(jedi_train, name, None) is None:
-            setattr(jedi_train, name, obj)
-
-
-def _saved_class_name(path: str) -> str | None:
+def saved_class_name(path: str) -> str | None:
+    """The pipeline class a saved directory names (model_index.json; a bundled ["module", "Class"] pair too)."""
     try:
         with open(os.path.join(path, "model_index.json")) as f:
             name = json.load(f).get("_class_name")
@@ -91,32 +75,10 @@ class GuidedSets:
     guidance: float | None  # guidance-distilled models: the text guidance scale, every image's input
 
 
-class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    # vae: None for pixel-space models; the second text encoder + tokenizer: SDXL only
-    _optional_components: ClassVar[list[str]] = ["vae", "text_encoder_2", "tokenizer_2"]
+class JeDiBasePipeline(DiffusionPipeline):
+    denoiser_name = "unet"  # the component every step calls: "unet" | "transformer"
 
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 scheduler, vae: AutoencoderKL | None = None,
-                 text_encoder_2: CLIPTextModelWithProjection | None = None, tokenizer_2: CLIPTokenizer | None = None):
-        super().__init__()
-        unet = JointUNet2DConditionModel.adopt(unet)  # saved as a plain UNet2DConditionModel (see bundle.py)
-        if not isinstance(unet, JointUNet2DConditionModel) or unet.jedi is None:
-            raise ValueError(f"the pipeline's unet is a plain {type(unet).__name__} without JeDi settings (_jedi), "
-                             "not a joint UNet; export the trained model with jedi-export (or convert it with "
-                             "load_joint_unet)")
-        if vae is None and unet.latent_channels != 3 * unet.jedi.pixel_fold ** 2:
-            raise ValueError(f"no vae, but the unet has {unet.latent_channels} channels (not pixels folded by "
-                             f"{unet.jedi.pixel_fold}); the pipeline directory is missing its vae/")
-        if (text_encoder_2 is None) != (tokenizer_2 is None):
-            raise ValueError("an SDXL pipeline needs both text_encoder_2 and tokenizer_2; one of them is missing")
-        wants_pooled = unet.config.get("addition_embed_type") == "text_time"
-        if wants_pooled != (text_encoder_2 is not None):
-            raise ValueError("the unet takes SDXL's pooled text embeddings and time ids but the pipeline has no "
-                             "text_encoder_2/tokenizer_2" if wants_pooled else
-                             "text_encoder_2 is given but the unet is not an SDXL UNet (no text_time embedding)")
-        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                              vae=vae, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    def _finish_init(self) -> None:
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.codec.downsample)
 
     # -- persistence -----------------------------------------------------------------------------
@@ -126,17 +88,16 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if name in ("unet", "transformer"):
+        if name == self.denoiser_name:
             self._register_unet_library()
 
     def _register_unet_library(self):
-        # the joint model is saved as what it loads as without jedi_train: a diffusers UNet2DConditionModel
-        # (FluxTransformer2DModel, SD3Transformer2DModel) whose config keeps the JeDi settings (`adopt` restores
-        # the joint class)
-        for name, joint in (("unet", JointUNet2DConditionModel), ("transformer", JointFluxTransformer2DModel),
-                            ("transformer", JointSD3Transformer2DModel)):
-            if isinstance(getattr(self, name, None), joint):
-                self.register_to_config(**{name: ("diffusers", joint.__bases__[-1].__name__)})
+        # the joint model is saved as what it loads as without jedi_train: its plain diffusers class
+        # (UNet2DConditionModel, FluxTransformer2DModel, ...) whose config keeps the JeDi settings (`adopt`
+        # restores the joint class)
+        model = getattr(self, self.denoiser_name, None)
+        if isinstance(model, JointDenoiserMixin):
+            self.register_to_config(**{self.denoiser_name: ("diffusers", type(model).__bases__[-1].__name__)})
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save_pretrained plus the pipeline's code (bundle.py): the directory then loads with
@@ -145,15 +106,6 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         super().save_pretrained(save_directory, *args, **kwargs)
         write_bundle(os.fspath(save_directory), type(self))
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
-        """diffusers' LoRA loading, plus the full weights a jedi-train LoRA export carries beside the adapter
-        (the joint UNet's widened conv_in trains in full: `unet.<name>` keys without 'lora')."""
-        state, alphas, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict,
-                                                       return_lora_metadata=True, **kwargs)
-        self._load_full_weights(state, "unet")
-        self.load_lora_into_unet(state, network_alphas=alphas, unet=self.unet, adapter_name=adapter_name,
-                                 metadata=metadata, _pipeline=self)
 
     def _load_full_weights(self, state: dict, prefix: str) -> None:
         """Pop the `<prefix>.<name>` keys without 'lora' (weights trained in full) and load them into the denoiser."""
@@ -168,11 +120,11 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @classmethod
     def load_config(cls, *args, **kwargs):
-        # model_index.json names the bundled code (["pipeline_jedi", "JeDiPipeline"]) for generic loading;
-        # JeDiPipeline.from_pretrained uses the installed class instead, so drop that pointer here
+        # model_index.json names the bundled code (["pipeline_jedi_sd", "JeDiPipeline"]) for generic loading;
+        # from_pretrained uses the installed class instead, so drop that pointer here
         out = super().load_config(*args, **kwargs)
         config = out[0] if isinstance(out, tuple) else out
-        if isinstance(config.get("_class_name"), list) and issubclass(cls, JeDiPipeline):
+        if isinstance(config.get("_class_name"), list) and issubclass(cls, JeDiBasePipeline):
             config["_class_name"] = config["_class_name"][1]
         return out
 
@@ -184,28 +136,26 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                     "with jedi-export (or JeDiPipeline.save_pretrained)")
         if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
             raise FileNotFoundError(f"pipeline directory {path} does not exist; give the folder jedi-export wrote")
-        _export_unet_class()
-        family_class = {"JeDiFluxPipeline": JeDiFluxPipeline, "JeDiSD3Pipeline": JeDiSD3Pipeline}.get(
-            _saved_class_name(path))
-        if cls is JeDiPipeline and family_class is not None:
-            return family_class.from_pretrained(path, **kwargs)  # one entry point: the export names its family
+        saved = saved_class_name(path)
+        if saved is not None and saved != cls.__name__:
+            raise ValueError(f"{path} holds a {saved}, not a {cls.__name__}; load it with "
+                             "JeDiAutoPipeline.from_pretrained (jedi_train.pipelines.auto), which picks the class")
         return super().from_pretrained(path, **kwargs)
 
     @classmethod
-    def from_components(cls, components, denoiser=None) -> JeDiPipeline:
+    def from_components(cls, components, denoiser=None) -> JeDiBasePipeline:
         """The pipeline of a model being trained (validation grids, export), as diffusers' training scripts
         build theirs: the loaded components, with `denoiser` (e.g. an EMA or fused copy) in place of theirs.
-        The family's pipeline class and scheduler: DDIM with "trailing" spacing for UNets (same betas and
-        prediction type; sampling starts at t = 999, not 960 as "leading" does), the MM-DiTs' flow-matching one."""
-        c = components
-        if c.family in ("flux", "sd3"):
-            text = {k: v for k, v in c.text_parts().items() if v is not None}
-            pipeline = JeDiFluxPipeline if c.family == "flux" else JeDiSD3Pipeline
-            return pipeline(transformer=denoiser or c.unet, scheduler=copy.deepcopy(c.noise_scheduler), vae=c.vae,
-                            **text)
-        scheduler = DDIMScheduler.from_config(c.noise_scheduler.config, timestep_spacing="trailing")
-        return JeDiPipeline(unet=denoiser or c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                            scheduler=scheduler, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2)
+        The family table names the pipeline class; its `sampling_scheduler` hook picks the scheduler."""
+        pipeline = components.family_row.pipeline()
+        text = {k: v for k, v in components.text_parts().items() if v is not None}
+        return pipeline(**{pipeline.denoiser_name: denoiser or components.denoiser},
+                        scheduler=pipeline.sampling_scheduler(components.noise_scheduler), vae=components.vae, **text)
+
+    @staticmethod
+    def sampling_scheduler(noise_scheduler):
+        """Family hook: the scheduler an export samples with, from the one the model trains with."""
+        return copy.deepcopy(noise_scheduler)
 
     # -- geometry --------------------------------------------------------------------------------
     @property
@@ -225,8 +175,25 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @property
     def denoiser(self):
-        """The joint model every step calls: the UNet here, the transformer in JeDiFluxPipeline."""
-        return self.unet
+        """The joint model every step calls (the family's `unet` or `transformer` component)."""
+        return getattr(self, self.denoiser_name)
+
+    @property
+    def family(self) -> Family:
+        return families.family_of(self.denoiser)
+
+    def describe(self) -> str:
+        """One line for model cards and jedi-app: family, denoiser class and size, codec, resolution."""
+        model = self.denoiser
+        u, jedi = model.config, model.jedi
+        params = sum(p.numel() for p in model.parameters())
+        space = (f"pixel space (pixels folded {jedi.pixel_fold}x{jedi.pixel_fold})" if self.vae is None
+                 else f"latent space ({type(self.vae).__name__}, /{self.codec.downsample})")
+        shape = (f"blocks {list(u.block_out_channels)}" if "block_out_channels" in u else
+                 f"{u.num_layers} double + {u.num_single_layers} single-stream blocks" if "num_single_layers" in u
+                 else f"{u.num_layers} joint blocks")
+        return (f"{self.family.title}: {type(model).__name__} ({params / 1e6:.1f} M parameters, {shape}), {space}, "
+                f"{self.resolution} px")
 
     def reference_cache_supported(self) -> bool:
         return self.denoiser.jedi.reference_timestep == "zero" and self.denoiser.jedi.reference_attention == "references"
@@ -234,7 +201,8 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # -- pieces ----------------------------------------------------------------------------------
     @property
     def prompt_encoder(self) -> PromptEncoder:
-        return PromptEncoder.of(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
+        return PromptEncoder.of(self.family.text_layout, self.tokenizer, self.text_encoder,
+                                getattr(self, "tokenizer_2", None), getattr(self, "text_encoder_2", None),
                                 getattr(self, "tokenizer_3", None), getattr(self, "text_encoder_3", None))
 
     def encode_text(self, texts: list[str]) -> TextEmbeddings:
@@ -262,12 +230,12 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return False
 
     def prepare_timesteps(self, num_inference_steps: int, device, latent_size: int) -> None:
+        """Family hook: the scheduler's own spacing unless the family has its own (FLUX's shifted sigmas)."""
         self.scheduler.set_timesteps(num_inference_steps, device=device)
 
     def noise_references(self, ref_latents: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-        """References re-noised to the step's t (models trained with reference_timestep 'target')."""
-        ddpm = DDPMScheduler.from_config(self.scheduler.config)
-        return ddpm.add_noise(ref_latents, noise, t.float().round().long().expand(ref_latents.shape[0]))
+        """Family hook: references re-noised to the step's t (models trained with reference_timestep 'target')."""
+        raise NotImplementedError
 
     def _step_kwargs(self, generator) -> dict:
         return {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
@@ -464,89 +432,3 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         images = self.codec.decode(latents).float().clamp(-1, 1)
         return self.image_processor.postprocess(images, output_type=output_type,
                                                 do_denormalize=[True] * images.shape[0])
-
-
-class JeDiFluxPipeline(JeDiPipeline):
-    """JeDi on FLUX.1: the same sampling loop (`JeDiPipeline.__call__`), with the family's parts: the joint
-    MM-DiT (`transformer`), CLIP + T5 text, the flow-matching scheduler with FLUX's resolution-dependent
-    shift, and for guidance-distilled checkpoints (FLUX.1-dev) the text guidance scale fed to the model
-    (image guidance still runs its branches). JeDiPipeline.from_pretrained returns this class for FLUX exports."""
-
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
-    _optional_components: ClassVar[list[str]] = []
-    joint_class = JointFluxTransformer2DModel
-    lora_loader = FluxLoraLoaderMixin  # the family's diffusers LoRA format (`transformer.*` keys)
-    lora_load_kwargs: ClassVar[dict] = {"network_alphas": None}  # FLUX's loader requires them; SD3's has none
-
-    def __init__(self, transformer, text_encoder: CLIPTextModel, tokenizer, text_encoder_2, tokenizer_2, scheduler,
-                 vae: AutoencoderKL):
-        self._register_mmdit(transformer, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-                             tokenizer_2=tokenizer_2, scheduler=scheduler, vae=vae)
-
-    def _register_mmdit(self, transformer, **components) -> None:
-        """The family's joint transformer (a saved one adopted back into its joint class) + its components."""
-        DiffusionPipeline.__init__(self)
-        transformer = self.joint_class.adopt(transformer)
-        if not isinstance(transformer, self.joint_class) or transformer.jedi is None:
-            raise ValueError(f"the pipeline's transformer is a plain {type(transformer).__name__} without JeDi "
-                             "settings (_jedi); export the trained model with jedi-export")
-        self.register_modules(transformer=transformer, **components)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.codec.downsample)
-
-    @property
-    def denoiser(self):
-        return self.transformer
-
-    @property
-    def guidance_distilled(self) -> bool:
-        return bool(self.transformer.config.guidance_embeds)
-
-    def prepare_timesteps(self, num_inference_steps: int, device, latent_size: int) -> None:
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)  # as FluxPipeline
-        mu = flow_mu(self.scheduler.config, (latent_size // 2) ** 2)
-        self.scheduler.set_timesteps(sigmas=sigmas, device=device, **({"mu": mu} if mu is not None else {}))
-
-    def noise_references(self, ref_latents: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-        sigma = float(t) / 1000
-        return (1 - sigma) * ref_latents + sigma * noise
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
-        """diffusers' LoRA loading of the family, plus the full weights trained beside the adapter (the widened
-        input embedding: FLUX's x_embedder, SD3's patch embedding)."""
-        state, metadata = self.lora_loader.lora_state_dict(pretrained_model_name_or_path_or_dict,
-                                                           return_lora_metadata=True, **kwargs)
-        self._load_full_weights(state, "transformer")
-        self.lora_loader.load_lora_into_transformer(state, transformer=self.transformer, adapter_name=adapter_name,
-                                                    metadata=metadata, _pipeline=self, **self.lora_load_kwargs)
-
-    @classmethod
-    def save_lora_weights(cls, save_directory, unet_lora_layers=None, unet_lora_adapter_metadata=None, **kwargs):
-        """The adapter in the family's diffusers format (`transformer.*` keys)."""
-        cls.lora_loader.save_lora_weights(save_directory, transformer_lora_layers=unet_lora_layers,
-                                          transformer_lora_adapter_metadata=unet_lora_adapter_metadata, **kwargs)
-
-
-class JeDiSD3Pipeline(JeDiFluxPipeline):
-    """JeDi on Stable Diffusion 3 / 3.5: FLUX's loop parts (an MM-DiT `transformer`, flow matching, references
-    re-noised along the straight path) with SD3's: three text encoders (CLIP-L, CLIP-G, T5), real text
-    guidance (SD3 is not guidance-distilled: the unconditional branch runs), the scheduler's own shift
-    (StableDiffusion3Pipeline's timesteps). JeDiPipeline.from_pretrained returns this class for SD3 exports."""
-
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
-    joint_class = JointSD3Transformer2DModel
-    lora_loader = SD3LoraLoaderMixin
-    lora_load_kwargs: ClassVar[dict] = {}
-
-    def __init__(self, transformer, text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer,
-                 text_encoder_2: CLIPTextModelWithProjection, tokenizer_2: CLIPTokenizer, text_encoder_3, tokenizer_3,
-                 scheduler, vae: AutoencoderKL):
-        self._register_mmdit(transformer, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-                             tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
-                             scheduler=scheduler, vae=vae)
-
-    @property
-    def guidance_distilled(self) -> bool:
-        return False
-
-    def prepare_timesteps(self, num_inference_steps: int, device, latent_size: int) -> None:
-        JeDiPipeline.prepare_timesteps(self, num_inference_steps, device, latent_size)

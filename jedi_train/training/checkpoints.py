@@ -9,7 +9,7 @@
   tensors; checked on real runs); DeepSpeed's ZeRO shards need the few classes in DEEPSPEED_GLOBALS.
 - `newest_complete`: the newest checkpoint of a run dir that loads, whatever its name.
 - reading a run's weights back (jedi-export, resume): `load_checkpoint` (a file or a ZeRO dir, consolidated),
-  `unet_state_from_checkpoint`, `load_unet_weights`, `copy_ema`, and the refusals of a checkpoint of another
+  `denoiser_state_from_checkpoint`, `load_denoiser_weights`, `copy_ema`, and the refusals of a checkpoint of another
   family or LoRA base (`check_family`, `check_lora_checkpoint`) that export and resume share.
 """
 from __future__ import annotations
@@ -169,35 +169,44 @@ def load_checkpoint(path: str) -> dict:
     return safe_load(path)
 
 
-def unet_state_from_checkpoint(ckpt: dict) -> dict:
+def old_denoiser_key(key: str) -> str:
+    """A state-dict key of a checkpoint written before the rename -> today's ("unet.x" -> "denoiser.x")."""
+    head, sep, rest = key.partition("unet.")
+    return f"{head}denoiser.{rest}" if sep and head in ("", "_forward_module.") else key
+
+
+def denoiser_state_from_checkpoint(ckpt: dict) -> dict:
     state = ckpt.get("state_dict") or ckpt.get("module") or {}
-    unet = {k.split("unet.", 1)[1]: v for k, v in state.items() if k.startswith(("unet.", "_forward_module.unet."))}
-    if not unet:
-        raise ValueError("checkpoint holds no UNet weights (no 'unet.*' keys); is it a jedi-train checkpoint?")
-    return unet
+    out = {}
+    for k, v in state.items():
+        k = old_denoiser_key(k).removeprefix("_forward_module.")
+        if k.startswith("denoiser."):
+            out[k[len("denoiser."):]] = v
+    if not out:
+        raise ValueError("checkpoint holds no denoiser weights (no 'denoiser.*' keys); is it a jedi-train checkpoint?")
+    return out
 
 
-def load_unet_weights(unet, state: dict, source: str) -> None:
-    own = unet.state_dict()
+def load_denoiser_weights(denoiser, state: dict, source: str) -> None:
+    own = denoiser.state_dict()
     bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
     if bad or missing:
         example = (bad or missing)[0]
         raise ValueError(f"{source} is from another model ({len(bad)} unexpected/mismatched and {len(missing)} "
                          f"missing weights, e.g. {example!r}); use the model config it was trained with")
-    unet.load_state_dict(state)
+    denoiser.load_state_dict(state)
 
 
 def check_family(ckpt: dict, family: str, source: str) -> None:
     """A checkpoint trained on one backbone family is refused, in one line, against another family's model."""
-    from jedi_train.models.components import (
-        FAMILIES,  # the model package loads diffusers' models: only when asked
-    )
+    from jedi_train.models import families
 
     trained = ckpt.get("family")
     if trained and trained != family:
-        raise ValueError(f"{source} is a {FAMILIES.get(trained, trained)} checkpoint but the model directory holds a "
-                         f"{FAMILIES[family]} model; point model.model_dir (or --model-dir) at the base "
+        title = families.FAMILIES[trained].title if trained in families.FAMILIES else trained
+        raise ValueError(f"{source} is a {title} checkpoint but the model directory holds a "
+                         f"{families.get(family).title} model; point model.model_dir (or --model-dir) at the base "
                          "model it was trained from")
 
 
@@ -207,17 +216,17 @@ def check_lora_checkpoint(ckpt: dict, fingerprint: str, names: list[str], source
         raise ValueError(f"{source} holds a LoRA trained on another base model (base fingerprint "
                          f"{ckpt['lora_base']}, this one {fingerprint}); point model.model_dir (or --model-dir) at "
                          "the base model it was trained from")
-    state = unet_state_from_checkpoint(ckpt)
+    state = denoiser_state_from_checkpoint(ckpt)
     missing = [n for n in names if n not in state]
     if missing:
         raise ValueError(f"{source} lacks {len(missing)} of the {len(names)} LoRA-trained weights (e.g. "
                          f"{missing[0]!r}); use the model.lora settings it was trained with")
 
 
-def copy_ema(unet, ckpt: dict) -> None:
-    """The checkpoint's EMA weights into the UNet: the EMA follows ckpt['trained_names'] (all weights in
+def copy_ema(denoiser, ckpt: dict) -> None:
+    """The checkpoint's EMA weights into the denoiser: the EMA follows ckpt['trained_names'] (all weights in
     checkpoints written before that key existed)."""
-    params = dict(unet.named_parameters())
+    params = dict(denoiser.named_parameters())
     names = ckpt.get("trained_names") or list(params)
     ema = EMAModel([params[n] for n in names])
     ema.load_state_dict(ckpt["ema"])

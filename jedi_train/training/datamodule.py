@@ -238,9 +238,9 @@ class JeDiDataModule(L.LightningDataModule):
                                  "with a tokenizer/ subfolder)")
             from transformers import AutoTokenizer
 
-            from jedi_train.models.components import REQUIRED, model_family
+            from jedi_train.models import families
 
-            subfolders = [s for s in REQUIRED[model_family(self.model_dir)] if s.startswith("tokenizer")]
+            subfolders = list(families.family_of_dir(self.model_dir).tokenizers)
             self.tokenizer = [AutoTokenizer.from_pretrained(self.model_dir, subfolder=s) for s in subfolders]
         tokenizers = self.tokenizer if isinstance(self.tokenizer, list) else [self.tokenizer]
         return functools.partial(token_ids, tokenizers)

@@ -23,49 +23,6 @@ import os
 
 import torch
 
-# published configs (diffusers / transformers names), enough to build each part on the meta device
-ARCHITECTURES = {
-    "sd15": {
-        "family": "sd",
-        "denoiser": {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
-        "text_encoders": [("clip", {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
-                                    "num_hidden_layers": 12, "num_attention_heads": 12,
-                                    "max_position_embeddings": 77, "hidden_act": "quick_gelu"})],
-        "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
-                "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4},
-    },
-    "flux_dev": {
-        "family": "flux",
-        "denoiser": {"num_layers": 19, "num_single_layers": 38, "guidance_embeds": True},
-        "text_encoders": [("clip", {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
-                                    "num_hidden_layers": 12, "num_attention_heads": 12,
-                                    "max_position_embeddings": 77, "hidden_act": "quick_gelu"}),
-                          ("t5", {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "num_layers": 24,
-                                  "num_heads": 64, "d_kv": 64, "feed_forward_proj": "gated-gelu"})],
-        "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 16,
-                "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-                "use_quant_conv": False, "use_post_quant_conv": False},
-    },
-    "sd35_medium": {  # stabilityai/stable-diffusion-3.5-medium (MMDiT-X: 13 dual-attention blocks)
-        "family": "sd3",
-        "denoiser": {"num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64,
-                     "caption_projection_dim": 1536, "joint_attention_dim": 4096, "pooled_projection_dim": 2048,
-                     "pos_embed_max_size": 384, "qk_norm": "rms_norm", "sample_size": 128,
-                     "dual_attention_layers": list(range(13))},
-        "text_encoders": [("clip_projection", {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
-                                               "num_hidden_layers": 12, "num_attention_heads": 12, "projection_dim": 768,
-                                               "max_position_embeddings": 77, "hidden_act": "quick_gelu"}),
-                          ("clip_projection", {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120,
-                                               "num_hidden_layers": 32, "num_attention_heads": 20,
-                                               "projection_dim": 1280, "max_position_embeddings": 77,
-                                               "hidden_act": "gelu"}),
-                          ("t5", {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "num_layers": 24,
-                                  "num_heads": 64, "d_kv": 64, "feed_forward_proj": "gated-gelu"})],
-        "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 16,
-                "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-                "use_quant_conv": False, "use_post_quant_conv": False},
-    },
-}
 DTYPE_BYTES = {None: 4, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
@@ -77,67 +34,47 @@ def _read(model_dir: str, sub: str) -> dict | None:
         return json.load(f)
 
 
-def _text_encoder(kind: str, config: dict):
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
-
-    if kind == "t5":
-        return T5EncoderModel(T5Config(**config))
-    cls = CLIPTextModelWithProjection if kind == "clip_projection" else CLIPTextModel
-    return cls(CLIPTextConfig(**config))
-
-
-def _parts(model_cfg: dict) -> tuple[str, dict, list, dict | None]:
-    """(family, denoiser config, [(kind, text encoder config)], vae config) from the directory or the preset."""
-    from jedi_train.models.components import denoiser_folder, model_family
+def _parts(model_cfg: dict):
+    """(family row, denoiser config, [text encoder config per slot], vae config) from the directory or the
+    preset (the family table's dry_run_presets: the published shapes)."""
+    from jedi_train.models import families
 
     model_dir = model_cfg.get("model_dir") or ""
-    if os.path.isdir(model_dir) and (_read(model_dir, "unet") or _read(model_dir, "transformer")):
-        family = model_family(model_dir)
-        denoiser = _read(model_dir, denoiser_folder(family))
-        kinds = {"CLIPTextModel": "clip", "CLIPTextModelWithProjection": "clip_projection", "T5EncoderModel": "t5"}
-        encoders = []
-        for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            cfg = _read(model_dir, sub)
-            if cfg is not None:
-                encoders.append((kinds.get((cfg.get("architectures") or ["CLIPTextModel"])[0], "clip"), cfg))
-        return family, denoiser, encoders, _read(model_dir, "vae")
+    folders = {f.denoiser_folder for f in families.FAMILIES.values()}
+    if os.path.isdir(model_dir) and any(_read(model_dir, f) for f in folders):
+        family = families.family_of_dir(model_dir)
+        encoders = [_read(model_dir, sub) for sub in family.encoder_folders]
+        return family, _read(model_dir, family.denoiser_folder), encoders, _read(model_dir, "vae")
     name = model_cfg.get("architecture")
-    if name not in ARCHITECTURES:
+    found = families.dry_run_preset(name) if name else None
+    if found is None:
         raise FileNotFoundError(f"dry run: model.model_dir {model_dir} holds no model and model.architecture="
-                                f"{name!r} names no embedded one ({', '.join(ARCHITECTURES)}); point model.model_dir "
-                                "at a model directory or set model.architecture")
-    arch = ARCHITECTURES[name]
-    return arch["family"], arch["denoiser"], arch["text_encoders"], arch["vae"]
+                                f"{name!r} names no embedded one ({', '.join(families.all_presets())}); point "
+                                "model.model_dir at a model directory or set model.architecture")
+    family, arch = found
+    return family, arch["denoiser"], arch["text_encoders"], arch["vae"]
 
 
 def build_on_meta(model_cfg: dict):
-    """(family, joint denoiser with LoRA if configured, frozen modules), all on the meta device."""
+    """(family row, joint denoiser with LoRA if configured, frozen modules), all on the meta device."""
     from diffusers import AutoencoderKL
 
     from jedi_train.models.joint import JeDiConfig
-    from jedi_train.models.joint_flux import JointFluxTransformer2DModel
-    from jedi_train.models.joint_sd3 import JointSD3Transformer2DModel
-    from jedi_train.models.joint_unet import JointUNet2DConditionModel
     from jedi_train.models.lora import LoraSettings, add_lora
 
     family, denoiser_cfg, encoders, vae_cfg = _parts(model_cfg)
     clean = {k: v for k, v in denoiser_cfg.items() if not k.startswith("_")}
-    joint_class = {"flux": JointFluxTransformer2DModel, "sd3": JointSD3Transformer2DModel}.get(
-        family, JointUNet2DConditionModel)
     with torch.device("meta"):
-        denoiser = joint_class.from_config(clean)
+        denoiser = family.joint().from_config(clean)
         if denoiser_cfg.get("_jedi") is None:
             denoiser.make_joint(JeDiConfig.from_dict(model_cfg))
         lora = LoraSettings(**(model_cfg.get("lora") or {}))
         if lora.enabled:
             add_lora(denoiser, lora)
-        frozen = [_text_encoder(kind, cfg) for kind, cfg in encoders]
+        frozen = []
+        for slot, cfg in enumerate(encoders):
+            cls = family.text_encoder_class(slot)
+            frozen.append(cls(cls.config_class(**{k: v for k, v in cfg.items() if not k.startswith("_")})))
         if vae_cfg is not None:
             frozen.append(AutoencoderKL.from_config({k: v for k, v in vae_cfg.items() if not k.startswith("_")}))
     return family, denoiser, frozen
@@ -181,33 +118,7 @@ def _count_saved(params: set[int]):
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), add, total
 
 
-def _dummy_inputs(denoiser, family: str, images: int, latent: int, text_len: int, dtype, device):
-    """What the objective hands the denoiser for `images` images: the assembled input, timesteps, text."""
-    from jedi_train.models.text import TextEmbeddings
-
-    cfg = denoiser.config
-    if family == "flux":
-        text = TextEmbeddings(torch.empty(images, text_len, cfg.joint_attention_dim, dtype=dtype, device=device),
-                              torch.empty(images, cfg.pooled_projection_dim, dtype=dtype, device=device))
-        channels = cfg.in_channels // 4  # denoise() packs 2x2 patches itself
-    elif family == "sd3":  # CLIP + T5 tokens side by side at T5's width; both CLIPs' pooled projections
-        text = TextEmbeddings(torch.empty(images, text_len, cfg.joint_attention_dim, dtype=dtype, device=device),
-                              torch.empty(images, cfg.pooled_projection_dim, dtype=dtype, device=device))
-        channels = cfg.in_channels
-    else:
-        pooled = time_ids = None
-        if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 time ids per image
-            dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            pooled = torch.empty(images, dim, dtype=dtype, device=device)
-            time_ids = torch.empty(images, 6, dtype=dtype, device=device)
-        text = TextEmbeddings(torch.empty(images, text_len, cfg.cross_attention_dim, dtype=dtype, device=device),
-                              pooled, time_ids)
-        channels = cfg.in_channels
-    sample = torch.empty(images, channels, latent, latent, dtype=dtype, device=device)
-    return sample, torch.empty(images, device=device), text
-
-
-def activation_bytes(denoiser, family: str, sets: int, set_size: int, resolution: int, downsample: int,
+def activation_bytes(denoiser, sets: int, set_size: int, resolution: int, downsample: int,
                      text_len: int, dtype=torch.float32, gradient_checkpointing: bool = False) -> int:
     """Bytes autograd keeps for the backward of one training forward (see the module doc). Works on a model
     on any device; on the meta device nothing is allocated."""
@@ -217,8 +128,7 @@ def activation_bytes(denoiser, family: str, sets: int, set_size: int, resolution
     is_ref = torch.zeros(sets, set_size, dtype=torch.bool)  # the layout lives on the CPU, as a batch's would
     is_ref[:, 0] = set_size > 1
     layout = SetLayout.build(is_ref)
-    sample, t, text = _dummy_inputs(denoiser, family, sets * set_size, resolution // downsample, text_len, dtype,
-                                    device)
+    sample, t, text = denoiser.dummy_inputs(sets * set_size, resolution // downsample, text_len, dtype, device)
     params = {p.untyped_storage()._cdata for p in denoiser.parameters()}
     hooks, add, total = _count_saved(params)
     if gradient_checkpointing:  # torch's checkpoint, counting what each checkpointed block keeps: its inputs
@@ -256,15 +166,10 @@ def _max_length(model_dir: str, sub: str, default: int) -> int:
     return default
 
 
-def _text_len(model_cfg: dict, family: str) -> int:
-    """Tokens per caption the denoiser sees: the tokenizers' model_max_length (FLUX: T5's, SD3: CLIP's then
-    T5's, SD: CLIP's)."""
+def _text_len(model_cfg: dict, family) -> int:
+    """Tokens per caption the denoiser sees: the family's tokenizers' model_max_length (table: text_tokens)."""
     model_dir = model_cfg.get("model_dir") or ""
-    if family == "flux":
-        return _max_length(model_dir, "tokenizer_2", 512)
-    if family == "sd3":
-        return _max_length(model_dir, "tokenizer", 77) + _max_length(model_dir, "tokenizer_3", 256)
-    return _max_length(model_dir, "tokenizer", 77)
+    return sum(_max_length(model_dir, sub, default) for sub, default in family.text_tokens)
 
 
 def vae_downsample(frozen) -> int | None:
@@ -274,20 +179,20 @@ def vae_downsample(frozen) -> int | None:
     return None if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _activations(cfg, model_cfg: dict, family: str, denoiser, downsample: int | None) -> tuple[int, dict]:
+def _activations(cfg, model_cfg: dict, family, denoiser, downsample: int | None) -> tuple[int, dict]:
     """(bytes, the batch it is for) of one training forward at the run's batch, set size, resolution, precision."""
     data = cfg.get("data") or {}
     sets, set_size = int(data.get("batch_size", 1) or 1), int(data.get("max_set", 2) or 2)
     downsample = downsample or (denoiser.jedi.pixel_fold or 1)
-    if family == "flux":
-        resolution = int(model_cfg.get("resolution") or denoiser.jedi.resolution or 1024)
-    else:
+    if family.fixed_resolution:
         resolution = int(model_cfg.get("resolution") or denoiser.config.sample_size * downsample)
+    else:
+        resolution = int(model_cfg.get("resolution") or denoiser.jedi.resolution or 1024)
     precision = str((cfg.get("trainer") or {}).get("precision", "32"))
     dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
     checkpointing = bool(model_cfg.get("gradient_checkpointing"))
     # torch.nn.Module.to: diffusers' own .to() warns about fp32-only modules, which a meta trace does not have
-    n = activation_bytes(torch.nn.Module.to(denoiser, dtype), family, sets, set_size, resolution, downsample,
+    n = activation_bytes(torch.nn.Module.to(denoiser, dtype), sets, set_size, resolution, downsample,
                          _text_len(model_cfg, family), dtype, checkpointing)
     return n, {"sets": sets, "set_size": set_size, "resolution": resolution, "dtype": str(dtype).split(".")[-1],
                "gradient_checkpointing": checkpointing}
@@ -336,7 +241,7 @@ def estimate(cfg) -> dict:
                     float(frozen_bytes * (frozen_parts - quantized) + quantized)}
     activations, batch = _activations(cfg, model_cfg, family, denoiser, vae_downsample(frozen))
     per_rank["activations (estimate)"] = float(activations)
-    return {"family": family, "denoiser": type(denoiser).__name__, "trained": trained, "frozen_base": frozen_base,
+    return {"family": family.name, "denoiser": type(denoiser).__name__, "trained": trained, "frozen_base": frozen_base,
             "activations": activations, "batch": batch,
             "frozen_parts": frozen_parts, "world": world, "stage": stage, "per_rank": per_rank,
             "total_per_rank": sum(per_rank.values()),

@@ -42,7 +42,7 @@ from jedi_common.atomic import atomic_path
 
 EMPTY_PROMPT = "empty_prompt.safetensors"
 STATE_DIR = ".jedi-data-encode"
-ENCODER_DIRS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+ENCODER_DIRS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 _SMALL = 4 << 20  # files up to this size are hashed whole; larger (weights): size + three 1 MiB samples
 
 
@@ -79,12 +79,13 @@ def frozen_encoders(model_dir: str, resolution: int | None = None, device: str =
     """(codec, prompt encoder, resolution) of a model directory, without loading its denoiser."""
     from diffusers import AutoencoderKL
 
-    from jedi_train.models.components import LatentCodec, check_model_dir, denoiser_folder, load_text_parts
+    from jedi_train.models import families
+    from jedi_train.models.components import LatentCodec, check_model_dir, load_text_parts
     from jedi_train.models.joint import infer_pixel_fold
     from jedi_train.models.text import PromptEncoder
 
-    family = check_model_dir(model_dir)
-    with open(os.path.join(model_dir, denoiser_folder(family), "config.json")) as f:
+    family = families.get(check_model_dir(model_dir))
+    with open(os.path.join(model_dir, family.denoiser_folder, "config.json")) as f:
         cfg = json.load(f)
     jedi = cfg.get("_jedi") or {}
     vae = None
@@ -94,18 +95,18 @@ def frozen_encoders(model_dir: str, resolution: int | None = None, device: str =
     if vae is None:  # a joint model records its fold; a base one implies it (in_channels = 3 fold^2)
         fold = jedi.get("pixel_fold") or infer_pixel_fold(cfg["in_channels"])
     codec = LatentCodec(vae, fold)
-    native = jedi.get("resolution") if family == "flux" else cfg["sample_size"] * codec.downsample
+    native = cfg["sample_size"] * codec.downsample if family.fixed_resolution else jedi.get("resolution")
     if resolution is None and native is None:
-        raise ValueError(f"{model_dir} is a FLUX model, which has no fixed resolution: give --resolution "
+        raise ValueError(f"{model_dir} is a {family.title} model, which has no fixed resolution: give --resolution "
                          "(the model.resolution you train at)")
     if native is not None and resolution is not None and resolution != native:
         raise ValueError(f"--resolution {resolution} but the model in {model_dir} works at {native} px; "
                          f"give --resolution {native} (or leave it out)")
-    text = load_text_parts(model_dir, family)
+    text = load_text_parts(model_dir, family.name)
     for name, enc in text.items():
         if enc is not None and name.startswith("text_encoder"):
             enc.requires_grad_(False).eval().to(device)
-    return codec, PromptEncoder.of(**text), int(resolution or native)
+    return codec, PromptEncoder.of(family.text_layout, **text), int(resolution or native)
 
 
 @torch.no_grad()

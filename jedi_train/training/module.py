@@ -1,4 +1,4 @@
-"""LightningModule: the joint UNet + objective, AdamW + diffusers LR schedule, EMA, NaN guard.
+"""LightningModule: the joint denoiser + objective, AdamW + diffusers LR schedule, EMA, NaN guard.
 
 The model itself (jedi_train/model) knows nothing of Lightning; this file only wires it to a
 Trainer: which parameters train, how the optimizer steps, what goes into a checkpoint.
@@ -27,7 +27,13 @@ from jedi_train.models.lora import (
 from jedi_train.models.objective import JeDiObjective, ObjectiveConfig
 from jedi_train.models.quantize import check_quantization, quantize_text_encoders
 from jedi_train.models.tiny import create_tiny_model_dir_if_missing
-from jedi_train.training.checkpoints import check_family, check_lora_checkpoint, load_unet_weights
+from jedi_train.training.checkpoints import (
+    check_family,
+    check_lora_checkpoint,
+    denoiser_state_from_checkpoint,
+    load_denoiser_weights,
+    old_denoiser_key,
+)
 from jedi_train.training.ema import TrainingEMA
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4, "betas": (0.9, 0.999),
@@ -67,6 +73,11 @@ def adamw_8bit(params, **kwargs):
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
+def _rename_old_denoiser_keys(module, state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "unet.")]:
+        state_dict[prefix + old_denoiser_key(key[len(prefix):])] = state_dict.pop(key)
+
+
 class JeDiModule(L.LightningModule):
     def __init__(self, model_dir: str, conditioning: str = "channels", reference_timestep: str = "zero",
                  prediction_type: str | None = "v_prediction", create_tiny_if_missing: dict | None = None,
@@ -92,39 +103,41 @@ class JeDiModule(L.LightningModule):
         self.components: Components = load_components(model_dir, self.jedi, prediction_type, dtype=dtype,
                                                       noise_schedule=noise_schedule)
         # the joint denoiser (UNet, or FLUX's transformer) is the only trained module: what state_dict / ZeRO see
-        self.unet = self.components.unet
+        self.denoiser = self.components.denoiser
+        # checkpoints written before the attribute was renamed hold unet.* keys (Lightning and DeepSpeed loads)
+        self.register_load_state_dict_pre_hook(_rename_old_denoiser_keys)
         native = self.components.resolution
         if resolution is not None and resolution != native:
             raise ValueError(f"model.resolution={resolution} but the model in {model_dir} works at {native} px "
-                             f"(sample_size {self.unet.config.get('sample_size')} x "
+                             f"(sample_size {self.denoiser.config.get('sample_size')} x "
                              f"{self.components.codec.downsample}); set model.resolution={native}")
         self.resolution = native
         # frozen parts live outside the module tree: not in the optimizer, checkpoints or ZeRO-3 partitions
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
         self.lora = LoraSettings(**(lora or {}))
         if self.lora.enabled and trainable:
             raise ValueError("model.trainable and model.lora are exclusive; with LoRA name fully trained modules "
                              "in model.lora.train_fully")
         if self.lora.enabled:  # base frozen; adapter + joint-specific input weights train
-            add_lora(self.unet, self.lora, seed)
-            self.lora_base = base_fingerprint(self.unet)  # of the base as loaded, before any low-precision storage
+            add_lora(self.denoiser, self.lora, seed)
+            self.lora_base = base_fingerprint(self.denoiser)  # of the base as loaded, before any low-precision storage
             self.strict_loading = False  # LoRA checkpoints hold the trained weights only
             if self.lora.base_dtype:
-                store_base_in(self.unet, self.lora.base_dtype)
+                store_base_in(self.denoiser, self.lora.base_dtype)
         elif self.lora.base_dtype:
             raise ValueError("model.lora.base_dtype stores a LoRA run's frozen base in low precision; set "
                              "model.lora.rank > 0 (or model.lora.base_dtype=null for a full finetune)")
         if trainable:  # only parameters whose names start with one of these prefixes train
-            for name, p in self.unet.named_parameters():
+            for name, p in self.denoiser.named_parameters():
                 p.requires_grad_(any(name.startswith(pre) for pre in trainable))
-        self.trained_names = trained_names(self.unet)
+        self.trained_names = trained_names(self.denoiser)
         if not self.trained_names:
-            raise ValueError("no UNet parameter trains (model.trainable matches nothing); fix model.trainable")
+            raise ValueError("no denoiser parameter trains (model.trainable matches nothing); fix model.trainable")
         self.objective = JeDiObjective(self.components, ObjectiveConfig(**(objective or {})))
         ema = dict(ema or {})
-        # EMA of what trains (all of the UNet unless LoRA / model.trainable freeze parts of it)
-        self.ema = (TrainingEMA(trained_parameters(self.unet), decay=ema.get("decay", 0.9999))
+        # EMA of what trains (all of the denoiser unless LoRA / model.trainable freeze parts of it)
+        self.ema = (TrainingEMA(trained_parameters(self.denoiser), decay=ema.get("decay", 0.9999))
                     if ema.get("enabled", True) else None)
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -132,7 +145,7 @@ class JeDiModule(L.LightningModule):
 
     # -- devices: the frozen parts follow the module ---------------------------------------------
     def on_fit_start(self):
-        self.unet.train()  # from_pretrained returns eval mode, which Lightning keeps (LoRA dropout would be off)
+        self.denoiser.train()  # from_pretrained returns eval mode, which Lightning keeps (LoRA dropout would be off)
         self.components.text.to(self.device)
         c = self.components  # 8-bit text encoders are made on the device they run on (float8: CUDA only)
         quantize_text_encoders([c.text_encoder, c.text_encoder_2, c.text_encoder_3], self.hparams.text_encoder_quantization,
@@ -140,7 +153,7 @@ class JeDiModule(L.LightningModule):
         if self.components.vae is not None:
             self.components.vae.to(self.device)
         if self.ema is not None and self._zero3:  # each rank keeps its slice of the EMA, as of the weights
-            self.ema.partition(trained_parameters(self.unet))
+            self.ema.partition(trained_parameters(self.denoiser))
         elif self.ema is not None:
             self.ema.to(self.device)
 
@@ -203,12 +216,12 @@ class JeDiModule(L.LightningModule):
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)  # DeepSpeed accumulates by itself
         if engine is not None and not engine.was_step_applied():  # mid-accumulation, or an fp16 overflow
             return
-        self.ema.step(trained_parameters(self.unet))  # under ZeRO-3: each rank's slice, no communication
+        self.ema.step(trained_parameters(self.denoiser))  # under ZeRO-3: each rank's slice, no communication
 
     # -- optimizer ------------------------------------------------------------------------------
     def configure_optimizers(self):
         """Optimizer and LR schedule from their `_partial_` configs (conf/model/optimizer, lr_scheduler)."""
-        params = trained_parameters(self.unet)
+        params = trained_parameters(self.denoiser)
         optimizer = build_partial("model.optimizer", DEFAULT_OPTIMIZER, self.hparams.optimizer, {
             "name": "choose the optimizer with model/optimizer=adamw or model/optimizer=adamw8bit "
                     "(conf/model/optimizer/), or set model.optimizer._target_"})(params)
@@ -226,42 +239,42 @@ class JeDiModule(L.LightningModule):
         checkpoint["trained_names"] = self.trained_names  # which parameters the EMA's shadow list follows
         checkpoint["family"] = self.components.family  # sd | sdxl | flux: refused against another family
         if self.lora.enabled:  # the base comes from model_dir: keep only what trained (a few MB, not GB)
-            keep = {f"unet.{n}" for n in self.trained_names}
+            keep = {f"denoiser.{n}" for n in self.trained_names}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith("unet.") or k in keep}
+                                        if not k.startswith("denoiser.") or k in keep}
             checkpoint["lora_base"] = self.lora_base
 
     def on_load_checkpoint(self, checkpoint):
         check_family(checkpoint, self.components.family, "the checkpoint being resumed")
-        state = {k[len("unet."):]: v for k, v in (checkpoint.get("state_dict") or {}).items() if k.startswith("unet.")}
+        state = denoiser_state_from_checkpoint(checkpoint) if checkpoint.get("state_dict") else {}
         if self.lora.enabled:
             check_lora_checkpoint(checkpoint, self.lora_base, self.trained_names, "the checkpoint being resumed")
         elif state:
-            own = self.unet.state_dict()
+            own = self.denoiser.state_dict()
             bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
             if bad or len(state) != len(own):
-                load_unet_weights(self.unet, state, "the checkpoint being resumed")  # raises with the details
+                load_denoiser_weights(self.denoiser, state, "the checkpoint being resumed")  # raises with the details
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
             if self._zero3:  # a whole EMA (saved without ZeRO-3) is cut to this rank's slice
-                self.ema.partition(trained_parameters(self.unet))
+                self.ema.partition(trained_parameters(self.denoiser))
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
         rank_zero_info(f"resumed at step {checkpoint.get('global_step')}")
 
     # -- EMA weights for sampling / export ----------------------------------------------------------
     def ema_weights(self):
-        """Context manager: the UNet carries EMA weights inside, its training weights after."""
+        """Context manager: the denoiser carries EMA weights inside, its training weights after."""
         module = self
 
         class _Swap:
             def __enter__(self):
                 if module.ema is not None:
-                    module.ema.store(trained_parameters(module.unet))
-                    module.ema.copy_to(trained_parameters(module.unet))
-                return module.unet
+                    module.ema.store(trained_parameters(module.denoiser))
+                    module.ema.copy_to(trained_parameters(module.denoiser))
+                return module.denoiser
 
             def __exit__(self, *exc):
                 if module.ema is not None:
-                    module.ema.restore(trained_parameters(module.unet))
+                    module.ema.restore(trained_parameters(module.denoiser))
 
         return _Swap()

@@ -11,7 +11,8 @@ import torch
 
 from jedi_train.models.components import load_components
 from jedi_train.models.joint import JeDiConfig
-from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+from jedi_train.pipelines.auto import JeDiAutoPipeline
+from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
 DREAMBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "dreambench")
 CAN = [os.path.join(DREAMBENCH, "can", f"{i:02d}.jpg") for i in range(5)]
@@ -23,17 +24,17 @@ def make_pipeline_dir(model_dir, out_dir, reference_attention="set", reference_t
     """Export a tiny joint model as a pipeline. The zero-initialised reference input channels get random
     weights, so references reach the model through their input channels as well as attention."""
     c = load_components(model_dir, JeDiConfig(reference_timestep=reference_timestep, **jedi))
-    base = c.unet.jedi.latent_channels * (4 if c.family == "flux" else 1)  # FLUX: packed 2x2 patches
+    base = c.denoiser.jedi.latent_channels * (4 if c.family == "flux" else 1)  # FLUX: packed 2x2 patches
     with torch.no_grad():
-        c.unet.get_submodule(c.unet.joint_input_module).weight[:, base:].normal_(
+        c.denoiser.get_submodule(c.denoiser.joint_input_module).weight[:, base:].normal_(
             0, 0.1, generator=torch.Generator().manual_seed(1))
-    c.unet.set_reference_attention(reference_attention)
+    c.denoiser.set_reference_attention(reference_attention)
     JeDiPipeline.from_components(c).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 
 def load(path):
-    pipe = JeDiPipeline.from_pretrained(path)
+    pipe = JeDiAutoPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -71,7 +71,7 @@ class SampleGridCallback(L.Callback):
             rank_zero_warn("sample grids are skipped under ZeRO-3; render them from a checkpoint with "
                            "jedi-export + jedi-sample", category=UserWarning)
             return None
-        from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+        from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
         rows = []
         with pl_module.ema_weights() as unet:

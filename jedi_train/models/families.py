@@ -1,0 +1,250 @@
+"""ONE row per backbone family: everything the rest of the tree asks about "which model is this?".
+
+A row says how a model directory is recognised (its denoiser folder, the class names its config may carry,
+one extra check on that config), its joint denoiser class, its text encoders and how their outputs become
+the denoiser's conditioning (`text_layout`, read by text.PromptEncoder), whether it is trained by flow
+matching, whether a VAE is required, where its pixel size comes from, its pipeline class, its diffusers
+LoRA loader, its dry-run presets and its tiny-model recipe.
+
+Classes are named as "module:attribute" and imported on first use: this file imports nothing heavy, the
+pipelines may name models and the models may name pipelines without an import cycle. A new backbone is a
+new row (`register`) plus its own rooms (a joint model module, a pipeline module, a tiny recipe, configs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def import_object(path: str):
+    """"package.module:Name" -> the object. Inside an export's bundle (this file flattened beside the others,
+    no jedi_train installed) a project module is its flat sibling file (bundle.flat_name's rule)."""
+    module, _, name = path.partition(":")
+    if not __name__.startswith("jedi_train.") and module.startswith(("jedi_train.", "data_pipelines.")):
+        base = module.rsplit(".", 1)[-1]
+        module = f"{__package__}.{base if base.startswith(('jedi', 'pipeline_jedi')) else 'jedi_' + base}"
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the short name checkpoints record ("sd", "sdxl", ...)
+    title: str  # what messages call it
+    denoiser_folder: str  # "unet" | "transformer"
+    denoiser_classes: tuple[str, ...]  # _class_name values of <denoiser_folder>/config.json: base, joint
+    joint_class: str  # "module:Class" of the joint denoiser
+    text_encoders: tuple[tuple[str, str], ...]  # transformers (encoder, tokenizer) class per slot: text_encoder, _2, ...
+    text_layout: str  # how text.PromptEncoder turns the encoders' outputs into conditioning
+    text_tokens: tuple[tuple[str, int], ...]  # (tokenizer folder, default length): the tokens the denoiser sees
+    pipeline_class: str  # "module:Class"
+    lora_loader: str  # "module:Class": the family's diffusers LoRA format
+    tiny_recipe: str  # "module:function(out_dir, **kwargs)" writing a tiny random BASE model directory
+    flow_matching: bool = False  # FlowMatchEulerDiscreteScheduler, velocity target; else DDPM + DDIM sampling
+    needs_vae: bool = False  # pixel-space models (no vae/) exist only for the UNet families
+    fixed_resolution: bool = True  # sample_size x VAE factor fixes the pixel size; else the resolution made joint for
+    matches: Callable[[dict], bool] = field(default=lambda config: True, compare=False)  # on the denoiser config
+    dry_run_presets: dict[str, dict] = field(default_factory=dict, compare=False)  # published shapes, by name
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        return tuple("tokenizer" + ("" if i == 0 else f"_{i + 1}") for i in range(len(self.text_encoders)))
+
+    @property
+    def encoder_folders(self) -> tuple[str, ...]:
+        return tuple("text_encoder" + ("" if i == 0 else f"_{i + 1}") for i in range(len(self.text_encoders)))
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The component folders a model directory of this family must have."""
+        pairs = [p for pair in zip(self.encoder_folders, self.tokenizers) for p in pair]
+        return (self.denoiser_folder, *(["vae"] if self.needs_vae else []), *pairs, "scheduler")
+
+    def joint(self):
+        return import_object(self.joint_class)
+
+    def pipeline(self):
+        return import_object(self.pipeline_class)
+
+    def lora(self):
+        return import_object(self.lora_loader)
+
+    def text_encoder_class(self, slot: int):
+        return getattr(importlib.import_module("transformers"), self.text_encoders[slot][0])
+
+    def tokenizer_class(self, slot: int):
+        return getattr(importlib.import_module("transformers"), self.text_encoders[slot][1])
+
+    def create_tiny(self, out_dir: str, **kwargs) -> str:
+        return import_object(self.tiny_recipe)(out_dir, **kwargs)
+
+
+FAMILIES: dict[str, Family] = {}  # in recognition order
+
+
+def register(family: Family) -> Family:
+    """Add (or replace) a row. Tests register a renamed copy to check that nothing else needs editing."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def unregister(name: str) -> None:
+    FAMILIES.pop(name, None)
+
+
+def supported() -> str:
+    return ", ".join(f.title for f in FAMILIES.values())
+
+
+def get(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"model family {name!r} is unknown; jedi-train supports {', '.join(FAMILIES)} "
+                         f"({supported()})")
+    return FAMILIES[name]
+
+
+def _read_config(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _pipeline_class(model_dir: str) -> str | None:
+    index = _read_config(os.path.join(model_dir, "model_index.json")) or {}
+    name = index.get("_class_name")
+    return name[1] if isinstance(name, list) else name
+
+
+def family_of_config(folder: str, config: dict) -> Family | None:
+    """The family whose denoiser folder is `folder` and whose classes and check accept `config`."""
+    cls = config.get("_class_name") or "UNet2DConditionModel"
+    for family in FAMILIES.values():
+        if family.denoiser_folder == folder and cls in family.denoiser_classes and family.matches(config):
+            return family
+    return None
+
+
+def family_of_dir(model_dir: str) -> Family:
+    """Read from the denoiser's config; one clear error for a denoiser no row accepts. A directory with no
+    denoiser at all reads as the first family, so that the caller names the missing folder."""
+    for folder in dict.fromkeys(f.denoiser_folder for f in FAMILIES.values()):
+        if not os.path.isdir(os.path.join(model_dir, folder)):
+            continue
+        config = _read_config(os.path.join(model_dir, folder, "config.json")) or {}  # unreadable: the loader says
+        family = family_of_config(folder, config)
+        if family is not None:
+            return family
+        pipeline = _pipeline_class(model_dir)
+        cls = config.get("_class_name")
+        what = (f"a diffusion transformer ({cls or pipeline}{', ' + pipeline if pipeline and cls else ''})"
+                if folder != "unet" else
+                f"a {cls} with addition_embed_type={config.get('addition_embed_type')!r} "
+                f"({pipeline or 'unknown pipeline'})")
+        raise ValueError(f"model directory {model_dir} holds {what} that jedi-train does not support; it supports "
+                         f"{supported()}: point model.model_dir at one of those")
+    return next(iter(FAMILIES.values()))
+
+
+def family_of(model) -> Family:
+    """The family of a (joint or plain) denoiser instance."""
+    for family in FAMILIES.values():
+        try:
+            joint = family.joint()
+        except ImportError:  # an export's bundle carries its own family's code only
+            continue
+        if isinstance(model, joint) and family.matches(model.config):
+            return family
+    folder = "transformer" if "Transformer" in type(model).__name__ else "unet"
+    family = family_of_config(folder, dict(model.config, _class_name=type(model).__name__))
+    if family is None:
+        raise ValueError(f"a {type(model).__name__} belongs to no model family jedi-train supports ({supported()})")
+    return family
+
+
+def renamed(family: Family, **changes) -> Family:
+    return dataclasses.replace(family, **changes)
+
+
+_CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+           "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
+_T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "d_kv": 64,
+           "feed_forward_proj": "gated-gelu"}
+_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+_VAE16 = {**_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+
+register(Family(
+    name="sd", title="Stable Diffusion 1.x/2.x", denoiser_folder="unet",
+    denoiser_classes=("UNet2DConditionModel", "JointUNet2DConditionModel"),
+    joint_class="jedi_train.models.joint_unet:JointUNet2DConditionModel",
+    text_encoders=(("CLIPTextModel", "CLIPTokenizer"),), text_layout="sd", text_tokens=(("tokenizer", 77),),
+    pipeline_class="jedi_train.pipelines.pipeline_jedi_sd:JeDiPipeline",
+    lora_loader="diffusers.loaders:StableDiffusionLoraLoaderMixin",
+    tiny_recipe="jedi_train.models.tiny:create_tiny_unet_dir",
+    matches=lambda config: config.get("addition_embed_type") is None,
+    dry_run_presets={"sd15": {
+        "denoiser": {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
+        "text_encoders": [_CLIP_L], "vae": {**_VAE, "latent_channels": 4}}},
+))
+register(Family(
+    name="sdxl", title="Stable Diffusion XL", denoiser_folder="unet",
+    denoiser_classes=("UNet2DConditionModel", "JointUNet2DConditionModel"),
+    joint_class="jedi_train.models.joint_unet:JointUNet2DConditionModel",
+    text_encoders=(("CLIPTextModel", "CLIPTokenizer"), ("CLIPTextModelWithProjection", "CLIPTokenizer")), text_layout="sdxl",
+    text_tokens=(("tokenizer", 77),),
+    pipeline_class="jedi_train.pipelines.pipeline_jedi_sd:JeDiPipeline",
+    lora_loader="diffusers.loaders:StableDiffusionXLLoraLoaderMixin",
+    tiny_recipe="jedi_train.models.tiny:create_tiny_unet_dir",
+    matches=lambda config: config.get("addition_embed_type") == "text_time",
+))
+register(Family(
+    name="flux", title="FLUX.1", denoiser_folder="transformer",
+    denoiser_classes=("FluxTransformer2DModel", "JointFluxTransformer2DModel"),
+    joint_class="jedi_train.models.joint_flux:JointFluxTransformer2DModel",
+    text_encoders=(("CLIPTextModel", "CLIPTokenizer"), ("T5EncoderModel", "AutoTokenizer")), text_layout="flux", text_tokens=(("tokenizer_2", 512),),
+    pipeline_class="jedi_train.pipelines.pipeline_jedi_flux:JeDiFluxPipeline",
+    lora_loader="diffusers.loaders:FluxLoraLoaderMixin",
+    tiny_recipe="jedi_train.models.tiny:create_tiny_flux_dir",
+    flow_matching=True, needs_vae=True, fixed_resolution=False,
+    dry_run_presets={"flux_dev": {
+        "denoiser": {"num_layers": 19, "num_single_layers": 38, "guidance_embeds": True},
+        "text_encoders": [_CLIP_L, _T5_XXL], "vae": _VAE16}},
+))
+register(Family(
+    name="sd3", title="Stable Diffusion 3", denoiser_folder="transformer",
+    denoiser_classes=("SD3Transformer2DModel", "JointSD3Transformer2DModel"),
+    joint_class="jedi_train.models.joint_sd3:JointSD3Transformer2DModel",
+    text_encoders=(("CLIPTextModelWithProjection", "CLIPTokenizer"), ("CLIPTextModelWithProjection", "CLIPTokenizer"), ("T5EncoderModel", "AutoTokenizer")),
+    text_layout="sd3", text_tokens=(("tokenizer", 77), ("tokenizer_3", 256)),
+    pipeline_class="jedi_train.pipelines.pipeline_jedi_sd3:JeDiSD3Pipeline",
+    lora_loader="diffusers.loaders:SD3LoraLoaderMixin",
+    tiny_recipe="jedi_train.models.tiny:create_tiny_sd3_dir",
+    flow_matching=True, needs_vae=True,
+    dry_run_presets={"sd35_medium": {  # stabilityai/stable-diffusion-3.5-medium (MMDiT-X: 13 dual-attention blocks)
+        "denoiser": {"num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64,
+                     "caption_projection_dim": 1536, "joint_attention_dim": 4096, "pooled_projection_dim": 2048,
+                     "pos_embed_max_size": 384, "qk_norm": "rms_norm", "sample_size": 128,
+                     "dual_attention_layers": list(range(13))},
+        "text_encoders": [{**_CLIP_L, "projection_dim": 768},
+                          {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                           "num_attention_heads": 20, "projection_dim": 1280, "max_position_embeddings": 77,
+                           "hidden_act": "gelu"},
+                          _T5_XXL],
+        "vae": _VAE16}},
+))
+
+
+def dry_run_preset(name: str) -> tuple[Family, dict] | None:
+    for family in FAMILIES.values():
+        if name in family.dry_run_presets:
+            return family, family.dry_run_presets[name]
+    return None
+
+
+def all_presets() -> list[str]:
+    return [name for family in FAMILIES.values() for name in family.dry_run_presets]
