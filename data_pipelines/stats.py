@@ -77,12 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     st.add_argument("--json", action="store_true", help="print the stats as JSON")
     from . import encode
+    from .importers import cli as importers
 
     encode.add_parser(sub)
+    importers.add_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     if args.cmd == "encode":
         return encode.main(args)
+    if args.cmd == "import":
+        return importers.main(args)
     pipes = [u for pattern in args.shards for u in expand_urls(pattern) if u.startswith("pipe:")]
     if pipes and not args.allow_pipe:  # refused here, so the hint names this tool's flag, not data.allow_pipe
         print(f"jedi-data: refusing {pipes[0]!r}: pipe: URLs run shell commands; pass --allow-pipe if you trust it",
