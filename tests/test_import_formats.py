@@ -309,7 +309,7 @@ def test_folders_without_a_caption_source_count_missing_captions(tmp_path):
     src, out = folders_src(tmp_path / "photos"), tmp_path / "out"
     assert run_import("folders", src, out, "--set-size", 3) == 0
     rejects = json.loads((out / "manifest.json").read_text())["rejects"]
-    assert rejects["missing_caption"] == 2  # cat (c2 has no caption) and shoes; dog has sidecars
+    assert rejects == {"missing_caption": 3, "too_few_images": 1}  # cat (c2 has none), shoes, broken; dog: sidecars
 
 
 # -- refusals -----------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ reason in OUT_DIR/manifest.json and on the one summary line.
 from __future__ import annotations
 
 import logging
-import sys
 
 from . import FORMATS
 
@@ -66,10 +65,10 @@ def build(args):
 
 
 def main(args) -> int:
-    from ..encode import shard_slice
-    from ..errors import report_error
-    from ..synth.writer import SynthError
-    from .core import SourceError, run
+    from data_pipelines.errors import report_error
+    from data_pipelines.synth.writer import SynthError
+
+    from .core import SourceError, run, shard_slice
 
     logging.getLogger("data_pipelines.stream").setLevel(logging.WARNING if args.verbose else logging.ERROR)
     try:
@@ -77,10 +76,7 @@ def main(args) -> int:
             raise SourceError(f"--sets-per-shard {args.sets_per_shard} must be >= 1")
         if args.limit is not None and args.limit < 1:
             raise SourceError(f"--limit {args.limit} must be >= 1")
-        try:
-            n, i = shard_slice(args.num_shards, args.shard_index)
-        except ValueError as e:
-            raise SourceError(str(e)) from None
+        n, i = shard_slice(args.num_shards, args.shard_index)
         s = run(build(args), args.out_dir, args.sets_per_shard, n, i, args.limit, args.prefix,
                 progress=not args.no_progress)
     except Exception as e:
@@ -95,6 +91,3 @@ def main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m data_pipelines.importers.cli is `jedi-data import`
-    from ..stats import main as _main
-    sys.exit(_main(["import", *sys.argv[1:]]))
