@@ -144,28 +144,36 @@ def guarded(records: Iterator[Any], build, counts: Counts) -> Iterator[SetResult
 # -- images -----------------------------------------------------------------------------------------
 @dataclass
 class Img:
-    """One decoded source image: its file bytes (passed through when possible) and the decoded pixels."""
+    """One checked source image: its file bytes (passed through when possible) and its pixels."""
     data: bytes | None
-    image: Image.Image
-    fmt: str  # PIL format: JPEG, PNG, WEBP, ...
+    image: Image.Image  # at `size`, unless `full` is False (a JPEG checked at 1/8 scale)
+    fmt: str            # PIL format: JPEG, PNG, WEBP, ...
+    size: tuple[int, int]
+    full: bool = True
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.size
+    def pixels(self) -> Image.Image:
+        return self.image if self.full else Image.open(io.BytesIO(self.data))
 
 
-def decode(data: bytes, where: str, exif: bool = False) -> Img:
-    """Fully decode (a truncated file fails here, not in training). exif: apply the EXIF orientation
-    (phone photos), which the training stream does not; the rotated image is then re-encoded."""
+def decode(data: bytes, where: str, exif: bool = False, full: bool = True) -> Img:
+    """Decode it all (a truncated file fails here, not in training). full=False: a JPEG that may pass through
+    is decoded at 1/8 scale (DCT scaling still reads every coefficient, so a truncated or corrupt file fails
+    the same; only the inverse DCT is cheaper). exif: apply the EXIF orientation (phone photos), which the
+    training stream does not; the rotated image is then re-encoded."""
     try:
         img = Image.open(io.BytesIO(data))
+        size, fmt = img.size, img.format or "?"
+        rotate = exif and img.getexif().get(0x0112, 1) != 1
+        full = full or rotate or fmt != "JPEG"
+        if not full:
+            img.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
         img.load()
     except Exception as e:  # noqa: BLE001 - any undecodable image is a skipped row
         raise Skip("undecodable_image", f"{where}: {e.__class__.__name__}: {e}") from None
-    fmt = img.format or "?"
-    if exif and img.getexif().get(0x0112, 1) != 1:
+    if rotate:
         img, data = ImageOps.exif_transpose(img), None
-    return Img(data, img, fmt)
+        size = img.size
+    return Img(data, img, fmt, size, full)
 
 
 def pack(images: Sequence[Img]) -> tuple[str, list[Image.Image | bytes]]:
@@ -174,7 +182,7 @@ def pack(images: Sequence[Img]) -> tuple[str, list[Image.Image | bytes]]:
     PNG (lossless stays lossless), else JPEG."""
     ext = "png" if all(i.fmt == "PNG" for i in images) else "jpg"
     want = "PNG" if ext == "png" else "JPEG"
-    return ext, [i.data if i.data is not None and i.fmt == want else i.image for i in images]
+    return ext, [i.data if i.data is not None and i.fmt == want else i.pixels() for i in images]
 
 
 def make_set(set_id: str, images: Sequence[Img], captions: Sequence[Any], meta: dict[str, Any],

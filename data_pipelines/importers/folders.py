@@ -82,6 +82,8 @@ class Folders:
             raise SourceError(f"SRC {src} has no subject folder with 2 or more images (.jpg .jpeg .png .webp); "
                               "lay it out as SRC/<subject>/*.jpg (or SRC/<class>/<instance>/*.jpg)")
         self.jsonl = self._jsonl_captions()
+        dirs = {f.parent for _, _, files in self.sets for f in files}  # sidecars listed once, not stat'ed per image
+        self.sidecars = {p for d in dirs for p in d.iterdir() if p.suffix == ".txt"}
 
     def _jsonl_captions(self) -> dict[Path, str]:
         """Captions of every metadata.jsonl / captions.jsonl under SRC (text only: a few bytes per image)."""
@@ -108,7 +110,7 @@ class Folders:
 
     def caption(self, path: Path, subject: str, cls: str) -> str | None:
         for side in (path.with_suffix(".txt"), path.with_name(path.name + ".txt")):
-            if side.is_file():
+            if side in self.sidecars:
                 return side.read_text(errors="replace").strip()
         if (text := self.jsonl.get(path.resolve())) is not None:
             return text
@@ -125,7 +127,7 @@ class Folders:
         for f in files:
             if not f.is_file():
                 raise Skip("missing_file", f"{f} is gone")
-            imgs.append(decode(f.read_bytes(), str(f), exif=True))
+            imgs.append(decode(f.read_bytes(), str(f), exif=True, full=False))
             caps.append(self.caption(f, name, cls))
             if caps[-1] is None:
                 raise Skip("missing_caption", f"{f}: no sidecar .txt, no metadata.jsonl entry, no --caption")

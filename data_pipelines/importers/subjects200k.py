@@ -109,7 +109,7 @@ class Subjects200K:
             raise Skip("invalid_description", f"{where}: description_valid is false")
         src = decode(self._image_bytes(r.get("image"), where), where)
         s, p = views(*src.size, self.view_size)
-        halves = [Img(None, src.image.crop(box), src.fmt) for box in ((p, p, s + p, s + p),
+        halves = [Img(None, src.image.crop(box), src.fmt, (s, s)) for box in ((p, p, s + p, s + p),
                                                                      (s + 2 * p, p, 2 * s + 2 * p, s + p))]
         meta = {"source": self.name, "source_id": f"{file}:{row}", "subject": desc.get("item"),
                 "class": desc.get("category"), "collection": r.get("collection"),

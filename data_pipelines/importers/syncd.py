@@ -110,7 +110,7 @@ class SynCD:
                 raise Skip("missing_file", f"{where}: {f} not found")
             if not mask_path.is_file():
                 raise Skip("missing_mask", f"{where}: {mask_path} not found")
-            img = decode(f.read_bytes(), str(f))
+            img = decode(f.read_bytes(), str(f), full=False)
             m = decode(mask_path.read_bytes(), str(mask_path)).image.convert("L")
             # binarised like SynCD's loader, at the image's size; > 127, not > 0: JPEG ringing is not subject
             m = np.asarray(m.resize(img.size, Image.NEAREST) if m.size != img.size else m) > 127

@@ -162,7 +162,7 @@ class UNO1M:
             for name in pair:
                 if name not in got:
                     raise Skip(self._missing, f"{where}: {name} is not in {self._images(self.root / piece.name).name}")
-                img = decode(got[name], f"{where} {name}")
+                img = decode(got[name], f"{where} {name}", full=False)
                 m = SIZE_IN_NAME.search(name)
                 if m and (int(m[1]), int(m[2])) != img.size:
                     raise Skip("bad_geometry", f"{where}: {name} is {img.size[0]}x{img.size[1]}")
