@@ -103,10 +103,10 @@ def main() -> dict:
                   "(640x480 JPEG, sets of 4)")
             print(f"{'format':>13} {'read+decode':>12} {'import':>8} {'ratio':>6}")
             for name, (src, bare, make) in cases.items():
-                base = _best(lambda: bare(src))
+                base = _best(lambda bare=bare, src=src: bare(src))
                 k = iter(range(100))
 
-                def imp(src=src, make=make, name=name):
+                def imp(src=src, make=make, name=name, k=k):
                     s = run(make(str(src)), str(d / f"out-{name}-{next(k)}"), sets_per_shard=500)
                     assert s["sets"] > 0, s
                     return s["sets"]

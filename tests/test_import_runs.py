@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from helpers.cli import losses, one_line_error
-from test_import_formats import folders_src, run_import, subjects200k_src, syncd_src, uno1m_src
+from helpers.import_replicas import folders_src, run_import, subjects200k_src, syncd_src, uno1m_src
 
 SOURCES = {"subjects200k": (subjects200k_src, []), "uno1m": (uno1m_src, []), "syncd": (syncd_src, []),
            "folders": (folders_src, ["--set-size", 2, "--caption", "a photo of a {subject}"])}
