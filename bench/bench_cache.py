@@ -14,10 +14,10 @@ import webdataset as wds
 from bench.timing import objective_step, seconds_per_call
 from data_pipelines.schema import encode_set
 from data_pipelines.stats import main as jedi_data
-from jedi_train.datamodule import JeDiDataModule
-from jedi_train.model.components import load_components
-from jedi_train.model.objective import JeDiObjective
-from jedi_train.model.tiny import create_tiny_model_dir
+from jedi_train.training.datamodule import JeDiDataModule
+from jedi_train.models.components import load_components
+from jedi_train.models.objective import JeDiObjective
+from jedi_train.models.tiny import create_tiny_model_dir
 
 SETS, STEPS = 8, 20
 

@@ -12,9 +12,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from bench.timing import seconds_per_call
-from jedi_train.model.attention import SetLayout
-from jedi_train.model.joint_unet import JointUNet2DConditionModel
-from jedi_train.model.tiny import tiny_unet_config
+from jedi_train.models.attention import SetLayout
+from jedi_train.models.joint_unet import JointUNet2DConditionModel
+from jedi_train.models.tiny import tiny_unet_config
 
 
 def _models(res):

@@ -17,13 +17,13 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from bench.bench_sampling import time_table
-from jedi_train.model.attention import SetLayout
-from jedi_train.model.components import load_components
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.model.joint_flux import image_ids, pack
-from jedi_train.model.text import TextEmbeddings
-from jedi_train.model.tiny import create_tiny_model_dir
-from jedi_train.pipeline import JeDiPipeline
+from jedi_train.models.attention import SetLayout
+from jedi_train.models.components import load_components
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.joint_flux import image_ids, pack
+from jedi_train.models.text import TextEmbeddings
+from jedi_train.models.tiny import create_tiny_model_dir
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
 B, N, STEPS = 4, 3, 10
 SHAPE = {"width": 64, "heads": 4, "layers": 2, "single_layers": 2, "guidance_embeds": True}
@@ -101,7 +101,7 @@ def real_scale_flops(set_sizes=(3, 4)):
     own set (the plain transformer's work plus the widened x_embedder); the backward scales both alike."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from jedi_train.dry_run import _dummy_inputs, build_on_meta
+    from jedi_train.training.dry_run import _dummy_inputs, build_on_meta
 
     _family, model, _frozen = build_on_meta({"architecture": "flux_dev", "model_dir": "", "resolution": 512})
     print("FLUX.1-dev shape (meta device), 512 px, 512 T5 tokens: forward FLOPs, joint set vs images apart")

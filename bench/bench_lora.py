@@ -11,8 +11,8 @@ import tempfile
 import torch
 
 from bench.timing import objective_step, seconds_per_call
-from jedi_train.model.tiny import create_tiny_model_dir
-from jedi_train.module import JeDiModule
+from jedi_train.models.tiny import create_tiny_model_dir
+from jedi_train.training.module import JeDiModule
 
 SETS, N, STEPS = 4, 3, 10
 UNET = {"block_out_channels": [64, 128, 256], "cross_attention_dim": 128, "heads": 4}

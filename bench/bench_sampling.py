@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from jedi_train.model.components import load_components
-from jedi_train.model.tiny import create_tiny_model_dir
-from jedi_train.pipeline import JeDiPipeline
+from jedi_train.models.components import load_components
+from jedi_train.models.tiny import create_tiny_model_dir
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
 KS = (0, 1, 3, 5)
 

@@ -55,7 +55,7 @@ def bare(urls, decoder="pil"):
 def full(urls, tokenizer, **kw):
     from data_pipelines.resume import ResumableLoader
     from data_pipelines.stream import SetStream, StreamConfig
-    from jedi_train.model.components import tokenize
+    from jedi_train.models.components import tokenize
 
     cfg = StreamConfig(sources=urls, resolution=RES, batch_size=8, shuffle_buffer=64,
                        epoch_sets=SHARDS * SETS_PER_SHARD, **kw)
@@ -67,7 +67,7 @@ def full(urls, tokenizer, **kw):
 
 
 def main():
-    from jedi_train.model.tiny import build_tiny_tokenizer
+    from jedi_train.models.tiny import build_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         urls = write_shards(d)

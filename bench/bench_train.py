@@ -9,9 +9,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from jedi_train.model.components import tokenize
-from jedi_train.model.tiny import create_tiny_model_dir
-from jedi_train.module import JeDiModule
+from jedi_train.models.components import tokenize
+from jedi_train.models.tiny import create_tiny_model_dir
+from jedi_train.training.module import JeDiModule
 
 SETS, N, STEPS = 8, 3, 30
 

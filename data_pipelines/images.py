@@ -1,5 +1,5 @@
 """Encoded image -> RGB uint8 array, shorter side at the training resolution. One implementation for
-the training stream (sets.py) and the pipeline's reference photos (jedi_train/references.py).
+the training stream (sets.py) and the pipeline's reference photos (jedi_train/pipelines/references.py).
 
 JPEGs are decoded at a reduced DCT scale when they are at least twice the resolution (far cheaper
 than decoding full size and resizing). Plain 3-channel JPEGs, the bulk of any image dataset, go

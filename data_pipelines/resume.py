@@ -17,7 +17,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from .skips import merge
+from data_pipelines.skips import merge
 
 log = logging.getLogger("data_pipelines.stream")
 STATE_VERSION = 1

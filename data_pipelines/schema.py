@@ -16,11 +16,11 @@ The minimal form, for sets written by other tools: no bookkeeping fields. The im
 sample's ``__key__``, the captions are the json's ``captions`` (N strings) or one ``<i>.txt`` per
 image. Caption count vs images present is still checked: a tar cut short loses images or captions.
 
-Cached encodings (written by `jedi-data encode`, data_pipelines/encode.py), beside the members above,
+Cached encodings (written by `jedi-data encode`, jedi_train/training/encode.py), beside the members above,
 which stay unchanged: ``<set_id>.latents.safetensors`` (``mean`` and, for a VAE, ``logvar`` of the
 posterior of each image i, rows in image order, (N, C, h, w): the centre crop at the model resolution),
 ``<set_id>.text.safetensors`` (each image's caption embedding: ``hidden`` (N, T, D) [+ ``pooled``
-(N, P), ``time_ids`` (N, 6)], the fields of jedi_train/model/text.py TextEmbeddings) and
+(N, P), ``time_ids`` (N, 6)], the fields of jedi_train/models/text.py TextEmbeddings) and
 ``<set_id>.cache.json`` (``fingerprint`` of the encoders, ``dtype``, ``resolution``, ``crop``).
 """
 from __future__ import annotations

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .images import Unusable, crop_offset, decode_rgb, header_size, resize_short_side
-from .schema import cache_info, decode_cache, mask_key, set_meta
-from .skips import Counts
+from data_pipelines.images import Unusable, crop_offset, decode_rgb, header_size, resize_short_side
+from data_pipelines.schema import cache_info, decode_cache, mask_key, set_meta
+from data_pipelines.skips import Counts
 
 
 @dataclass
@@ -29,7 +29,7 @@ class SetOptions:
     ref_count_probs: Sequence[float] = (0.1, 0.45, 0.35, 0.1)  # P(k references), k = 0, 1, 2, ...
     min_image_size: int = 16        # shorter side below this: dropped (upscaling garbage)
     max_image_pixels: int = 100_000_000  # above this: dropped before decoding (decompression bombs)
-    # the trained model's encoder fingerprint (data_pipelines/encode.py): sets cached for it bring their
+    # the trained model's encoder fingerprint (jedi_train/training/encode.py): sets cached for it bring their
     # latents + text embeddings; None: every set is encoded on the fly
     cache_fingerprint: str | None = None
 
@@ -156,7 +156,7 @@ def collate_sets(sets: list[dict], tokenize: Callable[[list[str]], torch.Tensor]
                  empty_text: dict[str, torch.Tensor] | None = None) -> dict:
     """Sets of unequal size -> one padded batch; N is the largest set. Padding: zeros, "" captions.
     subject_mask (B, N, 1, H, W) in [0, 1] when every set of the batch has masks. Cached encodings
-    (latent_*, text_*, text_empty_*; jedi_train/model/objective.py) when every set has them and
+    (latent_*, text_*, text_empty_*; jedi_train/models/objective.py) when every set has them and
     `empty_text` (the cache's "" embedding: {"text_hidden": (1, T, D), ...}) is given; else none."""
     b, n = len(sets), max(len(s["captions"]) for s in sets)
     res = sets[0]["images"][0].shape[0]

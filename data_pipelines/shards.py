@@ -22,8 +22,8 @@ from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from .errors import open_reason
-from .skips import Counts
+from jedi_common.errors import open_reason
+from data_pipelines.skips import Counts
 
 
 @dataclass(frozen=True)

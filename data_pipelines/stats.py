@@ -17,10 +17,10 @@ from collections import Counter
 import numpy as np
 from webdataset.shardlists import expand_urls
 
-from .schema import SkipSet, set_meta
-from .sets import SetOptions, load_image, read_captions
-from .shards import expand_sources, read_tar
-from .skips import Counts
+from data_pipelines.schema import SkipSet, set_meta
+from data_pipelines.sets import SetOptions, load_image, read_captions
+from data_pipelines.shards import expand_sources, read_tar
+from data_pipelines.skips import Counts
 
 
 def collect(patterns: list[str], min_set: int = 2, resolution: int = 32, allow_pipe: bool = False,
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--min-image-size", type=int, default=SetOptions.min_image_size, help="as data.min_image_size")
     st.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     st.add_argument("--json", action="store_true", help="print the stats as JSON")
-    from . import encode
-    from .importers import cli as importers
+    from data_pipelines import encode
+    from data_pipelines.importers import cli as importers
 
     encode.add_parser(sub)
     importers.add_parser(sub)

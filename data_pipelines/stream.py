@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .resume import Cursor
-from .schema import validate_sample
-from .sets import SetOptions, collate_sets, load_set
-from .shards import count_samples, expand_sources, read_tar
-from .skips import Counts
+from data_pipelines.resume import Cursor
+from data_pipelines.schema import validate_sample
+from data_pipelines.sets import SetOptions, collate_sets, load_set
+from data_pipelines.shards import count_samples, expand_sources, read_tar
+from data_pipelines.skips import Counts
 
 log = logging.getLogger("data_pipelines.stream")
 _SHARD_ORDER, _SHARD_DRAW, _PASS, _BLOCK, _ITEM = range(5)  # rng stream tags

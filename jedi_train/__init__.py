@@ -6,12 +6,12 @@ name their UNet class in model_index.json (["jedi_train", "JointUNet2DConditionM
 """
 from importlib import import_module
 
-import data_pipelines.quiet  # noqa: F401  (optional packages' import-time noise off stderr)
+import jedi_common.quiet  # noqa: F401  (optional packages' import-time noise off stderr)
 
 _LAZY = {
-    "JeDiPipeline": "jedi_train.pipeline",
-    "JeDiPipelineOutput": "jedi_train.pipeline",
-    "JointUNet2DConditionModel": "jedi_train.model.joint_unet",
+    "JeDiPipeline": "jedi_train.pipelines.pipeline_jedi",
+    "JeDiPipelineOutput": "jedi_train.pipelines.pipeline_jedi",
+    "JointUNet2DConditionModel": "jedi_train.models.joint_unet",
     "make_grid": "jedi_train.viz",
 }
 

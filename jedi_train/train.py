@@ -21,13 +21,13 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.atomic import atomic_write_text
-from data_pipelines.hydra_args import CONF_DIR as _CONF_DIR
+from jedi_common.atomic import atomic_write_text
+from jedi_common.hydra_args import CONF_DIR as _CONF_DIR
 
-from .artifacts import wandb_offline
-from .checkpoints import AtomicCheckpointIO, checkpoint_step, newest_complete, remove_partials
+from jedi_train.export.artifacts import wandb_offline
+from jedi_train.training.checkpoints import AtomicCheckpointIO, checkpoint_step, newest_complete, remove_partials
 
-CONF_DIR = str(_CONF_DIR)  # Hydra's APIs take a str; the directory is found in data_pipelines.hydra_args
+CONF_DIR = str(_CONF_DIR)  # Hydra's APIs take a str; the directory is found in jedi_common.hydra_args
 
 
 class _ContinuedWriter(ExperimentWriter):
@@ -149,7 +149,7 @@ def run_dir(cfg: DictConfig) -> str:
 
 
 def train(cfg: DictConfig) -> dict:
-    from .datamodule import build_datamodule  # heavy imports after config errors had their chance
+    from jedi_train.training.datamodule import build_datamodule  # heavy imports after config errors had their chance
 
     output_dir = run_dir(cfg)
     if output_dir != str(cfg.paths.output_dir):
@@ -160,7 +160,7 @@ def train(cfg: DictConfig) -> dict:
 
     pipeline_dir = os.path.join(output_dir, "pipeline")
     if cfg.get("export_after_fit"):
-        from .export import check_export_target
+        from jedi_train.export.to_pipeline import check_export_target
 
         check_export_target(pipeline_dir, overwrite=True)  # refused now, not after hours of training
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
@@ -181,16 +181,16 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = {"output_dir": output_dir, "global_step": trainer.global_step, "metrics": metrics}
     if cfg.get("export_after_fit") and trainer.is_global_zero:
-        from .export import export_module
+        from jedi_train.export.to_pipeline import export_module
 
         result["pipeline_dir"] = export_module(module, pipeline_dir)  # replaces the previous export
         if cfg.get("log_pipeline_artifact", True):
-            from .artifacts import log_pipeline_artifact
+            from jedi_train.export.artifacts import log_pipeline_artifact
 
             result["artifact_aliases"] = log_pipeline_artifact(trainer.logger, pipeline_dir, trainer.global_step,
                                                                metrics, cfg.get("optimized_metric"), output_dir)
     if cfg.get("log_checkpoint_artifact") and trainer.is_global_zero:
-        from .artifacts import log_checkpoint_artifact
+        from jedi_train.export.artifacts import log_checkpoint_artifact
 
         last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
         log_checkpoint_artifact(trainer.logger, last or str(checkpoint_dir(cfg, output_dir) / "last.ckpt"),

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipelines.atomic import atomic_path
+from jedi_common.atomic import atomic_path
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random BASE model in the SD directory layout (pixel space, 32 px)."""
-    from jedi_train.model.tiny import create_tiny_model_dir
+    from jedi_train.models.tiny import create_tiny_model_dir
 
     return create_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_sd")), resolution=32, pixel_fold=2)
 
@@ -19,7 +19,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vae_model_dir(tmp_path_factory):
     """The same, with a tiny VAE (latent-space model, like SD)."""
-    from jedi_train.model.tiny import create_tiny_model_dir
+    from jedi_train.models.tiny import create_tiny_model_dir
 
     return create_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_sd_vae")), resolution=32, with_vae=True)
 
@@ -29,7 +29,7 @@ def tiny_model_from_config(model: str, out_dir: str) -> str:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from jedi_train.model.tiny import create_tiny_model_dir
+    from jedi_train.models.tiny import create_tiny_model_dir
     from jedi_train.train import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -71,9 +71,9 @@ def one_thread():
 def pipe_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model exported as a pipeline with the demo's settings for the reference KV cache
     (reference_attention 'references', references at t = 0), as jedi-export writes it."""
-    from jedi_train.model.components import load_components
-    from jedi_train.model.joint import JeDiConfig
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.models.components import load_components
+    from jedi_train.models.joint import JeDiConfig
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     c = load_components(tiny_model_dir, JeDiConfig(reference_attention="references"))
     out = str(tmp_path_factory.mktemp("exported") / "pipeline")

@@ -10,7 +10,7 @@ import torch
 from helpers.cli import FAST, run_jedi
 from helpers.pipelines import CAN, load, needs_dreambench, run
 
-from jedi_train.export import export_checkpoint
+from jedi_train.export.to_pipeline import export_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

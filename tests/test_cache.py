@@ -14,10 +14,10 @@ from helpers.stream_helpers import write_shards
 
 from data_pipelines import encode
 from data_pipelines.stats import main as jedi_data
-from jedi_train.datamodule import JeDiDataModule
-from jedi_train.model.components import load_components
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.model.objective import JeDiObjective, ObjectiveConfig
+from jedi_train.training.datamodule import JeDiDataModule
+from jedi_train.models.components import load_components
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.objective import JeDiObjective, ObjectiveConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from jedi_train.callbacks import Checkpoint, IdentityGainCallback, LossCurveCallback
+from jedi_train.training.callbacks import Checkpoint, IdentityGainCallback, LossCurveCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

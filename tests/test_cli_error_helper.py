@@ -1,11 +1,11 @@
-"""data_pipelines.errors' shared console-script rule: user errors and disk trouble -> one line on stderr and
+"""jedi_common.errors' shared console-script rule: user errors and disk trouble -> one line on stderr and
 exit 2; anything else -> the original exception (and traceback), unchanged."""
 import errno
 import traceback
 
 import pytest
 
-from data_pipelines.errors import cli_errors, one_line, report_error
+from jedi_common.errors import cli_errors, one_line, report_error
 
 
 class Oops(Exception):

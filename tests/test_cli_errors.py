@@ -75,7 +75,7 @@ def test_jedi_sample_seed_defaults_to_0_and_tiny_reference_warns(pipe_dir, tmp_p
 @pytest.mark.parametrize("overrides", [[], ["experiment=demo"], ["experiment=proof"], ["experiment=sd15_s3"],
                                        ["model=sd15", "trainer=gpu"], ["model=sd21", "debug=fast"]])
 def test_shipped_configs_pass_the_checks(tmp_path, overrides):
-    from jedi_train.config_checks import check_config
+    from jedi_train.training.config_checks import check_config
 
     check_config(compose_train(overrides, tmp_path))
 
@@ -109,7 +109,7 @@ def test_missing_shards_and_references_are_named_for_what_they_are(tmp_path, pip
 
 
 def test_the_pipeline_api_refuses_a_decompression_bomb_reference_in_one_clear_error(tmp_path):
-    from jedi_train.references import load_references
+    from jedi_train.pipelines.references import load_references
 
     with pytest.raises(ValueError, match=r"too many pixels .* decompression bomb.*smaller photo") as e:
         load_references([str(bomb_png(tmp_path / "bomb.png", 15000, 15000))], 32)
@@ -123,8 +123,8 @@ def test_pickled_bin_weights_are_refused_in_one_line_naming_the_file_and_the_con
     import torch
     from diffusers import UNet2DConditionModel
 
-    from jedi_train.model.components import load_components
-    from jedi_train.model.tiny import create_tiny_model_dir
+    from jedi_train.models.components import load_components
+    from jedi_train.models.tiny import create_tiny_model_dir
 
     d = create_tiny_model_dir(str(tmp_path / "m"))
     state = UNet2DConditionModel.from_pretrained(d, subfolder="unet").state_dict()

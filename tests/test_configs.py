@@ -43,7 +43,7 @@ COMBOS = list(itertools.product(_options("model"), _options("trainer"), _options
 def test_every_group_combination_composes(model, trainer, strategy, logger, tmp_path):
     cfg = compose_train([f"model={model}", f"trainer={trainer}", f"strategy={strategy}", f"logger={logger}"],
                         tmp_path)
-    assert cfg.model._target_ == "jedi_train.module.JeDiModule"
+    assert cfg.model._target_ == "jedi_train.training.module.JeDiModule"
     assert cfg.data.resolution == cfg.model.resolution
     for t in set(_targets(OmegaConf.to_container(cfg))):
         _importable(t)
@@ -98,14 +98,14 @@ def test_gpu_trainer_reads_the_node_count_from_slurm(tmp_path, monkeypatch):
     (["-m", "model=tiny_pixel", "data.batch_size=2,4", "model.lr_x=1e-4,1e-3"], "model.lr_x"),
 ])
 def test_bad_overrides_are_reported_in_one_line(argv, expected):
-    from data_pipelines.hydra_args import config_error
+    from jedi_common.hydra_args import config_error
 
     error = config_error(CONF_DIR, "train", argv)
     assert error is not None and expected in error and "\n" not in error
 
 
 def test_good_overrides_and_sweeps_pass_the_check():
-    from data_pipelines.hydra_args import config_error
+    from jedi_common.hydra_args import config_error
 
     assert config_error(CONF_DIR, "train", ["experiment=demo", "trainer.max_steps=5"]) is None
     assert config_error(CONF_DIR, "train", ["-m", "hparams_search=optuna", "experiment=demo", "strategy=single,ddp"]) is None
@@ -129,6 +129,6 @@ def test_callbacks_are_one_config_each_and_compose_as_a_list(tmp_path):
 
 def test_optimizer_group_swaps_the_partial_config(tmp_path):
     cfg = compose_train(["model=sdxl", "model/optimizer=adamw8bit"], tmp_path)
-    assert cfg.model.optimizer._target_ == "jedi_train.module.adamw_8bit" and cfg.model.optimizer._partial_
+    assert cfg.model.optimizer._target_ == "jedi_train.training.module.adamw_8bit" and cfg.model.optimizer._partial_
     assert cfg.model.optimizer.lr == 5e-6  # the model's lr stays over the group's default
     assert cfg.model.lr_scheduler.num_warmup_steps == 1000

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from jedi_train.checkpoints import load_checkpoint, load_unet_weights, unet_state_from_checkpoint
-from jedi_train.model.joint_unet import load_joint_unet
+from jedi_train.training.checkpoints import load_checkpoint, load_unet_weights, unet_state_from_checkpoint
+from jedi_train.models.joint_unet import load_joint_unet
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "helpers", "fit_tiny.py")
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def test_zero3_consolidates_shards_the_ema_resumes_and_merges_for_export(tiny_mo
     step 3); export reads the whole."""
     from diffusers.training_utils import EMAModel
 
-    from jedi_train.model.lora import trained_parameters
+    from jedi_train.models.lora import trained_parameters
 
     unet = load_joint_unet(tiny_model_dir)
     total = sum(p.numel() for p in trained_parameters(unet))
@@ -83,8 +83,8 @@ def test_zero3_consolidates_shards_the_ema_resumes_and_merges_for_export(tiny_mo
         torch.testing.assert_close(ema_b, d * ema_a + (1 - d) * weights[name].detach().float(), rtol=1e-4, atol=1e-6)
     moved = max(float((e - weights[n].detach().float()).abs().max()) for n, e in zip(names, b["ema"]["shadow_params"]))
     assert moved > 0  # the EMA is not the weights
-    from jedi_train.export import export_checkpoint
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.export.to_pipeline import export_checkpoint
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     exported = JeDiPipeline.from_pretrained(export_checkpoint(str(tmp_path / "b" / "checkpoints" / "last.ckpt"),
                                                               str(tmp_path / "pipe"))).unet.state_dict()
@@ -97,8 +97,8 @@ def test_lora_trains_under_ddp_and_zero2_and_exports(tiny_model_dir, tmp_path, s
     """LoRA on 2 processes: both ranks step; the checkpoint (a DDP file, or a ZeRO-2 directory with
     exclude_frozen_parameters) holds only the trained weights and exports to a pipeline whose UNet differs
     from the base."""
-    from jedi_train.export import export_checkpoint
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.export.to_pipeline import export_checkpoint
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     (tmp_path / "run").mkdir()
     results = _fit(tiny_model_dir, tmp_path / "run", strategy, 2, lora=True)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers.cli import compose_train
 
-from jedi_train.dry_run import activation_bytes, estimate
-from jedi_train.model.components import load_components
-from jedi_train.model.joint import JeDiConfig
+from jedi_train.training.dry_run import activation_bytes, estimate
+from jedi_train.models.components import load_components
+from jedi_train.models.joint import JeDiConfig
 
 SD15_UNET, CLIP_L, SD_VAE = 859_520_964, 123_060_480, 83_653_863  # published parameter counts
 FLUX_DEV, T5_XXL, FLUX_VAE = 11_901_408_320, 4_762_310_656, 83_819_683
@@ -48,7 +48,7 @@ def test_flux_counts_lora_and_zero_sharding(tmp_path):
 def test_sd3_counts_its_three_text_encoders_and_the_widened_patch_embedding(tmp_path):
     from diffusers import SD3Transformer2DModel
 
-    from jedi_train.dry_run import ARCHITECTURES
+    from jedi_train.training.dry_run import ARCHITECTURES
 
     e = estimate(compose_train(["experiment=sd3_s3", "model.model_dir=/nowhere", "trainer.devices=8"], tmp_path))
     with torch.device("meta"):

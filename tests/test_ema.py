@@ -6,8 +6,8 @@ import torch
 from helpers.tiny_module import SameSets, make_module
 from torch.utils.data import DataLoader
 
-from jedi_train.callbacks import Checkpoint
-from jedi_train.ema import TrainingEMA, merge_partitions
+from jedi_train.training.callbacks import Checkpoint
+from jedi_train.training.ema import TrainingEMA, merge_partitions
 
 
 def _slices(whole: list[torch.Tensor], world: int) -> list[dict]:

@@ -16,7 +16,7 @@ from PIL import Image
 from jedi_train.eval import dreambench as db
 from jedi_train.eval import extractors
 from jedi_train.eval.common import EvalError
-from jedi_train.model.tiny import build_tiny_tokenizer
+from jedi_train.models.tiny import build_tiny_tokenizer
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
 needs_dreambench = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/dreambench not present")
@@ -160,7 +160,7 @@ def read_rows(path):
 
 @needs_dreambench
 def test_cli_end_to_end_and_resume(cli, pipe_dir, extractor_dirs, tmp_path, monkeypatch):
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     masks = tmp_path / "masks" / "backpack"  # masks for one subject only: MDINO there, empty for dog2
     masks.mkdir(parents=True)

@@ -66,7 +66,7 @@ def test_held_out_subjects_are_reproducible_and_balanced():
 
 
 def test_end_to_end_resume_and_bad_input(cli, pipe_dir, tmp_path, monkeypatch):
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     calls = []
     orig = JeDiPipeline.__call__

@@ -10,12 +10,12 @@ import pytest
 import torch
 from helpers.pipelines import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run, run_generic
 
-from jedi_train.model.attention import SetLayout
-from jedi_train.model.components import load_components
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.model.joint_flux import shifted_sigmas
-from jedi_train.model.objective import JeDiObjective
-from jedi_train.pipeline import JeDiFluxPipeline, JeDiPipeline
+from jedi_train.models.attention import SetLayout
+from jedi_train.models.components import load_components
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.joint_flux import shifted_sigmas
+from jedi_train.models.objective import JeDiObjective
+from jedi_train.pipelines.pipeline_jedi import JeDiFluxPipeline, JeDiPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +75,7 @@ def test_reference_position_offset_moves_references_only(tiny_flux_model_dir):
     assert moved.jedi.reference_positions == "offset"
     g = torch.Generator().manual_seed(0)
     x, text = torch.randn(3, 33, 16, 16, generator=g), same.config
-    from jedi_train.model.text import TextEmbeddings
+    from jedi_train.models.text import TextEmbeddings
 
     e = TextEmbeddings(torch.randn(3, 8, text.joint_attention_dim, generator=g),
                        torch.randn(3, text.pooled_projection_dim, generator=g))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers.pipelines import make_pipeline_dir, run_generic
 
-from jedi_train.bundle import MODULES, bundle_sources
-from jedi_train.pipeline import JeDiPipeline
+from jedi_train.pipelines.bundle import MODULES, bundle_sources
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
 
 def jedi_images(pipe_dir):

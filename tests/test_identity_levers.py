@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers.batches import set_batch
 
-from jedi_train.model.components import load_components, tokenize
-from jedi_train.model.objective import Dropout, JeDiObjective, ObjectiveConfig, identity_gain, latent_mask
-from jedi_train.pipeline import JeDiPipeline
+from jedi_train.models.components import load_components, tokenize
+from jedi_train.models.objective import Dropout, JeDiObjective, ObjectiveConfig, identity_gain, latent_mask
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """A non-editable install (issue 10): the wheel carries the Hydra configs and a short demo run works from it.
 
 The configs stay in the repository's top-level conf/ and ship as package data of `data_pipelines.conf`
-(pyproject.toml); data_pipelines.hydra_args.CONF_DIR finds them in a checkout and in an installed copy.
+(pyproject.toml); jedi_common.hydra_args.CONF_DIR finds them in a checkout and in an installed copy.
 The wheel is built from a copy of the sources (building in the repository would leave build/ there),
 installed with --target and put first on PYTHONPATH: setuptools' editable finder sits after PathFinder
 on sys.meta_path (asserted below), so the installed copy shadows the editable one.
@@ -22,7 +22,7 @@ SOURCES = ("pyproject.toml", "README.md", "conf", "jedi_train", "data_pipelines"
 PROBE = """
 import json, sys
 import data_pipelines, jedi_train
-from data_pipelines.hydra_args import CONF_DIR
+from jedi_common.hydra_args import CONF_DIR
 finders = [getattr(f, "__name__", type(f).__name__) for f in sys.meta_path]
 print(json.dumps({"jedi_train": jedi_train.__file__, "data_pipelines": data_pipelines.__file__,
                   "conf_dir": str(CONF_DIR), "finders": finders}))

@@ -6,11 +6,11 @@ import warnings
 import pytest
 import torch
 
-from data_pipelines.encode import frozen_encoders
-from jedi_train.model.components import load_components, load_denoiser
-from jedi_train.model.joint import JeDiConfig, infer_pixel_fold
-from jedi_train.model.joint_unet import JointUNet2DConditionModel
-from jedi_train.pipeline import JeDiPipeline
+from jedi_train.training.encode import frozen_encoders
+from jedi_train.models.components import load_components, load_denoiser
+from jedi_train.models.joint import JeDiConfig, infer_pixel_fold
+from jedi_train.models.joint_unet import JointUNet2DConditionModel
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
 
 def test_from_dict_reads_hparams_and_saved_settings_and_refuses_unknown_values():

@@ -4,12 +4,12 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-from jedi_train.model.attention import SetLayout
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.model.joint_flux import image_ids, load_joint_flux, pack, unpack
-from jedi_train.model.joint_sd3 import load_joint_sd3
-from jedi_train.model.joint_unet import JointUNet2DConditionModel, load_joint_unet
-from jedi_train.model.text import TextEmbeddings
+from jedi_train.models.attention import SetLayout
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.joint_flux import image_ids, load_joint_flux, pack, unpack
+from jedi_train.models.joint_sd3 import load_joint_sd3
+from jedi_train.models.joint_unet import JointUNet2DConditionModel, load_joint_unet
+from jedi_train.models.text import TextEmbeddings
 
 FIXTURES = {"sd": "tiny_model_dir", "sdxl": "tiny_sdxl_model_dir", "flux": "tiny_flux_model_dir",
             "sd3": "tiny_sd3_model_dir"}
@@ -205,7 +205,7 @@ def test_make_joint_validates_options(tiny_model_dir):
 def test_missing_component_is_named(tiny_model_dir, tmp_path):
     import shutil
 
-    from jedi_train.model.components import load_components
+    from jedi_train.models.components import load_components
 
     broken = tmp_path / "sd"
     shutil.copytree(tiny_model_dir, broken)
@@ -219,10 +219,10 @@ def test_lora_adapter_export_loads_into_the_base_pipeline(mmdit, request, tmp_pa
     """LoRA on a joint MM-DiT (adapters + the widened input embedding in full) -> --lora-only's file in the
     family's diffusers format -> the family pipeline's load_lora_weights on the base: the in-training
     predictions, exactly."""
-    from jedi_train.export import save_lora_atomically
-    from jedi_train.model.components import load_components
-    from jedi_train.model.lora import LoraSettings, add_lora, trained_names
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.export.to_pipeline import save_lora_atomically
+    from jedi_train.models.components import load_components
+    from jedi_train.models.lora import LoraSettings, add_lora, trained_names
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     model_dir = request.getfixturevalue(FIXTURES[mmdit])
     c = load_components(model_dir, JeDiConfig(resolution=32))

@@ -11,15 +11,15 @@ import pytest
 import torch
 from helpers.cli import FAST, losses, run_jedi
 
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.model.lora import LoraSettings, add_lora, trained_names
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.lora import LoraSettings, add_lora, trained_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LORA = ["model.lora.rank=4", "export_after_fit=false"]
 
 
 def _unet(model_dir):
-    from jedi_train.model.components import load_components
+    from jedi_train.models.components import load_components
 
     return load_components(model_dir).unet
 
@@ -56,7 +56,7 @@ def test_a_target_that_matches_nothing_is_one_clear_error(tiny_model_dir):
     with pytest.raises(ValueError, match="'to_qq' matches no module"):
         add_lora(_unet(tiny_model_dir), LoraSettings(rank=4, target_modules=["to_qq"]))
     with pytest.raises(ValueError, match="model.trainable and model.lora are exclusive"):
-        from jedi_train.module import JeDiModule
+        from jedi_train.training.module import JeDiModule
 
         JeDiModule(tiny_model_dir, lora={"rank": 2}, trainable=["conv_in"])
 
@@ -87,8 +87,8 @@ def test_lora_checkpoints_hold_only_trained_weights_and_resume_exactly(lora_runs
 
 
 def test_fused_export_equals_the_adapter_loaded_into_the_base_pipeline(lora_runs, tmp_path):
-    from jedi_train.model.components import load_components
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.models.components import load_components
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     root, ckpt = lora_runs["root"], str(lora_runs["full"] / "checkpoints" / "last.ckpt")
     fused, adapter = tmp_path / "fused", tmp_path / "lora"
@@ -109,9 +109,9 @@ def test_fused_export_equals_the_adapter_loaded_into_the_base_pipeline(lora_runs
 
 
 def test_lora_only_on_a_full_finetune_is_refused(tmp_path, tiny_model_dir):
-    from jedi_train.checkpoints import atomic_save
-    from jedi_train.export import export_checkpoint
-    from jedi_train.model.components import load_components
+    from jedi_train.training.checkpoints import atomic_save
+    from jedi_train.export.to_pipeline import export_checkpoint
+    from jedi_train.models.components import load_components
 
     unet = load_components(tiny_model_dir).unet
     ckpt = tmp_path / "full.ckpt"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers.batches import set_batch
 
-from jedi_train.module import JeDiModule
+from jedi_train.training.module import JeDiModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,8 +58,8 @@ def test_the_frozen_base_is_stored_in_low_precision_and_the_adapter_still_trains
 
 
 def test_the_end_of_training_export_fuses_into_the_full_precision_base(tiny_model_dir, tmp_path):
-    from jedi_train.export import export_module
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.export.to_pipeline import export_module
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     low, full = _module(tiny_model_dir, "float8_e4m3fn"), _module(tiny_model_dir)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_bad_low_memory_settings_are_one_clear_error(tiny_model_dir):
         _module(tiny_model_dir, "bfloat16", rank=0)
     with pytest.raises(ValueError, match=r"base_dtype='int3' is not supported; use one of bfloat16"):
         _module(tiny_model_dir, "int3")
-    m = JeDiModule(model_dir=tiny_model_dir, optimizer={"_target_": "jedi_train.module.adamw_8bit", "lr": 1e-3})
+    m = JeDiModule(model_dir=tiny_model_dir, optimizer={"_target_": "jedi_train.training.module.adamw_8bit", "lr": 1e-3})
     with pytest.raises(ValueError, match=r"adamw8bit (needs bitsandbytes: pip install 'jedi-train\[adam8bit\]'|runs on CUDA)"):
         m.configure_optimizers()
     with pytest.raises(ValueError, match=r"model.optimizer._target_='torch.optim.SGDX' could not be built .*"

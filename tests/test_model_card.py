@@ -1,6 +1,6 @@
 """The model card's pure parts: base_model detection and the jedi-eval section update (the card as a
 whole is checked on a real export in test_train_cli.py)."""
-from jedi_train.model_card import EVAL_BEGIN, EVAL_END, _base_model, update_eval_section
+from jedi_train.export.model_card import EVAL_BEGIN, EVAL_END, _base_model, update_eval_section
 
 
 def test_base_model_is_a_hub_id_only_when_the_run_started_from_one(tmp_path):

@@ -5,8 +5,8 @@ import torch
 from helpers.tiny_module import SameSets, make_module
 from torch.utils.data import DataLoader
 
-from jedi_train.callbacks import Checkpoint
-from jedi_train.module import JeDiModule
+from jedi_train.training.callbacks import Checkpoint
+from jedi_train.training.module import JeDiModule
 
 
 def _fit(module, steps, ckpt_dir=None, ckpt_path=None, nan_from=None, root=None):
@@ -65,7 +65,7 @@ def test_trainable_prefixes_limit_what_trains(tiny_model_dir):
 def test_sample_grid_is_skipped_with_a_warning_under_zero3(tmp_path):
     from types import SimpleNamespace
 
-    from jedi_train.callbacks import SampleGridCallback
+    from jedi_train.training.callbacks import SampleGridCallback
 
     cb = SampleGridCallback(out_dir=str(tmp_path))
     cb.sets = [{"refs": [], "truth": [], "prompts": ["x"]}]  # something to render

@@ -3,9 +3,9 @@ import pytest
 import torch
 from helpers.batches import set_batch
 
-from jedi_train.model.components import load_components, tokenize
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.model.objective import Dropout, JeDiObjective, ObjectiveConfig
+from jedi_train.models.components import load_components, tokenize
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.objective import Dropout, JeDiObjective, ObjectiveConfig
 
 CAPTIONS = ["a photo of a mug on the beach", "a photo of a mug in the snow", "a photo of a mug on a table"]
 

@@ -10,11 +10,11 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 from helpers.pipelines import CAN, DOG, DREAMBENCH, load, make_pipeline_dir, needs_dreambench, run
 from PIL import Image
 
-from jedi_train.model.components import load_components
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.pipeline import JeDiPipeline
-from jedi_train.references import load_references, prepare_reference
-from jedi_train.set_plan import SetPlan, guidance_branches
+from jedi_train.models.components import load_components
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
+from jedi_train.pipelines.references import load_references, prepare_reference
+from jedi_train.pipelines.set_plan import SetPlan, guidance_branches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,9 +4,9 @@ import sys
 import pytest
 import torch
 
-from jedi_train.model.components import load_components
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.model.quantize import check_quantization, quantize_text_encoders, weight_bytes
+from jedi_train.models.components import load_components
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.quantize import check_quantization, quantize_text_encoders, weight_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,9 +44,9 @@ def test_bad_settings_are_one_clear_error(monkeypatch):
 
 def test_a_run_with_8bit_text_encoders_exports_them_as_released(tiny_model_dir, tmp_path):
     pytest.importorskip("torchao")
-    from jedi_train.export import export_module
-    from jedi_train.module import JeDiModule
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.export.to_pipeline import export_module
+    from jedi_train.training.module import JeDiModule
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     m = JeDiModule(tiny_model_dir, text_encoder_quantization="int8", ema={"enabled": False})
     m.on_fit_start()

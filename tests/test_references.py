@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jedi_train.references import expand_reference_paths, load_references, prepare_reference
+from jedi_train.pipelines.references import expand_reference_paths, load_references, prepare_reference
 
 
 def solid(color, size=(16, 16)) -> Image.Image:

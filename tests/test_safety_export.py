@@ -103,7 +103,7 @@ def test_a_pickle_payload_in_a_checkpoint_is_never_run(trained, tmp_path):
 
 
 def test_deepspeed_shards_are_checked_before_the_converter_unpickles_them(tmp_path):
-    from jedi_train.checkpoints import UnsafeCheckpointError, load_checkpoint
+    from jedi_train.training.checkpoints import UnsafeCheckpointError, load_checkpoint
 
     marker = tmp_path / "payload-ran"
     ds = tmp_path / "last.ckpt"
@@ -117,7 +117,7 @@ def test_deepspeed_shards_are_checked_before_the_converter_unpickles_them(tmp_pa
 def test_temp_dirs_of_killed_exports_are_removed_and_live_ones_kept(tmp_path):
     """A kill during an export leaves a hidden `.<name>.partial-<pid>-*` dir; the next export into the same
     place removes it, unless its writer is still running (another job exporting there)."""
-    from data_pipelines.atomic import staged_dir
+    from jedi_common.atomic import staged_dir
 
     dead = tmp_path / ".pipe.partial-999999999-abc"  # no such pid
     live = tmp_path / f".pipe.partial-{os.getpid()}-xyz"

@@ -147,7 +147,7 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(root, tmp_path):
 
 KILLED_SAVE = """
 import os, signal, sys, torch
-import jedi_train.checkpoints as c
+import jedi_train.training.checkpoints as c
 real = torch.save
 def save_then_die(obj, f):  # the process dies after writing, before the rename
     real(obj, f); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
@@ -157,7 +157,7 @@ c.AtomicCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.ones(1000)}
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint_and_a_temp_file_beside_it(tmp_path):
-    from jedi_train.checkpoints import AtomicCheckpointIO, remove_partials
+    from jedi_train.training.checkpoints import AtomicCheckpointIO, remove_partials
 
     dest, other_tmp = tmp_path / "ckpts", tmp_path / "tmpdir"
     other_tmp.mkdir()
@@ -174,7 +174,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint_and_a_temp_file_beside_it(
 
 def test_a_checkpoint_dir_is_replaced_whole_and_a_killed_one_is_cleaned(tmp_path):
     """DeepSpeed's per-rank shard dirs: written under a hidden name, renamed into place (AtomicDeepSpeedStrategy)."""
-    from jedi_train.checkpoints import PARTIAL, publish, remove_partials
+    from jedi_train.training.checkpoints import PARTIAL, publish, remove_partials
 
     final = tmp_path / "last.ckpt"
     (final / "checkpoint").mkdir(parents=True)
@@ -190,7 +190,7 @@ def test_a_checkpoint_dir_is_replaced_whole_and_a_killed_one_is_cleaned(tmp_path
 
 
 def test_atomic_path_keeps_the_old_file_on_failure_and_the_extension_for_format_sniffing(tmp_path):
-    from data_pipelines.atomic import atomic_path
+    from jedi_common.atomic import atomic_path
 
     target = tmp_path / "grid.png"
     target.write_text("old")

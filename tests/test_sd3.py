@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from helpers.pipelines import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run
 
-from jedi_train.model.components import load_components
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.model.objective import JeDiObjective
-from jedi_train.pipeline import JeDiPipeline, JeDiSD3Pipeline
+from jedi_train.models.components import load_components
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.objective import JeDiObjective
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline, JeDiSD3Pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

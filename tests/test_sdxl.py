@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers.pipelines import CAN, DOG, load, make_pipeline_dir, needs_dreambench, run
 
-from jedi_train.model.components import load_components
-from jedi_train.model.objective import JeDiObjective
-from jedi_train.pipeline import JeDiPipeline
+from jedi_train.models.components import load_components
+from jedi_train.models.objective import JeDiObjective
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

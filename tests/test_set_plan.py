@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from jedi_train.model.text import TextEmbeddings
-from jedi_train.set_plan import Branch, SetPlan, guidance_branches
+from jedi_train.models.text import TextEmbeddings
+from jedi_train.pipelines.set_plan import Branch, SetPlan, guidance_branches
 
 
 def test_targets_are_split_into_near_equal_contiguous_sets():

@@ -9,9 +9,9 @@ import torch
 from helpers.stream_helpers import write_shards
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from jedi_train.datamodule import JeDiDataModule, build_datamodule
-from jedi_train.model.components import tokenize
-from jedi_train.model.tiny import build_tiny_tokenizer
+from jedi_train.training.datamodule import JeDiDataModule, build_datamodule
+from jedi_train.models.components import tokenize
+from jedi_train.models.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_module_logs_data_counters_on_logging_steps(tiny_model_dir, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
     from PIL import Image
 
-    from jedi_train.module import JeDiModule
+    from jedi_train.training.module import JeDiModule
 
     members = {}
     for i in range(8):  # sets of grayscale PNGs: every image is repaired to RGB, and counted

@@ -9,9 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers.stream_helpers import write_shards
 
-from jedi_train.datamodule import JeDiDataModule
-from jedi_train.model.components import tokenize  # noqa: F401 - imported once, forked
-from jedi_train.model.tiny import build_tiny_tokenizer
+from jedi_train.training.datamodule import JeDiDataModule
+from jedi_train.models.components import tokenize  # noqa: F401 - imported once, forked
+from jedi_train.models.tiny import build_tiny_tokenizer
 
 STOP, TOTAL = 2, 6
 

@@ -41,7 +41,7 @@ def tiny_t2i_dir(tmp_path_factory):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from jedi_train.model.tiny import build_tiny_tokenizer
+    from jedi_train.models.tiny import build_tiny_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_t2i")
     torch.manual_seed(0)

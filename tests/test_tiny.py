@@ -1,7 +1,7 @@
 """The embedded tiny models are created once, in place, whatever the family."""
 import os
 
-from jedi_train.model.tiny import create_tiny_model_dir_if_missing
+from jedi_train.models.tiny import create_tiny_model_dir_if_missing
 
 
 def test_a_tiny_model_is_created_once_and_leaves_no_temp_dirs(tmp_path):

@@ -120,8 +120,8 @@ def check_model_card(out: Path, step: int, run_id: str):
 
 def test_export_writes_a_pipeline_that_reproduces_the_checkpoint(runs, tmp_path):
     from jedi_train import JeDiPipeline
-    from jedi_train.model.attention import SetLayout
-    from jedi_train.module import JeDiModule
+    from jedi_train.models.attention import SetLayout
+    from jedi_train.training.module import JeDiModule
 
     ckpt = runs["resumed"] / "checkpoints" / "last.ckpt"
     out = tmp_path / "pipe"
@@ -166,7 +166,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
 
 
 def test_export_refuses_a_checkpoint_from_another_model(runs, tmp_path):
-    from jedi_train.model.tiny import create_tiny_model_dir
+    from jedi_train.models.tiny import create_tiny_model_dir
 
     other = create_tiny_model_dir(str(tmp_path / "other"), unet_kwargs={"block_out_channels": (16, 32)})
     ckpt = runs["resumed"] / "checkpoints" / "last.ckpt"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from . import FORMATS
+from data_pipelines.importers import FORMATS
 
 PROG = "jedi-data import"
 
@@ -46,29 +46,29 @@ def add_parser(sub) -> None:
 
 def build(args):
     """The importer for args.format; refuses a bad SRC (SourceError) before anything is written."""
-    from .core import SourceError
+    from data_pipelines.importers.core import SourceError
 
     fmt = args.format
     if fmt not in FORMATS:
         raise SourceError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "subjects200k":
-        from .subjects200k import Subjects200K
+        from data_pipelines.importers.subjects200k import Subjects200K
         return Subjects200K(args.src, args.min_quality, args.keep_invalid_descriptions, args.view_size)
     if fmt == "uno1m":
-        from .uno1m import UNO1M
+        from data_pipelines.importers.uno1m import UNO1M
         return UNO1M(args.src, args.min_quality)
     if fmt == "syncd":
-        from .syncd import SynCD
+        from data_pipelines.importers.syncd import SynCD
         return SynCD(args.src, args.min_quality, args.min_dino)
-    from .folders import Folders
+    from data_pipelines.importers.folders import Folders
     return Folders(args.src, args.set_size, args.caption, args.seed)
 
 
 def main(args) -> int:
-    from data_pipelines.errors import report_error
+    from jedi_common.errors import report_error
     from data_pipelines.synth.writer import SynthError
 
-    from .core import SourceError, run, shard_slice
+    from data_pipelines.importers.core import SourceError, run, shard_slice
 
     logging.getLogger("data_pipelines.stream").setLevel(logging.WARNING if args.verbose else logging.ERROR)
     try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import Piece, Skip, SourceError, decode, guarded, make_set
+from data_pipelines.importers.core import Piece, Skip, SourceError, decode, guarded, make_set
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_FILES = ("metadata.jsonl", "captions.jsonl")

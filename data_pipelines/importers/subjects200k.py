@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .core import Img, Piece, Skip, SourceError, decode, guarded, make_set, slug
+from data_pipelines.importers.core import Img, Piece, Skip, SourceError, decode, guarded, make_set, slug
 
 SCORES = ("compositeStructure", "objectConsistency", "imageQuality")
 COLUMNS = ("image", "quality_assessment", "description")

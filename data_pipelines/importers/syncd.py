@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .core import Piece, Skip, SourceError, decode, guarded, make_set, slug
+from data_pipelines.importers.core import Piece, Skip, SourceError, decode, guarded, make_set, slug
 
 DUPLICATE_DINO = 0.98  # SynCD's upper bound: pairs above it are the same picture twice
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from data_pipelines.synth.writer import SetResult
 
-from .core import Piece, Skip, SourceError, decode, make_set, natural_key, slug
+from data_pipelines.importers.core import Piece, Skip, SourceError, decode, make_set, natural_key, slug
 
 SIZE_IN_NAME = re.compile(r"_(\d+)x(\d+)\.\w+$")
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from ..hydra_args import CONF_DIR  # the config dir (a Path), found once for jedi-synth and jedi-train
+from jedi_common.hydra_args import CONF_DIR  # the config dir (a Path), found once for jedi-synth and jedi-train
 
 # keys that may change between runs into the same out_dir without changing any set
 RUN_ONLY_KEYS = ("out_dir", "num_sets", "num_workers_total", "worker_index", "progress")
@@ -25,7 +25,7 @@ def _error(msg: str) -> None:
 
 def validate(cfg: Any) -> tuple[int, int]:
     """Plain-value checks; returns (num_workers_total, worker_index)."""
-    from .writer import SynthError
+    from data_pipelines.synth.writer import SynthError
 
     def as_int(key: str) -> int:
         try:
@@ -61,8 +61,8 @@ def run(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
-    from .stages import SynthStages
-    from .writer import ShardOutput, plan_units, worker_units
+    from data_pipelines.synth.stages import SynthStages
+    from data_pipelines.synth.writer import ShardOutput, plan_units, worker_units
 
     num_workers, worker = validate(cfg)
     stages = SynthStages(cfg)  # loads models: a bad model directory fails here, before out_dir exists
@@ -131,8 +131,8 @@ def _hydra_entry() -> None:
     def _main(cfg) -> None:
         from omegaconf.errors import MissingMandatoryValue
 
-        from ..errors import cli_errors
-        from .writer import SynthError
+        from jedi_common.errors import cli_errors
+        from data_pipelines.synth.writer import SynthError
 
         def explain(e: BaseException) -> str | None:  # before the disk: a SynthError says it all
             if isinstance(e, SynthError):
@@ -148,7 +148,7 @@ def _hydra_entry() -> None:
 
 
 def main() -> int:
-    from ..hydra_args import config_error, writable_error
+    from jedi_common.hydra_args import config_error, writable_error
 
     error = (config_error(CONF_DIR, "synth", sys.argv[1:])  # bad keys/groups/sweeps: one line, exit 2
              or writable_error(CONF_DIR, "synth", sys.argv[1:], "out_dir"))

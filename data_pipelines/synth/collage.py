@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .writer import SynthError, require_dir
+from data_pipelines.synth.writer import SynthError, require_dir
 
 DEFAULT_TEMPLATE = ("a {rows}x{cols} photo collage of the same {subject}, in {n} different scenes: {scenes}; "
                     "the same object in every panel, high quality photos")

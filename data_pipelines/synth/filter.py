@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .writer import SynthError, require_dir
+from data_pipelines.synth.writer import SynthError, require_dir
 
 
 def _need_file(key: str, path: str | None, what: str) -> None:

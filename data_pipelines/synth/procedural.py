@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .scenes import F32, SCENE_NAMES, SCENES, draw_scene
+from data_pipelines.synth.scenes import F32, SCENE_NAMES, SCENES, draw_scene
 
 SPEC_VERSION = 1
 PATTERNS = ("solid", "stripes", "dots", "checker", "two-tone", "rings", "zigzag")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .writer import SynthError, require_dir
+from data_pipelines.synth.writer import SynthError, require_dir
 
 HERE = Path(__file__).resolve().parent
 

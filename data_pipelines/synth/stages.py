@@ -15,11 +15,11 @@ from PIL import Image
 
 from data_pipelines.schema import encode_set
 
-from . import procedural
-from .caption import build_captioner
-from .filter import build_filter
-from .prompts import FilePrompts, build_prompt_source, load_scenes
-from .writer import SetResult, SynthError, Unit
+from data_pipelines.synth import procedural
+from data_pipelines.synth.caption import build_captioner
+from data_pipelines.synth.filter import build_filter
+from data_pipelines.synth.prompts import FilePrompts, build_prompt_source, load_scenes
+from data_pipelines.synth.writer import SetResult, SynthError, Unit
 
 set_seed = procedural.set_seed
 
@@ -66,7 +66,7 @@ class DiffusersGenerator:
     name = "diffusers"
 
     def __init__(self, cfg: Any, set_size: int, resolution: int, seed: int, prompts: Any, split_cfg: Any):
-        from .collage import DEFAULT_TEMPLATE, CollageDrawer, check_generator_dir
+        from data_pipelines.synth.collage import DEFAULT_TEMPLATE, CollageDrawer, check_generator_dir
 
         check_generator_dir(cfg.get("model_dir"))
         self.rows, self.cols = int(cfg.get("rows", 2)), int(cfg.get("cols", 2))
@@ -85,8 +85,8 @@ class DiffusersGenerator:
                                     cfg.get("device", "cpu"), cfg.get("dtype", "float32"))
 
     def generate(self, indices: Sequence[int]) -> list[Candidate]:
-        from .collage import collage_prompt
-        from .split import split_collage
+        from data_pipelines.synth.collage import collage_prompt
+        from data_pipelines.synth.split import split_collage
 
         seeds = [set_seed(self.seed, i) for i in indices]
         if isinstance(self.prompts, FilePrompts):

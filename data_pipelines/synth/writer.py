@@ -24,7 +24,7 @@ from typing import Any
 
 import webdataset as wds
 
-from data_pipelines.atomic import atomic_write_text
+from jedi_common.atomic import atomic_write_text
 from data_pipelines.schema import SCHEMA_VERSION
 
 STATE_DIR = ".jedi-synth"

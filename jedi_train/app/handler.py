@@ -76,7 +76,7 @@ class JeDiApp:
 
     # -- what the page shows about the model -------------------------------------------------------
     def model_info(self) -> str:
-        from jedi_train.model_card import _backbone
+        from jedi_train.export.model_card import _backbone
 
         pipe = self.pipe
         if pipe.reference_cache_supported():
@@ -105,7 +105,7 @@ class JeDiApp:
 
     def preview(self, files, example: str | None = None):
         """Uploads (or an example) -> the references cropped and resized as the model will see them."""
-        from jedi_train.references import load_references
+        from jedi_train.pipelines.references import load_references
 
         ref_files, warnings = self._reference_files(files, example)
         for w in warnings:

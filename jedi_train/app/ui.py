@@ -5,7 +5,7 @@ import gradio as gr
 
 from jedi_train.cli import sample
 
-from .handler import MAX_IMAGES_PER_PROMPT, MAX_STEPS, JeDiApp
+from jedi_train.app.handler import MAX_IMAGES_PER_PROMPT, MAX_STEPS, JeDiApp
 
 NO_EXAMPLE = ""
 INTRO = ("Upload 1 to {k} photos of one subject (or pick an example), write one prompt per line, press "

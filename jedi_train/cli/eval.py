@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     try:
         return int(args.run(args) or 0)
     except Exception as e:  # user errors and disk trouble: one line; anything else: the traceback
-        from data_pipelines.errors import report_error
+        from jedi_common.errors import report_error
 
         if not report_error(e, "jedi-eval", "--out", (EvalError, FileNotFoundError)):
             raise

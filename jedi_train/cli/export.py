@@ -33,8 +33,8 @@ def main(argv=None) -> None:
                    help="after the local export, upload it to this Hugging Face Hub model repo (private)")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public")
     args = p.parse_args(argv)
-    from data_pipelines.errors import cli_errors
-    from jedi_train.export import export_checkpoint
+    from jedi_common.errors import cli_errors
+    from jedi_train.export.to_pipeline import export_checkpoint
 
     with cli_errors("jedi-export", "OUT_DIR", (FileNotFoundError, ValueError)):  # one line, exit 2
         out = export_checkpoint(args.checkpoint, args.out_dir, use_ema=not args.no_ema, model_dir=args.model_dir,

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from data_pipelines.errors import missing
+from jedi_common.errors import missing
 
 SCHEDULERS = ("ddim", "dpm")
 # sampling defaults of jedi-sample and jedi-app alike (scheduler None: the pipeline's own)
@@ -137,7 +137,7 @@ def check_reference_sizes(files, max_pixels: int | None = None) -> list[str]:
 def prepare_references(refs, max_pixels: int | None = None) -> tuple[list[str], list[str]]:
     """--ref items (files, folders) -> (absolute image files, warnings). Raises UsageError / ValueError
     (unreadable image) / FileNotFoundError: all before the model runs."""
-    from jedi_train.references import expand_reference_paths, load_references
+    from jedi_train.pipelines.references import expand_reference_paths, load_references
 
     ref_files = [os.path.abspath(p) for p in expand_reference_paths(list(refs))]
     warnings = check_reference_sizes(ref_files, max_pixels)
@@ -149,7 +149,7 @@ def load_pipeline(pipeline_dir: str, device: str | None = None):
     """The JeDiPipeline on `device` (default: cuda if available, else cpu)."""
     import torch
 
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return JeDiPipeline.from_pretrained(pipeline_dir).to(device)
@@ -221,7 +221,7 @@ def write_results(out_dir: str, result, settings: dict) -> None:
 
 
 def run(args) -> str:
-    from data_pipelines.atomic import staged_dir
+    from jedi_common.atomic import staged_dir
 
     ref_files, warnings = prepare_references(args.ref)
     for w in warnings:
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         check_args(args)
         out = run(args)
     except Exception as e:  # user errors and disk trouble: one line; anything else: the traceback
-        from data_pipelines.errors import report_error
+        from jedi_common.errors import report_error
 
         if not report_error(e, "jedi-sample", "--out", (UsageError, FileNotFoundError, ValueError)):
             raise

@@ -4,9 +4,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from data_pipelines.errors import cli_errors
-from data_pipelines.hydra_args import config_error, writable_error
-from jedi_train.config_checks import check_config
+from jedi_common.errors import cli_errors
+from jedi_common.hydra_args import config_error, writable_error
+from jedi_train.training.config_checks import check_config
 from jedi_train.train import CONF_DIR
 
 
@@ -27,7 +27,7 @@ def _main(cfg: DictConfig) -> float | None:
     with cli_errors("jedi-train", "paths.output_dir", explain=user_error):
         check_config(cfg)  # wrong types/ranges: one line now, not a traceback after the model is built
         if cfg.get("dry_run"):  # size the job: meta-device model, bytes per rank; nothing trains
-            from jedi_train.dry_run import report
+            from jedi_train.training.dry_run import report
 
             print(report(cfg))
             return None

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from data_pipelines.atomic import atomic_path, atomic_write_text
+from jedi_common.atomic import atomic_path, atomic_write_text
 
 
 class EvalError(Exception):
@@ -36,7 +36,7 @@ def load_pipeline(pipeline_dir: str, device: str | None = None):
     """A JeDiPipeline from an export dir, or EvalError naming what is wrong."""
     import torch
 
-    from jedi_train.pipeline import JeDiPipeline
+    from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
     if not os.path.isdir(pipeline_dir):
         raise EvalError(f"pipeline directory {pipeline_dir} does not exist; give the folder jedi-export wrote")

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from data_pipelines.atomic import atomic_path, atomic_write_text
-from jedi_train.artifacts import log_eval_to_run
+from jedi_common.atomic import atomic_path, atomic_write_text
+from jedi_train.export.artifacts import log_eval_to_run
 from jedi_train.eval import common, extractors
 from jedi_train.eval.common import EvalError
-from jedi_train.model_card import update_eval_section
+from jedi_train.export.model_card import update_eval_section
 
 LIVE_CLASSES = ("cat", "dog")
 METRICS = ("dino", "clip_i", "clip_t", "mdino")
@@ -76,7 +76,7 @@ class Bench:
         return [fill_prompt(t, self.classes[subject]) for t in templates]
 
     def photos(self, subject: str) -> list[str]:
-        from jedi_train.references import IMAGE_EXTENSIONS
+        from jedi_train.pipelines.references import IMAGE_EXTENSIONS
 
         folder = os.path.join(self.root, subject)
         return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
@@ -461,7 +461,7 @@ def run(args) -> int:
 
 def _write_grids(args, plan, resolution: int) -> None:
     """grids/<subject>.png: per K, its references then one row per prompt (jedi-sample's picture)."""
-    from jedi_train.references import prepare_reference
+    from jedi_train.pipelines.references import prepare_reference
     from jedi_train.viz import make_grid
 
     os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)

@@ -35,13 +35,13 @@ import numpy as np
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from data_pipelines.atomic import atomic_path, atomic_write_text
+from jedi_common.atomic import atomic_path, atomic_write_text
 from data_pipelines.synth import procedural
 from data_pipelines.synth.scenes import SCENE_NAMES
 
-from ..artifacts import log_eval_to_run
-from ..model_card import update_eval_section
-from .common import (
+from jedi_train.export.artifacts import log_eval_to_run
+from jedi_train.export.model_card import update_eval_section
+from jedi_train.eval.common import (
     EvalError,
     bootstrap_ci,
     load_pipeline,

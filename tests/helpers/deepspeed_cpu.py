@@ -9,7 +9,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 
-from jedi_train.strategies import AtomicDeepSpeedStrategy
+from jedi_train.training.strategies import AtomicDeepSpeedStrategy
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

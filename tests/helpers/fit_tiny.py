@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 from helpers.deepspeed_cpu import CPUDeepSpeedStrategy
 from helpers.tiny_module import SameSets, make_module
-from jedi_train.callbacks import Checkpoint
+from jedi_train.training.callbacks import Checkpoint
 
 
 def main():

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from jedi_train.model.components import load_components
-from jedi_train.model.joint import JeDiConfig
-from jedi_train.pipeline import JeDiPipeline
+from jedi_train.models.components import load_components
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
 DREAMBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "dreambench")
 CAN = [os.path.join(DREAMBENCH, "can", f"{i:02d}.jpg") for i in range(5)]

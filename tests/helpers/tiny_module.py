@@ -3,8 +3,8 @@ of sets of 3 made-up images) and make_module (the module with a small LR and EMA
 import torch
 from torch.utils.data import Dataset
 
-from jedi_train.model.components import tokenize
-from jedi_train.module import JeDiModule
+from jedi_train.models.components import tokenize
+from jedi_train.training.module import JeDiModule
 
 
 class SameSets(Dataset):

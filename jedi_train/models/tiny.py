@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .components import FAMILIES
+from jedi_train.models.components import FAMILIES
 
 
 def build_tiny_tokenizer(out_dir: str, model_max_length: int = 32) -> CLIPTokenizer:

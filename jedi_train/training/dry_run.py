@@ -5,7 +5,7 @@ shapes), made joint and given its LoRA exactly as training would; then per-rank 
 
 Bytes per rank (fp32 trained weights as Lightning's mixed precision keeps them, AdamW's two fp32 moments,
 fp32 gradients, the fp32 EMA): single / DDP hold all of it; ZeRO-2 shards gradients and optimizer states over
-the ranks; ZeRO-3 also the trained weights and the EMA (jedi_train/ema.py; offload moves optimizer states to CPU).
+the ranks; ZeRO-3 also the trained weights and the EMA (jedi_train/training/ema.py; offload moves optimizer states to CPU).
 Text encoders and VAE at `model.frozen_dtype`; a LoRA's frozen base at `model.lora.base_dtype` (its Linear /
 Conv weights; the rest fp32); `model/optimizer=adamw8bit`: 2 bytes of state per trained parameter.
 
@@ -94,7 +94,7 @@ def _text_encoder(kind: str, config: dict):
 
 def _parts(model_cfg: dict) -> tuple[str, dict, list, dict | None]:
     """(family, denoiser config, [(kind, text encoder config)], vae config) from the directory or the preset."""
-    from .model.components import denoiser_folder, model_family
+    from jedi_train.models.components import denoiser_folder, model_family
 
     model_dir = model_cfg.get("model_dir") or ""
     if os.path.isdir(model_dir) and (_read(model_dir, "unet") or _read(model_dir, "transformer")):
@@ -120,11 +120,11 @@ def build_on_meta(model_cfg: dict):
     """(family, joint denoiser with LoRA if configured, frozen modules), all on the meta device."""
     from diffusers import AutoencoderKL
 
-    from .model.joint import JeDiConfig
-    from .model.joint_flux import JointFluxTransformer2DModel
-    from .model.joint_sd3 import JointSD3Transformer2DModel
-    from .model.joint_unet import JointUNet2DConditionModel
-    from .model.lora import LoraSettings, add_lora
+    from jedi_train.models.joint import JeDiConfig
+    from jedi_train.models.joint_flux import JointFluxTransformer2DModel
+    from jedi_train.models.joint_sd3 import JointSD3Transformer2DModel
+    from jedi_train.models.joint_unet import JointUNet2DConditionModel
+    from jedi_train.models.lora import LoraSettings, add_lora
 
     family, denoiser_cfg, encoders, vae_cfg = _parts(model_cfg)
     clean = {k: v for k, v in denoiser_cfg.items() if not k.startswith("_")}
@@ -183,7 +183,7 @@ def _count_saved(params: set[int]):
 
 def _dummy_inputs(denoiser, family: str, images: int, latent: int, text_len: int, dtype, device):
     """What the objective hands the denoiser for `images` images: the assembled input, timesteps, text."""
-    from .model.text import TextEmbeddings
+    from jedi_train.models.text import TextEmbeddings
 
     cfg = denoiser.config
     if family == "flux":
@@ -211,7 +211,7 @@ def activation_bytes(denoiser, family: str, sets: int, set_size: int, resolution
                      text_len: int, dtype=torch.float32, gradient_checkpointing: bool = False) -> int:
     """Bytes autograd keeps for the backward of one training forward (see the module doc). Works on a model
     on any device; on the meta device nothing is allocated."""
-    from .model.attention import SetLayout
+    from jedi_train.models.attention import SetLayout
 
     device = next(denoiser.parameters()).device
     is_ref = torch.zeros(sets, set_size, dtype=torch.bool)  # the layout lives on the CPU, as a batch's would

@@ -193,7 +193,7 @@ class JeDiDataModule(L.LightningDataModule):
     # -- cached encodings --------------------------------------------------------------------------
     def _setup_cache(self) -> None:
         """Use the sources' cached encodings if there are any and they were made by the trained model's encoders."""
-        from data_pipelines.encode import fingerprint, load_empty_prompt, mismatch_error, probe_cache
+        from jedi_train.training.encode import fingerprint, load_empty_prompt, mismatch_error, probe_cache
         from data_pipelines.stream import check_cache_options
 
         if not self.use_cache:
@@ -230,7 +230,7 @@ class JeDiDataModule(L.LightningDataModule):
     def _tokenize_fn(self):
         """captions -> token ids: the given tokenizer (or list of them: SDXL has two), else those in model_dir.
         Only tokenizers go to the loader workers, never the text encoders."""
-        from jedi_train.model.text import token_ids
+        from jedi_train.models.text import token_ids
 
         if self.tokenizer is None:
             if self.model_dir is None:
@@ -238,7 +238,7 @@ class JeDiDataModule(L.LightningDataModule):
                                  "with a tokenizer/ subfolder)")
             from transformers import AutoTokenizer
 
-            from jedi_train.model.components import REQUIRED, model_family
+            from jedi_train.models.components import REQUIRED, model_family
 
             subfolders = [s for s in REQUIRED[model_family(self.model_dir)] if s.startswith("tokenizer")]
             self.tokenizer = [AutoTokenizer.from_pretrained(self.model_dir, subfolder=s) for s in subfolders]
@@ -277,5 +277,5 @@ def build_datamodule(cfg, tokenizer=None, **overrides) -> JeDiDataModule:
     from omegaconf import OmegaConf
 
     kwargs = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    cls = get_class(kwargs.pop("_target_", "jedi_train.datamodule.JeDiDataModule"))
+    cls = get_class(kwargs.pop("_target_", "jedi_train.training.datamodule.JeDiDataModule"))
     return cls(**{**kwargs, **overrides}, tokenizer=tokenizer)

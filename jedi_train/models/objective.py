@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from .attention import SetLayout
-from .components import Components
-from .joint_flux import shifted_sigmas
-from .text import TEXT_FIELDS, PromptEncoder, TextEmbeddings, sdxl_time_ids
+from jedi_train.models.attention import SetLayout
+from jedi_train.models.components import Components
+from jedi_train.models.joint_flux import shifted_sigmas
+from jedi_train.models.text import TEXT_FIELDS, PromptEncoder, TextEmbeddings, sdxl_time_ids
 
 
 @dataclass

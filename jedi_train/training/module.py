@@ -14,11 +14,11 @@ import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.utilities import rank_zero_info
 
-from .checkpoints import check_family, check_lora_checkpoint, load_unet_weights
-from .ema import TrainingEMA
-from .model.components import Components, load_components
-from .model.joint import JeDiConfig
-from .model.lora import (
+from jedi_train.training.checkpoints import check_family, check_lora_checkpoint, load_unet_weights
+from jedi_train.training.ema import TrainingEMA
+from jedi_train.models.components import Components, load_components
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.lora import (
     LoraSettings,
     add_lora,
     base_fingerprint,
@@ -26,9 +26,9 @@ from .model.lora import (
     trained_names,
     trained_parameters,
 )
-from .model.objective import JeDiObjective, ObjectiveConfig
-from .model.quantize import check_quantization, quantize_text_encoders
-from .model.tiny import create_tiny_model_dir_if_missing
+from jedi_train.models.objective import JeDiObjective, ObjectiveConfig
+from jedi_train.models.quantize import check_quantization, quantize_text_encoders
+from jedi_train.models.tiny import create_tiny_model_dir_if_missing
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4, "betas": (0.9, 0.999),
                      "weight_decay": 1e-2, "eps": 1e-8, "foreach": True}

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from data_pipelines.atomic import atomic_write_text
+from jedi_common.atomic import atomic_write_text
 
 
 def wandb_key_configured() -> bool:
@@ -81,7 +81,7 @@ def log_eval_to_run(pipeline_dir: str | None, name: str, rows: list[dict], colum
                     grids: list[str]) -> str | None:
     """Log a jedi-eval summary (a table and its grids) to the W&B run that trained the evaluated export,
     resuming it (offline without an API key, like training). The run id, or None if there is no run."""
-    from .model_card import find_run_dir, run_config, run_wandb_id
+    from jedi_train.export.model_card import find_run_dir, run_config, run_wandb_id
 
     run_dir = find_run_dir(pipeline_dir)
     run_id = run_wandb_id(run_dir)

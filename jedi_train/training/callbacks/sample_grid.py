@@ -7,9 +7,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from data_pipelines.atomic import atomic_path
+from jedi_common.atomic import atomic_path
 
-from ..viz import sample_grid, to_pil
+from jedi_train.viz import sample_grid, to_pil
 
 
 class SampleGridCallback(L.Callback):
@@ -72,7 +72,7 @@ class SampleGridCallback(L.Callback):
             rank_zero_warn("sample grids are skipped under ZeRO-3; render them from a checkpoint with "
                            "jedi-export + jedi-sample", category=UserWarning)
             return None
-        from ..pipeline import JeDiPipeline
+        from jedi_train.pipelines.pipeline_jedi import JeDiPipeline
 
         rows = []
         with pl_module.ema_weights() as unet:

@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from data_pipelines.atomic import atomic_write_text
+from jedi_common.atomic import atomic_write_text
 
 
 class IdentityGainCallback(L.Callback):
@@ -61,7 +61,7 @@ class IdentityGainCallback(L.Callback):
 
     @rank_zero_only
     def measure(self, trainer, pl_module) -> dict | None:
-        from ..model.objective import identity_gain
+        from jedi_train.models.objective import identity_gain
 
         if self.batches is None:
             self.batches = self._collect(trainer)

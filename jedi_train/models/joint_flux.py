@@ -25,9 +25,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
-from .attention import SetLayout, text_and_set_attention
-from .joint import JeDiConfig, JointDenoiserMixin, widen
-from .text import TextEmbeddings
+from jedi_train.models.attention import SetLayout, text_and_set_attention
+from jedi_train.models.joint import JeDiConfig, JointDenoiserMixin, widen
+from jedi_train.models.text import TextEmbeddings
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,10 @@ import os
 
 import torch
 
-from data_pipelines.atomic import staged_dir
+from jedi_common.atomic import staged_dir
 
-from .bundle import MODULES as BUNDLE_MODULES
-from .checkpoints import (
+from jedi_train.pipelines.bundle import MODULES as BUNDLE_MODULES
+from jedi_train.training.checkpoints import (
     check_family,
     check_lora_checkpoint,
     copy_ema,
@@ -25,7 +25,7 @@ from .checkpoints import (
     load_unet_weights,
     unet_state_from_checkpoint,
 )
-from .model.components import (
+from jedi_train.models.components import (
     Components,
     check_model_dir,
     denoiser_family,
@@ -33,8 +33,8 @@ from .model.components import (
     load_denoiser,
     load_text_parts,
 )
-from .model.joint import JeDiConfig
-from .model.lora import (
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.lora import (
     LoraSettings,
     add_lora,
     base_fingerprint,
@@ -44,8 +44,8 @@ from .model.lora import (
     trained_names,
     trained_parameters,
 )
-from .model_card import find_run_dir, write_model_card
-from .pipeline import JeDiFluxPipeline, JeDiPipeline, JeDiSD3Pipeline
+from jedi_train.export.model_card import find_run_dir, write_model_card
+from jedi_train.pipelines.pipeline_jedi import JeDiFluxPipeline, JeDiPipeline, JeDiSD3Pipeline
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights(DIR) finds it
 

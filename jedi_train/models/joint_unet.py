@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from .attention import SetLayout, joint_attn_processors
-from .joint import JeDiConfig, JointDenoiserMixin, infer_pixel_fold, widen
-from .text import TextEmbeddings
+from jedi_train.models.attention import SetLayout, joint_attn_processors
+from jedi_train.models.joint import JeDiConfig, JointDenoiserMixin, infer_pixel_fold, widen
+from jedi_train.models.text import TextEmbeddings
 
 
 class JointUNet2DConditionModel(JointDenoiserMixin, UNet2DConditionModel):

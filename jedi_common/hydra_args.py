@@ -82,7 +82,7 @@ def writable_error(conf_dir: str, config_name: str, argv: list[str], key: str) -
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .errors import disk_error
+    from jedi_common.errors import disk_error
 
     if "-m" in argv or "--multirun" in argv or any(a.split("=", 1)[0] in INFO_FLAGS | CONFIG_FLAGS for a in argv):
         return None

@@ -4,7 +4,7 @@ Streams set shards (read like training reads them: shards.read_tar, schema valid
 through the model's frozen VAE (or pixel fold) and text encoder(s) and writes, per input shard, one
 output shard holding every set's original members unchanged plus its cached encodings (schema.py:
 latents.safetensors, text.safetensors, cache.json). Training uses them when the fingerprint matches
-(jedi_train/datamodule.py), so the VAE and text encoders need not run every step.
+(jedi_train/training/datamodule.py), so the VAE and text encoders need not run every step.
 
 Crop policy: the cache holds the CENTRE crop at the model resolution, unflipped (shorter side resized to
 the resolution, as data.crop=center). Training with the cache therefore needs data.crop=center and
@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .schema import SCHEMA_VERSION, SkipSet, encode_cache, set_meta
-from .sets import SetOptions, load_image, read_captions
-from .shards import count_samples, expand_sources, read_tar
-from .skips import Counts
+from jedi_common.atomic import atomic_path
+from data_pipelines.schema import SCHEMA_VERSION, SkipSet, encode_cache, set_meta
+from data_pipelines.sets import SetOptions, load_image, read_captions
+from data_pipelines.shards import count_samples, expand_sources, read_tar
+from data_pipelines.skips import Counts
 
 EMPTY_PROMPT = "empty_prompt.safetensors"
 STATE_DIR = ".jedi-data-encode"
@@ -79,9 +79,9 @@ def frozen_encoders(model_dir: str, resolution: int | None = None, device: str =
     """(codec, prompt encoder, resolution) of a model directory, without loading its denoiser."""
     from diffusers import AutoencoderKL
 
-    from jedi_train.model.components import LatentCodec, check_model_dir, denoiser_folder, load_text_parts
-    from jedi_train.model.joint import infer_pixel_fold
-    from jedi_train.model.text import PromptEncoder
+    from jedi_train.models.components import LatentCodec, check_model_dir, denoiser_folder, load_text_parts
+    from jedi_train.models.joint import infer_pixel_fold
+    from jedi_train.models.text import PromptEncoder
 
     family = check_model_dir(model_dir)
     with open(os.path.join(model_dir, denoiser_folder(family), "config.json")) as f:
@@ -157,10 +157,10 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
-# -- what training reads (jedi_train/datamodule.py) -------------------------------------------------
+# -- what training reads (jedi_train/training/datamodule.py) -------------------------------------------------
 def probe_cache(sources: Any, allow_pipe: bool = False) -> list[tuple[str, dict | None]]:
     """(first shard, cache.json of its first set or None) for each source: is it cached, for which model."""
-    from .schema import cache_info, validate_sample
+    from data_pipelines.schema import cache_info, validate_sample
 
     out = []
     for src in expand_sources(sources, allow_pipe):
@@ -174,7 +174,7 @@ def load_empty_prompt(shard_url: str) -> dict[str, torch.Tensor]:
     """The "" caption embedding jedi-data encode wrote beside the shards, as {"text_hidden": (1, T, D), ...}."""
     from safetensors.torch import load
 
-    from .shards import open_url
+    from data_pipelines.shards import open_url
 
     url = shard_url.rsplit("/", 1)[0] + "/" + EMPTY_PROMPT if "/" in shard_url else EMPTY_PROMPT
     try:
@@ -199,8 +199,8 @@ def run(patterns: list[str], out_dir: str, model_dir: str, dtype: str = "float16
         prefix: str = "sets", allow_pipe: bool = False, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from .atomic import atomic_write_text
-    from .synth.writer import SetResult, ShardOutput, Unit, worker_units
+    from jedi_common.atomic import atomic_write_text
+    from data_pipelines.synth.writer import SetResult, ShardOutput, Unit, worker_units
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype} is not supported; use float16, bfloat16 or float32")
@@ -268,7 +268,7 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    from .synth.writer import SynthError
+    from data_pipelines.synth.writer import SynthError
 
     if len(args.paths) < 2:
         print("jedi-data encode: give input shard patterns and then OUT_DIR", file=sys.stderr)

@@ -6,9 +6,9 @@ import os
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from data_pipelines.atomic import atomic_path
+from jedi_common.atomic import atomic_path
 
-from ..viz import plot_loss_curve
+from jedi_train.viz import plot_loss_curve
 
 
 class LossCurveCallback(L.Callback):

@@ -13,7 +13,7 @@ import shutil
 
 import yaml
 
-from data_pipelines.atomic import atomic_write_text
+from jedi_common.atomic import atomic_write_text
 
 EVAL_BEGIN, EVAL_END = "<!-- jedi-eval:begin -->", "<!-- jedi-eval:end -->"
 TAGS = ["jedi", "joint-image-diffusion", "personalization", "subject-driven-generation", "text-to-image",
@@ -132,7 +132,7 @@ def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: 
     snippet = (
         "```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
         "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_REPO\", trust_remote_code=True)  # code ships here\n"
-        "# or, with jedi-train installed: from jedi_train.pipeline import JeDiPipeline; "
+        "# or, with jedi-train installed: from jedi_train.pipelines.pipeline_jedi import JeDiPipeline; "
         "JeDiPipeline.from_pretrained(...)\n"
         "images = pipe(reference_images=[\"ref1.jpg\", \"ref2.jpg\"],  # 1..K photos of one subject\n"
         "              prompt=[\"a photo of it on the beach\"], num_images_per_prompt=4,\n"

@@ -29,11 +29,11 @@ from diffusers import (
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .joint import JeDiConfig
-from .joint_flux import load_joint_flux
-from .joint_sd3 import load_joint_sd3
-from .joint_unet import JointUNet2DConditionModel, load_joint_unet
-from .text import PromptEncoder, tokenize  # noqa: F401  (tokenize: re-exported for callers)
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.joint_flux import load_joint_flux
+from jedi_train.models.joint_sd3 import load_joint_sd3
+from jedi_train.models.joint_unet import JointUNet2DConditionModel, load_joint_unet
+from jedi_train.models.text import PromptEncoder, tokenize  # noqa: F401  (tokenize: re-exported for callers)
 
 FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1",
             "sd3": "Stable Diffusion 3"}

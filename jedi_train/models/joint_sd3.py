@@ -21,9 +21,9 @@ import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-from .attention import JointAttnProcessor, SetLayout, text_and_set_attention
-from .joint import JeDiConfig, JointDenoiserMixin, widen
-from .text import TextEmbeddings
+from jedi_train.models.attention import JointAttnProcessor, SetLayout, text_and_set_attention
+from jedi_train.models.joint import JeDiConfig, JointDenoiserMixin, widen
+from jedi_train.models.text import TextEmbeddings
 
 
 class JointSD3AttnProcessor(JointAttnProcessor2_0):

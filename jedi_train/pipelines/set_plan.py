@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.attention import SetLayout
+from jedi_train.models.attention import SetLayout
 
 
 @dataclass(frozen=True)

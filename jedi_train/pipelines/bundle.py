@@ -24,18 +24,18 @@ ENTRY = "jedi_pipeline"
 # package, diffusers_modules.local, so a plain "attention.py" could meet another pipeline's) -> the module
 # of this project it is copied from (the pipeline's import closure)
 MODULES = {
-    ENTRY: "jedi_train.pipeline",
-    "jedi_attention": "jedi_train.model.attention",
-    "jedi_components": "jedi_train.model.components",
-    "jedi_joint": "jedi_train.model.joint",
-    "jedi_joint_unet": "jedi_train.model.joint_unet",
-    "jedi_joint_flux": "jedi_train.model.joint_flux",
-    "jedi_joint_sd3": "jedi_train.model.joint_sd3",
-    "jedi_text": "jedi_train.model.text",
-    "jedi_references": "jedi_train.references",
-    "jedi_set_plan": "jedi_train.set_plan",
+    ENTRY: "jedi_train.pipelines.pipeline_jedi",
+    "jedi_attention": "jedi_train.models.attention",
+    "jedi_components": "jedi_train.models.components",
+    "jedi_joint": "jedi_train.models.joint",
+    "jedi_joint_unet": "jedi_train.models.joint_unet",
+    "jedi_joint_flux": "jedi_train.models.joint_flux",
+    "jedi_joint_sd3": "jedi_train.models.joint_sd3",
+    "jedi_text": "jedi_train.models.text",
+    "jedi_references": "jedi_train.pipelines.references",
+    "jedi_set_plan": "jedi_train.pipelines.set_plan",
     "jedi_images": "data_pipelines.images",
-    "jedi_bundle": "jedi_train.bundle",  # so that a pipeline loaded from an export saves a loadable export too
+    "jedi_bundle": "jedi_train.pipelines.bundle",  # so that a pipeline loaded from an export saves a loadable export too
 }
 _FILE_OF = {module.rsplit(".", 1)[1]: name for name, module in MODULES.items()}  # "attention" -> "jedi_attention"
 _PROJECT_IMPORT = re.compile(r"^[ \t]*(from|import)[ \t]+(\.|jedi_train\b|data_pipelines\b)", re.MULTILINE)
@@ -64,7 +64,7 @@ def bundle_sources() -> dict[str, str]:
             target = re.match(r"from \.(\w+) import", line)
             if not (target and target.group(1) in MODULES) and "import jedi_train" not in line:
                 raise RuntimeError(f"{module} imports project code the export bundle lacks ({line!r}); "
-                                   "add the module to jedi_train/bundle.py MODULES")
+                                   "add the module to jedi_train/pipelines/bundle.py MODULES")
         out[f"{name}.py"] = source
     entry = out[f"{ENTRY}.py"]
     missing = [n for n in MODULES if n != ENTRY and not re.search(rf"^from \.{n} import", entry, re.MULTILINE)]

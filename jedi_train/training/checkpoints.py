@@ -26,8 +26,8 @@ import torch
 from diffusers.training_utils import EMAModel
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from data_pipelines.atomic import PARTIAL, publish, remove_partials  # noqa: F401  (re-exported for callers)
-from data_pipelines.errors import missing
+from jedi_common.atomic import PARTIAL, publish, remove_partials  # noqa: F401  (re-exported for callers)
+from jedi_common.errors import missing
 
 # what DeepSpeed's ZeRO optimizer shards hold besides plain data (ZeRO-2/3, fp32/bf16/fp16)
 DEEPSPEED_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -159,7 +159,7 @@ def load_checkpoint(path: str) -> dict:
             convert_zero_checkpoint_to_fp32_state_dict(path, out)
             ckpt = safe_load(out, extra_globals=DEEPSPEED_GLOBALS)
         if isinstance(ckpt.get("ema"), dict) and "partition" in ckpt["ema"]:  # ZeRO-3: each rank saved its slice
-            from .ema import merge_partitions
+            from jedi_train.training.ema import merge_partitions
 
             ckpt["ema"] = merge_partitions([state["ema"] for f, state in shards.items()
                                             if "model_states" in os.path.basename(f)])
@@ -190,7 +190,7 @@ def load_unet_weights(unet, state: dict, source: str) -> None:
 
 def check_family(ckpt: dict, family: str, source: str) -> None:
     """A checkpoint trained on one backbone family is refused, in one line, against another family's model."""
-    from .model.components import FAMILIES  # the model package loads diffusers' models: only when asked
+    from jedi_train.models.components import FAMILIES  # the model package loads diffusers' models: only when asked
 
     trained = ckpt.get("family")
     if trained and trained != family:

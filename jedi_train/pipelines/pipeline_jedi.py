@@ -36,14 +36,14 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .model.attention import ReferenceKVCache, SetLayout
-from .model.components import LatentCodec, model_resolution
-from .model.joint_flux import JointFluxTransformer2DModel, flow_mu
-from .model.joint_sd3 import JointSD3Transformer2DModel
-from .model.joint_unet import JointUNet2DConditionModel
-from .model.text import PromptEncoder, TextEmbeddings
-from .references import load_references
-from .set_plan import Branch, SetPlan, guidance_branches
+from jedi_train.models.attention import ReferenceKVCache, SetLayout
+from jedi_train.models.components import LatentCodec, model_resolution
+from jedi_train.models.joint_flux import JointFluxTransformer2DModel, flow_mu
+from jedi_train.models.joint_sd3 import JointSD3Transformer2DModel
+from jedi_train.models.joint_unet import JointUNet2DConditionModel
+from jedi_train.models.text import PromptEncoder, TextEmbeddings
+from jedi_train.pipelines.references import load_references
+from jedi_train.pipelines.set_plan import Branch, SetPlan, guidance_branches
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -141,7 +141,7 @@ class JeDiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save_pretrained plus the pipeline's code (bundle.py): the directory then loads with
         JeDiPipeline.from_pretrained and with DiffusionPipeline.from_pretrained(..., trust_remote_code=True)."""
-        from .bundle import write_bundle  # imported here: bundle.py reads this file
+        from jedi_train.pipelines.bundle import write_bundle  # imported here: bundle.py reads this file
 
         super().save_pretrained(save_directory, *args, **kwargs)
         write_bundle(os.fspath(save_directory), type(self).__name__)

@@ -12,7 +12,7 @@ import shutil
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from data_pipelines.atomic import PARTIAL, publish
+from jedi_common.atomic import PARTIAL, publish
 
 
 class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
