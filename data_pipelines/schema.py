@@ -50,7 +50,9 @@ def mask_key(index: int) -> str:
     return f"{index}.mask.png"
 
 
-def _encode_image(image: Image.Image | np.ndarray, ext: str, quality: int) -> bytes:
+def _encode_image(image: Image.Image | np.ndarray | bytes, ext: str, quality: int) -> bytes:
+    if isinstance(image, bytes):  # already encoded as `ext`: jedi-data import passes source files through
+        return image
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     buf = io.BytesIO()
@@ -63,7 +65,7 @@ def _encode_image(image: Image.Image | np.ndarray, ext: str, quality: int) -> by
 
 def encode_set(
     set_id: str,
-    images: Sequence[Image.Image | np.ndarray],
+    images: Sequence[Image.Image | np.ndarray | bytes],
     captions: Sequence[str],
     meta: Mapping[str, Any] | None = None,
     ext: str = "jpg",

@@ -84,6 +84,8 @@ class SetResult:
 class ShardOutput:
     """One output directory: shard paths, completeness, unit writing, config guard, manifest."""
 
+    tool = "jedi-synth"  # the manifest's "tool" (jedi-data import reuses this writer)
+
     def __init__(self, out_dir: str | os.PathLike, prefix: str = "sets"):
         self.dir = Path(out_dir)
         self.prefix = prefix
@@ -169,7 +171,7 @@ class ShardOutput:
         planned = {self.name(u) for u in units}
         stray = sorted(p.name for p in self.dir.glob(f"{self.prefix}-*.tar") if p.name not in planned)
         manifest = {
-            "tool": "jedi-synth", "schema_version": SCHEMA_VERSION,
+            "tool": self.tool, "schema_version": SCHEMA_VERSION,
             "complete": len(shards) == len(units), "units_planned": len(units), "units_done": len(shards),
             "shards": shards, "sets": sum(s["sets"] for s in shards), "images": sum(s["images"] for s in shards),
             "rejects": dict(sorted(rejects.items())), "stray_shards": stray, "config": config,
