@@ -12,11 +12,11 @@ import torch
 from helpers.cli import run_jedi
 from helpers.stream_helpers import write_shards
 
-from data_pipelines import encode
 from jedi_train.cli.data import main as jedi_data
 from jedi_train.models.components import load_components
 from jedi_train.models.joint import JeDiConfig
 from jedi_train.models.objective import JeDiObjective, ObjectiveConfig
+from jedi_train.training import encode
 from jedi_train.training.datamodule import JeDiDataModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
