@@ -95,3 +95,49 @@ def eval_cli(capsys):
         out = capsys.readouterr()
         return rc, out.out, out.err
     return call
+
+
+@pytest.fixture(scope="session")
+def extractor_dirs(tmp_path_factory):
+    """A tiny random ViT (+ ViTImageProcessor) and CLIPModel (+ tokenizer, CLIPImageProcessor), saved."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    from jedi_train.models.tiny import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("extractors")
+    torch.manual_seed(0)
+    dino = str(root / "dino")
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(dino)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino)
+    clip = str(root / "clip")
+    tok = build_tiny_tokenizer(clip)
+    text = {"vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": tok.model_max_length,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    return dino, clip
+
+
+@pytest.fixture(scope="session")
+def fake_bench(tmp_path_factory):
+    """A 2-subject bench in DreamBench's format (3 templates per list), for tests that need no real photos."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bench")
+    tmpl = "prompt_list = [\n" + "".join(f"'a {{0}} {{1}} {w}'.format(unique_token, class_token),\n"
+                                         for w in ("{X}", "in the snow", "on the beach")) + "]\n"
+    (root / "prompts_and_classes.txt").write_text(
+        "Classes\n\nsubject_name,class\nbox,box\npup,dog\nabsent,toy\n\nPrompts\n\nObject Prompts\n\n"
+        + tmpl.replace("{X}", "on a table") + "\nLive Subject Prompts\n\n" + tmpl.replace("{X}", "wearing a hat"))
+    for s in ("box", "pup"):
+        (root / s).mkdir()
+        for i in range(3):
+            arr = np.random.default_rng(i).integers(0, 256, (40, 48, 3), np.uint8)
+            Image.fromarray(arr).save(root / s / f"{i:02d}.jpg")
+    return str(root)

@@ -47,9 +47,11 @@ def test_old_checkpoint_resumes_into_the_module():
     ckpt = safe_load(os.path.join(LEGACY, "sd.ckpt"))
     hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "model_dir"}
     module = JeDiModule(model_dir=os.path.join(LEGACY, "sd_base"), **hp)
+    assert all(k.startswith("unet.") for k in ckpt["state_dict"])  # the attribute's name before the rename
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])  # strict: every saved key has its place
-    saved = {k.split(".", 1)[1]: v for k, v in ckpt["state_dict"].items()}
-    for name, value in saved.items():
-        assert torch.equal(module.state_dict()[next(k for k in module.state_dict() if k.endswith("." + name))], value)
+    own = module.state_dict()
+    assert len(own) == len(ckpt["state_dict"])
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(own["denoiser." + key[len("unet."):]], value)
     assert module.ema is not None and len(module.ema.shadow_params) == len(ckpt["ema"]["shadow_params"])

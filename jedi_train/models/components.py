@@ -96,6 +96,11 @@ class Components:
     tokenizer_2: object | None = None
     text_encoder_3: torch.nn.Module | None = None  # SD3: T5
     tokenizer_3: object | None = None
+    family_row: Family | None = None  # the row the model directory was recognised as (None: from the denoiser)
+
+    def __post_init__(self):
+        if self.family_row is None:
+            self.family_row = families.family_of(self.denoiser)
 
     @property
     def codec(self) -> LatentCodec:
@@ -104,10 +109,6 @@ class Components:
     @property
     def resolution(self) -> int:
         return model_resolution(self.denoiser, self.codec)
-
-    @property
-    def family_row(self) -> Family:
-        return families.family_of(self.denoiser)
 
     @property
     def family(self) -> str:
@@ -243,4 +244,4 @@ def load_components(model_dir: str, jedi: JeDiConfig | None = None, prediction_t
             frozen.requires_grad_(False).eval()
             if dtype is not None:
                 frozen.to(dtype)
-    return Components(denoiser=denoiser, noise_scheduler=noise_scheduler, vae=vae, **text)
+    return Components(denoiser=denoiser, noise_scheduler=noise_scheduler, vae=vae, family_row=family, **text)

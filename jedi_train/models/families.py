@@ -85,9 +85,15 @@ class Family:
 FAMILIES: dict[str, Family] = {}  # in recognition order
 
 
-def register(family: Family) -> Family:
-    """Add (or replace) a row. Tests register a renamed copy to check that nothing else needs editing."""
-    FAMILIES[family.name] = family
+def register(family: Family, before: str | None = None) -> Family:
+    """Add (or replace) a row; `before`: recognised ahead of that row (a family whose `matches` is narrower than
+    an existing row's). Tests register a renamed copy to check that nothing else needs editing."""
+    FAMILIES.pop(family.name, None)
+    rows = list(FAMILIES.items())
+    at = next((i for i, (name, _) in enumerate(rows) if name == before), len(rows))
+    rows.insert(at, (family.name, family))
+    FAMILIES.clear()
+    FAMILIES.update(rows)
     return family
 
 
