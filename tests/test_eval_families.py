@@ -10,7 +10,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module", params=["tiny_sdxl_model_dir", "tiny_flux_model_dir", "tiny_sd3_model_dir"])
 def family_export(request, tmp_path_factory):
-    """(family, export dir) of the tiny model made joint for 32 px, saved as jedi-export saves it."""
+    """The tiny model made joint for 32 px, saved as jedi-export saves it (naming its family's pipeline)."""
+    from jedi_train.models import families
     from jedi_train.models.components import load_components
     from jedi_train.models.joint import JeDiConfig
     from jedi_train.pipelines.pipeline_jedi import JeDiBasePipeline
@@ -18,11 +19,13 @@ def family_export(request, tmp_path_factory):
     c = load_components(request.getfixturevalue(request.param), JeDiConfig(resolution=32))
     out = str(tmp_path_factory.mktemp(c.family) / "pipeline")
     JeDiBasePipeline.from_components(c).save_pretrained(out, safe_serialization=True)
-    return c.family, out
+    with open(f"{out}/model_index.json") as f:
+        assert json.load(f)["_class_name"][1] == families.get(c.family).pipeline().__name__ != "JeDiPipeline"
+    return out
 
 
 def test_procedural_eval_runs_on_the_export(family_export, eval_cli, tmp_path):
-    family, pipe_dir = family_export
+    pipe_dir = family_export
     rc, _, err = eval_cli("procedural", pipe_dir, "--out", tmp_path / "e", "--subjects", 2, "--refs", "0,1",
                           "--image-guidance", "0,2", "--samples", 1, "--steps", 2, "--guidance", 2)
     assert rc == 0, err
@@ -33,7 +36,7 @@ def test_procedural_eval_runs_on_the_export(family_export, eval_cli, tmp_path):
 
 
 def test_dreambench_eval_runs_on_the_export(family_export, eval_cli, extractor_dirs, fake_bench, tmp_path):
-    family, pipe_dir = family_export
+    pipe_dir = family_export
     rc, _, err = eval_cli("dreambench", pipe_dir, "--bench", fake_bench, "--subjects", "box", "--refs", 1,
                           "--samples", 1, "--steps", 2, "--prompts-per-subject", 2, "--out", tmp_path / "d",
                           "--dino", extractor_dirs[0], "--clip", extractor_dirs[1], "--device", "cpu", "--wandb", "off")
