@@ -65,8 +65,8 @@ def build(args):
 
 
 def main(args) -> int:
-    from data_pipelines.importers.core import SourceError, run, shard_slice
-    from data_pipelines.synth.writer import SynthError
+    from data_pipelines.importers.core import SourceError, run
+    from data_pipelines.synth.writer import SynthError, shard_slice
     from jedi_common.errors import report_error
 
     logging.getLogger("data_pipelines.stream").setLevel(logging.WARNING if args.verbose else logging.ERROR)

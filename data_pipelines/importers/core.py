@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import re
 import time
 from collections import Counter
@@ -58,15 +57,6 @@ class Importer(Protocol):
 
     def settings(self) -> dict[str, Any]:
         """Everything the written sets depend on (the resume guard's fingerprint)."""
-
-
-def shard_slice(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
-    """(N, I) from --num-shards / --shard-index, else the SLURM array, else (1, 0)."""
-    n = num_shards if num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
-    i = shard_index if shard_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    if n < 1 or not 0 <= i < n:
-        raise SourceError(f"--shard-index {i} is outside 0..{n - 1} (--num-shards {n}); give 0 <= I < N")
-    return n, i
 
 
 def plan(pieces: Sequence[Piece], sets_per_shard: int, limit: int | None = None) -> list[tuple[Unit, int, int, int]]:

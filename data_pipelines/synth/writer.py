@@ -64,6 +64,16 @@ def worker_units(units: list[Unit], num_workers_total: int, worker_index: int) -
     return units[worker_index::num_workers_total]
 
 
+def shard_slice(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
+    """(N, I) of a --num-shards / --shard-index CLI (jedi-data import, jedi-data encode), else the SLURM array,
+    else (1, 0)."""
+    n = num_shards if num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    i = shard_index if shard_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    if n < 1 or not 0 <= i < n:
+        raise SynthError(f"--shard-index {i} is outside 0..{n - 1} (--num-shards {n}); give 0 <= I < N")
+    return n, i
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, Mapping):
         out: dict[str, Any] = {}

@@ -142,15 +142,6 @@ def encode_set(sample: dict, codec, text, opt: SetOptions, fp_id: str, model_dir
     return out | cache, len(arrays)
 
 
-def shard_slice(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
-    """(N, I) from the flags, else the SLURM array, else (1, 0)."""
-    n = num_shards if num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
-    i = shard_index if shard_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"--shard-index {i} is outside 0..{n - 1} (--num-shards {n}); give 0 <= I < N")
-    return n, i
-
-
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save
 
@@ -200,7 +191,7 @@ def run(patterns: list[str], out_dir: str, model_dir: str, dtype: str = "float16
         prefix: str = "sets", allow_pipe: bool = False, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from data_pipelines.synth.writer import SetResult, ShardOutput, Unit, worker_units
+    from data_pipelines.synth.writer import SetResult, ShardOutput, Unit, shard_slice, worker_units
     from jedi_common.atomic import atomic_write_text
 
     if dtype not in ("float16", "bfloat16", "float32"):
