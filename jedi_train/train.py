@@ -172,6 +172,8 @@ def train(cfg: DictConfig) -> dict:
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
     datamodule = build_datamodule(cfg.data, module.components.text.tokenizers, resolution=cfg.model.resolution,
                                   seed=cfg.seed)
+    # the one place model and data meet: cached encodings are checked against (and may free) these encoders
+    datamodule.cache_model = (cfg.model.model_dir, module.components)
     clean_unfinished_saves(cfg, output_dir)
     ckpt_path, resume_step = find_resume_checkpoint(cfg, output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()

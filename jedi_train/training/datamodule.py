@@ -67,7 +67,7 @@ class JeDiDataModule(L.LightningDataModule):
         self.heldout_sources, self.synthesize_if_missing = heldout_sources, synthesize_if_missing
         self.heldout_synthesize_if_missing = heldout_synthesize_if_missing
         self.use_cache, self.drop_text_encoders = use_cache, drop_text_encoders
-        self.cache_model: tuple[str, Any] | None = None  # (model_dir, Components); default: the trainer's module
+        self.cache_model: tuple[str, Any] | None = None  # (model_dir, Components): train.py sets it
         self._empty_text: dict | None = None
         self.loader: ResumableLoader | None = None
         self._pending: dict | None = None
@@ -202,7 +202,11 @@ class JeDiDataModule(L.LightningDataModule):
         cached = [(url, info) for url, info in probed if info is not None]
         if not cached:
             return
-        model_dir, components = self.cache_model or self._trained_model()
+        if self.cache_model is None:
+            raise ValueError("the data sources hold cached encodings: the datamodule checks them against the trained "
+                             "model's encoders (set dm.cache_model = (model_dir, components), as train.py does), or "
+                             "set data.use_cache=false")
+        model_dir, components = self.cache_model
         model = fingerprint(model_dir, components.codec, components.resolution)
         for url, info in cached:
             if info.get("fingerprint") != model["id"]:
@@ -218,13 +222,6 @@ class JeDiDataModule(L.LightningDataModule):
                 raise ValueError(f"data.drop_text_encoders=true but {uncached[0]} holds no cached encodings; encode "
                                  "it with `jedi-data encode`, or set data.drop_text_encoders=false")
             components.drop_text_encoders()
-
-    def _trained_model(self) -> tuple[str, Any]:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or not hasattr(module, "components"):
-            raise ValueError("the data sources hold cached encodings: the datamodule checks them against the trained "
-                             "model (set dm.cache_model = (model_dir, components)), or set data.use_cache=false")
-        return module.hparams.model_dir, module.components
 
     # -- helpers -----------------------------------------------------------------------------------
     def _tokenize_fn(self):
