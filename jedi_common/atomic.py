@@ -1,11 +1,11 @@
 """Writes nobody ever sees half-done: a temp file or dir beside the destination, renamed into place.
 
 Temp names sit in the destination directory (os.replace is atomic only within a filesystem) and are hidden.
-- `atomic_path` / `atomic_write_text`: one file (`.name.tmp-<pid>.ext`: it keeps the extension, which PIL
+- `atomic_path` / `atomic_write_text`: one file (`.name.partial-<pid>.ext`: it keeps the extension, which PIL
   and matplotlib read the format from), removed if the block fails;
 - `staged_dir` / `publish`: a whole directory (exports, sample folders, DeepSpeed checkpoints) staged as
   `.name.partial-<pid>-...` and published when complete; `remove_partials` clears what a killed writer left.
-Checkpoint files (jedi_train/checkpoints.atomic_save) use the same `.partial-` names, fsynced.
+Checkpoint files (jedi_train/training/checkpoints.atomic_save) are written through atomic_path, fsynced.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def atomic_path(path, fsync: bool = False):
     disk first, for files a crash must not lose), else it is removed."""
     path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
-    stem, ext = os.path.splitext(name)
-    tmp = os.path.join(directory, f".{stem}.tmp-{os.getpid()}{ext}")
+    ext = os.path.splitext(name)[1]
+    tmp = os.path.join(directory, f".{name}{PARTIAL}{os.getpid()}{ext}")  # remove_partials finds a killed one
     try:
         yield tmp
         if fsync:
@@ -36,6 +36,13 @@ def atomic_path(path, fsync: bool = False):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+    if fsync:  # make the rename itself durable
+        with contextlib.suppress(OSError):
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> bool:

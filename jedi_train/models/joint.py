@@ -131,6 +131,14 @@ class JointDenoiserMixin:
         return torch.cat([noisy, clean * m, m.expand(-1, 1, *noisy.shape[2:])], dim=1)
 
 
+def mismatched_weights(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    """(names in `state` the model lacks or holds in another shape, names of the model `state` lacks): what
+    loading a checkpoint, a resume and a LoRA file's full weights all check before they load."""
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    return bad, [k for k in own if k not in state]
+
+
 def infer_pixel_fold(channels: int) -> int:
     """A pixel-space model folds 3 colours x fold^2 into its channels: the fold those channels imply (1 if none)."""
     fold = round((channels / 3) ** 0.5)

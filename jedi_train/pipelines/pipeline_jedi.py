@@ -38,7 +38,7 @@ from jedi_train.models import families
 from jedi_train.models.attention import ReferenceKVCache, SetLayout
 from jedi_train.models.components import LatentCodec, model_resolution
 from jedi_train.models.families import Family
-from jedi_train.models.joint import JointDenoiserMixin
+from jedi_train.models.joint import JointDenoiserMixin, mismatched_weights
 from jedi_train.models.text import PromptEncoder, TextEmbeddings
 from jedi_train.pipelines.references import load_references
 from jedi_train.pipelines.set_plan import Branch, SetPlan, guidance_branches
@@ -111,8 +111,7 @@ class JeDiBasePipeline(DiffusionPipeline):
         """Pop the `<prefix>.<name>` keys without 'lora' (weights trained in full) and load them into the denoiser."""
         full = {k[len(prefix) + 1:]: state.pop(k) for k in list(state) if k.startswith(prefix + ".") and "lora" not in k}
         if full:
-            own = self.denoiser.state_dict()
-            bad = [k for k, v in full.items() if k not in own or own[k].shape != v.shape]
+            bad, _ = mismatched_weights(self.denoiser, full)
             if bad:
                 raise ValueError(f"the LoRA file's full weight {bad[0]!r} does not fit this pipeline's {prefix}; load "
                                  "it into a pipeline of the base model it was trained on (same conditioning)")

@@ -26,7 +26,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from jedi_common.atomic import PARTIAL, publish, remove_partials  # noqa: F401  (re-exported for callers)
+from jedi_common.atomic import PARTIAL, atomic_path, publish, remove_partials  # noqa: F401  (re-exported)
 from jedi_common.errors import missing
 
 # what DeepSpeed's ZeRO optimizer shards hold besides plain data (ZeRO-2/3, fp32/bf16/fp16)
@@ -40,25 +40,10 @@ class UnsafeCheckpointError(ValueError):
 
 
 def atomic_save(obj, path: str) -> None:
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}{PARTIAL}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """torch.save through jedi_common.atomic_path: a hidden partial file, fsynced, renamed into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(obj, tmp)
 
 
 def _resolve(names) -> list:
@@ -187,14 +172,19 @@ def denoiser_state_from_checkpoint(ckpt: dict) -> dict:
     return out
 
 
-def load_denoiser_weights(denoiser, state: dict, source: str) -> None:
-    own = denoiser.state_dict()
-    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    missing = [k for k in own if k not in state]
+def check_denoiser_weights(denoiser, state: dict, source: str) -> None:
+    """Refuse, in one line, weights of another model (unexpected, mismatched or missing names)."""
+    from jedi_train.models.joint import mismatched_weights
+
+    bad, missing = mismatched_weights(denoiser, state)
     if bad or missing:
         example = (bad or missing)[0]
         raise ValueError(f"{source} is from another model ({len(bad)} unexpected/mismatched and {len(missing)} "
                          f"missing weights, e.g. {example!r}); use the model config it was trained with")
+
+
+def load_denoiser_weights(denoiser, state: dict, source: str) -> None:
+    check_denoiser_weights(denoiser, state, source)
     denoiser.load_state_dict(state)
 
 

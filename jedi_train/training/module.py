@@ -28,10 +28,10 @@ from jedi_train.models.objective import JeDiObjective, ObjectiveConfig
 from jedi_train.models.quantize import check_quantization, quantize_text_encoders
 from jedi_train.models.tiny import create_tiny_model_dir_if_missing
 from jedi_train.training.checkpoints import (
+    check_denoiser_weights,
     check_family,
     check_lora_checkpoint,
     denoiser_state_from_checkpoint,
-    load_denoiser_weights,
     old_denoiser_key,
 )
 from jedi_train.training.ema import TrainingEMA
@@ -249,11 +249,8 @@ class JeDiModule(L.LightningModule):
         state = denoiser_state_from_checkpoint(checkpoint) if checkpoint.get("state_dict") else {}
         if self.lora.enabled:
             check_lora_checkpoint(checkpoint, self.lora_base, self.trained_names, "the checkpoint being resumed")
-        elif state:
-            own = self.denoiser.state_dict()
-            bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-            if bad or len(state) != len(own):
-                load_denoiser_weights(self.denoiser, state, "the checkpoint being resumed")  # raises with the details
+        elif state:  # Lightning loads them next: refuse another model's weights in one line first
+            check_denoiser_weights(self.denoiser, state, "the checkpoint being resumed")
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
             if self._zero3:  # a whole EMA (saved without ZeRO-3) is cut to this rank's slice
