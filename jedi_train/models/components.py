@@ -155,7 +155,7 @@ def check_model_dir(model_dir: str) -> str:
     family = families.family_of_dir(model_dir)
     for comp in family.required:
         if not os.path.isdir(os.path.join(model_dir, comp)):
-            why = " (its UNet takes SDXL's pooled text embeddings and time ids)" if family.name == "sdxl" else ""
+            why = f" ({family.recognised_by})" if family.recognised_by else ""
             raise FileNotFoundError(f"model directory {model_dir} is a {family.title} model{why} but lacks the "
                                     f"'{comp}' component ({os.path.join(model_dir, comp)} is missing)")
     return family.name

@@ -47,6 +47,7 @@ class Family:
     needs_vae: bool = False  # pixel-space models (no vae/) exist only for the UNet families
     fixed_resolution: bool = True  # sample_size x VAE factor fixes the pixel size; else the resolution made joint for
     matches: Callable[[dict], bool] = field(default=lambda config: True, compare=False)  # on the denoiser config
+    recognised_by: str = ""  # what `matches` saw, for messages about a directory of this family
     dry_run_presets: dict[str, dict] = field(default_factory=dict, compare=False)  # published shapes, by name
 
     @property
@@ -207,6 +208,7 @@ register(Family(
     lora_loader="diffusers.loaders:StableDiffusionXLLoraLoaderMixin",
     tiny_recipe="jedi_train.models.tiny:create_tiny_unet_dir",
     matches=lambda config: config.get("addition_embed_type") == "text_time",
+    recognised_by="its UNet takes SDXL's pooled text embeddings and time ids",
 ))
 register(Family(
     name="flux", title="FLUX.1", denoiser_folder="transformer",
