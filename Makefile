@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.stamp-install
 export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install train proof eval app test bench lint clean
+.PHONY: install train proof eval app test bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench $(ARGS)
+
+# on a lent GPU, first: every CUDA figure the project needs in one command (<= 8 min on one H100; bench/gpu.py)
+gpu-check: install
+	$(BIN)/python -m bench.gpu --out gpu-check $(ARGS)
 
 lint: install
 	$(BIN)/ruff check jedi_train data_pipelines jedi_common tests bench launch
