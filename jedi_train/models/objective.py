@@ -168,7 +168,7 @@ class JeDiObjective:
                  dropout: Dropout | None = None, generator: torch.Generator | None = None,
                  return_error: bool = False) -> dict:
         """return_error: also return the per-element squared error (B*N, C, h, w), detached."""
-        unet = self.c.denoiser
+        denoiser = self.c.denoiser
         pixels, ids = batch["pixel_values"], batch["input_ids"]
         is_ref = batch["is_ref"].bool()
         valid = batch.get("valid", torch.ones_like(is_ref)).bool()
@@ -192,13 +192,13 @@ class JeDiObjective:
         t_img = timesteps.repeat_interleave(n)
         ref_flat = is_ref.flatten()
         noisy = self.add_noise(latents, noise, t_img)
-        if unet.jedi.reference_timestep == "zero":  # references enter clean, at t = 0
+        if denoiser.jedi.reference_timestep == "zero":  # references enter clean, at t = 0
             t_img = torch.where(ref_flat, torch.zeros_like(t_img), t_img)
             noisy = torch.where(ref_flat[:, None, None, None], latents, noisy)
         ref_visible = (is_ref & valid & ~dropout.reference[:, None]).flatten()
-        model_in = unet.assemble_input(noisy, latents, ref_visible)
+        model_in = denoiser.assemble_input(noisy, latents, ref_visible)
 
-        pred = unet.denoise(model_in, t_img, text, layout, guidance=self.cfg.guidance_embedding)
+        pred = denoiser.denoise(model_in, t_img, text, layout, guidance=self.cfg.guidance_embedding)
         target = self.target(latents, noise, t_img)
         error = F.mse_loss(pred.float(), target.float(), reduction="none")
         if self.cfg.subject_loss_weight != 1.0 and "subject_mask" in batch:

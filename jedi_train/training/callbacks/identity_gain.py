@@ -68,15 +68,15 @@ class IdentityGainCallback(L.Callback):
         if "heldout" not in self.batches or getattr(trainer.strategy, "zero_stage_3", False):
             return None
         row: dict = {"step": trainer.global_step}
-        with pl_module.ema_weights() as unet:
-            was_training = unet.training
-            unet.eval()
+        with pl_module.ema_weights() as denoiser:
+            was_training = denoiser.training
+            denoiser.eval()
             for name, b in self.batches.items():
                 r = identity_gain(pl_module.objective, {k: v.to(pl_module.device) for k, v in b.items()},
                                   self.timesteps, self.seeds)
                 suffix = "" if name == "heldout" else "_train"
                 row[f"identity_gain{suffix}"], row[f"identity_gain{suffix}_se"] = r["gain"], r["se"]
-            unet.train(was_training)
+            denoiser.train(was_training)
         self.rows.append(row)
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])

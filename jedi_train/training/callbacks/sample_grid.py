@@ -74,10 +74,10 @@ class SampleGridCallback(L.Callback):
         from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
 
         rows = []
-        with pl_module.ema_weights() as unet:
-            was_training = unet.training
-            unet.eval()
-            pipe = JeDiPipeline.from_components(pl_module.components, unet)
+        with pl_module.ema_weights() as denoiser:
+            was_training = denoiser.training
+            denoiser.eval()
+            pipe = JeDiPipeline.from_components(pl_module.components, denoiser)
             pipe.set_progress_bar_config(disable=True)
             g = torch.Generator(device="cpu").manual_seed(self.seed)
             for s in self.sets:
@@ -85,7 +85,7 @@ class SampleGridCallback(L.Callback):
                            num_inference_steps=self.steps, guidance_scale=self.cfg,
                            image_guidance_scale=self.img_cfg, generator=g, output_type="pil").images
                 rows.append((s["refs"], out, s["truth"], s["prompts"]))
-            unet.train(was_training)
+            denoiser.train(was_training)
         grid = sample_grid(rows)
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"samples_step{trainer.global_step:07d}.png")
