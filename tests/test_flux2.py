@@ -315,3 +315,37 @@ def test_lora_round_trip_in_flux2_format(pipe_dir, tmp_path):
     fresh = load(pipe_dir)
     fresh.load_lora_weights(str(tmp_path / "lora"))
     torch.testing.assert_close(run(fresh, None, image_guidance_scale=0.0), trained, atol=1e-5, rtol=1e-4)
+
+
+@needs_dreambench
+def test_export_loads_with_plain_diffusers(pipe_dir, tmp_path):
+    """The bundled code (joint_flux2 with its codec, the qwen3 text layout) loads without jedi_train installed."""
+    from helpers.pipelines import run_generic
+
+    line = run_generic(pipe_dir, tmp_path / "out.npy", tmp_path)
+    assert "JointFlux2Transformer2DModel" in line and np.isfinite(np.load(tmp_path / "out.npy")).all()
+
+
+def test_bad_directories_are_one_clear_line(model_dir, tmp_path):
+    """A FLUX.2-dev transformer (guidance embedding; no row yet) is refused by name; a Qwen3 too shallow for
+    Klein's layers 9/18/27 is named."""
+    import json
+    import shutil
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    dev = tmp_path / "dev"
+    shutil.copytree(model_dir, dev)
+    cfg = json.loads((dev / "transformer" / "config.json").read_text())
+    (dev / "transformer" / "config.json").write_text(json.dumps({**cfg, "guidance_embeds": True}))
+    with pytest.raises(ValueError, match="Flux2Transformer2DModel.*that jedi-train does not support"):
+        families.family_of_dir(str(dev))
+    shallow = tmp_path / "shallow"
+    shutil.copytree(model_dir, shallow)
+    enc = Qwen3ForCausalLM.from_pretrained(model_dir, subfolder="text_encoder")
+    keep = {k: v for k, v in enc.config.to_dict().items() if k != "layer_types"}
+    Qwen3ForCausalLM(Qwen3Config(**{**keep, "num_hidden_layers": 4})).save_pretrained(
+        shallow / "text_encoder")
+    c = load_components(str(shallow), JeDiConfig(resolution=32))
+    with pytest.raises(ValueError, match="has 4 layers; FLUX.2 Klein reads layers"):
+        c.text.embed(c.text.token_ids(["a dog"]))
