@@ -40,9 +40,8 @@ class LatentCodec:
     def of(cls, vae: AutoencoderKL | None, denoiser) -> LatentCodec:
         """The codec of a joint denoiser: its VAE, or (pixel-space models) the fold its settings record; the
         family table's codec_class (e.g. FLUX.2's patchified, batch-norm-normalised latents)."""
-        if cls is LatentCodec and vae is not None:
-            cls = families.family_of(denoiser).codec()
-        return cls(vae, 1 if vae is not None else (denoiser.jedi.pixel_fold or 1))
+        codec = families.family_of(denoiser).codec() if cls is LatentCodec and vae is not None else cls
+        return codec(vae, 1 if vae is not None else (denoiser.jedi.pixel_fold or 1))
 
     @property
     def downsample(self) -> int:

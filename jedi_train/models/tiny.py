@@ -218,8 +218,9 @@ def build_tiny_qwen_tokenizer(out_dir: str, model_max_length: int = 48, vocab_si
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    words = ("a photo of the same red blue green yellow toy dog cat can backpack on beach in snow forest city "
-             "street table grass room with under next to user assistant think").split()
+    words = ["a", "photo", "of", "the", "same", "red", "blue", "green", "yellow", "toy", "dog", "cat", "can",
+             "backpack", "on", "beach", "in", "snow", "forest", "city", "street", "table", "grass", "room", "with",
+             "under", "next", "to", "user", "assistant", "think"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_QWEN_SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([" ".join(words[i:] + words[:i]) for i in range(len(words))], trainer)
