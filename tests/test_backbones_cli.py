@@ -1,4 +1,5 @@
-"""SDXL, FLUX.1 and SD3 through the documented CLI, as for SD: jedi-train experiment=demo model=tiny_sdxl|tiny_flux|tiny_sd3,
+"""SDXL, FLUX.1, SD3 and FLUX.2 Klein through the documented CLI, as for SD: jedi-train experiment=demo
+model=tiny_sdxl|tiny_flux|tiny_sd3|tiny_flux2_klein,
 jedi-export, jedi-sample (K = 3; K = 1 in-process on the same pipeline code path); a checkpoint against another
 family's model is refused in one line."""
 from __future__ import annotations
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @needs_dreambench
 @pytest.mark.parametrize(("model", "family", "component"), [("tiny_sdxl", "Stable Diffusion XL", "text_encoder_2"),
                                                             ("tiny_flux", "FLUX.1", "transformer"),
-                                                            ("tiny_sd3", "Stable Diffusion 3", "text_encoder_3")])
+                                                            ("tiny_sd3", "Stable Diffusion 3", "text_encoder_3"),
+                                                            ("tiny_flux2_klein", "FLUX.2 Klein", "transformer")])
 def test_train_export_sample_through_the_cli(model, family, component, tmp_path, tiny_model_dir):
     run_dir, pipe_dir = tmp_path / "run", tmp_path / "pipe"
     run_jedi("jedi-train", *FAST, f"model={model}", "trainer.max_steps=3", "export_after_fit=false",
@@ -26,7 +28,7 @@ def test_train_export_sample_through_the_cli(model, family, component, tmp_path,
     ckpt = str(run_dir / "checkpoints" / "last.ckpt")
     run_jedi("jedi-export", ckpt, str(pipe_dir), root=tmp_path)
     assert os.path.isdir(pipe_dir / component)
-    assert "| backbone | Joint" in (pipe_dir / "README.md").read_text()  # the model card describes this family's denoiser
+    assert f"| backbone | {family}: Joint" in (pipe_dir / "README.md").read_text()  # the card describes its denoiser
     refs = [a for path in CAN[:3] for a in ("--ref", path)]
     run_jedi("jedi-sample", str(pipe_dir), *refs, "--prompt", "a can on a beach", "--num", "2", "--steps", "2",
              "--out", str(tmp_path / "k3"), root=tmp_path)

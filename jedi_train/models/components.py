@@ -38,8 +38,10 @@ class LatentCodec:
 
     @classmethod
     def of(cls, vae: AutoencoderKL | None, denoiser) -> LatentCodec:
-        """The codec of a joint denoiser: its VAE, or (pixel-space models) the fold its settings record."""
-        return cls(vae, 1 if vae is not None else (denoiser.jedi.pixel_fold or 1))
+        """The codec of a joint denoiser: its VAE, or (pixel-space models) the fold its settings record; the
+        family table's codec_class (e.g. FLUX.2's patchified, batch-norm-normalised latents)."""
+        codec = families.family_of(denoiser).codec() if cls is LatentCodec and vae is not None else cls
+        return codec(vae, 1 if vae is not None else (denoiser.jedi.pixel_fold or 1))
 
     @property
     def downsample(self) -> int:
@@ -238,7 +240,7 @@ def load_components(model_dir: str, jedi: JeDiConfig | None = None, prediction_t
         sched_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
         sched_kwargs.update(noise_schedule or {})
         noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **sched_kwargs)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae") if has_vae else None
+    vae = family.vae().from_pretrained(model_dir, subfolder="vae") if has_vae else None
     for frozen in (text["text_encoder"], text["text_encoder_2"], text["text_encoder_3"], vae):
         if frozen is not None:
             frozen.requires_grad_(False).eval()

@@ -49,6 +49,8 @@ class Family:
     matches: Callable[[dict], bool] = field(default=lambda config: True, compare=False)  # on the denoiser config
     recognised_by: str = ""  # what `matches` saw, for messages about a directory of this family
     dry_run_presets: dict[str, dict] = field(default_factory=dict, compare=False)  # published shapes, by name
+    vae_class: str = "diffusers:AutoencoderKL"  # "module:Class" of the vae/ folder
+    codec_class: str = "jedi_train.models.components:LatentCodec"  # images <-> the denoiser's latents (VAE scaling)
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
@@ -72,6 +74,12 @@ class Family:
 
     def lora(self):
         return import_object(self.lora_loader)
+
+    def vae(self):
+        return import_object(self.vae_class)
+
+    def codec(self):
+        return import_object(self.codec_class)
 
     def text_encoder_class(self, slot: int):
         return getattr(importlib.import_module("transformers"), self.text_encoders[slot][0])
@@ -244,6 +252,31 @@ register(Family(
                            "hidden_act": "gelu"},
                           _T5_XXL],
         "vae": _VAE16}},
+))
+
+# black-forest-labs/FLUX.2-klein-4B: transformer/config.json, text_encoder/config.json (Qwen3-4B), vae/config.json
+_QWEN3_4B = {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+             "rope_theta": 1000000, "tie_word_embeddings": True}
+_VAE_FLUX2 = {**_VAE, "latent_channels": 32, "patch_size": [2, 2], "batch_norm_eps": 1e-4}
+register(Family(
+    name="flux2_klein", title="FLUX.2 Klein", denoiser_folder="transformer",
+    denoiser_classes=("Flux2Transformer2DModel", "JointFlux2Transformer2DModel"),
+    joint_class="jedi_train.models.joint_flux2:JointFlux2Transformer2DModel",
+    text_encoders=(("Qwen3ForCausalLM", "Qwen2TokenizerFast"),), text_layout="qwen3", text_tokens=(("tokenizer", 512),),
+    pipeline_class="jedi_train.pipelines.pipeline_jedi_flux2:JeDiFlux2KleinPipeline",
+    lora_loader="diffusers.loaders:Flux2LoraLoaderMixin",
+    tiny_recipe="jedi_train.models.tiny:create_tiny_flux2_klein_dir",
+    flow_matching=True, needs_vae=True, fixed_resolution=False,
+    vae_class="diffusers:AutoencoderKLFlux2", codec_class="jedi_train.models.joint_flux2:Flux2LatentCodec",
+    matches=lambda config: not config.get("guidance_embeds", True),  # FLUX.2-dev (guidance-distilled): no row yet
+    recognised_by="its Flux2Transformer2DModel has no guidance embedding and takes Qwen3 text (FLUX.2 Klein)",
+    dry_run_presets={"flux2_klein_4b": {
+        "denoiser": {"patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20,
+                     "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 7680,
+                     "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32],
+                     "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False},
+        "text_encoders": [_QWEN3_4B], "vae": _VAE_FLUX2}},
 ))
 
 

@@ -8,6 +8,11 @@
 * SD3 / SD3.5: three (CLIP ViT-L, OpenCLIP ViT-bigG, T5-XXL): both CLIPs' penultimate hidden states side by
   side, zero-padded to T5's width, then T5's tokens after them; both CLIPs' pooled projections concatenated,
   as diffusers' StableDiffusion3Pipeline.
+* FLUX.2 Klein ("qwen3"): one Qwen3 causal LM; each caption wrapped in Qwen3's chat template (one user turn, the
+  generation prompt, thinking off), padded to 512 tokens (or the tokenizer's shorter model_max_length), and the
+  hidden states of layers 9, 18 and 27 stacked per token (T, 3 x hidden), with the padding masked out, as
+  diffusers' Flux2KleinPipeline._get_qwen3_prompt_embeds. The mask is read back from the ids (pad token), so the
+  ids alone stay what the stream and the cache carry.
 
 Token ids travel through the data stream as one tensor per caption, (T,) for one tokenizer or (E, T)
 for E tokenizers (shorter ones padded to the longest, cut back when embedded: CLIP 77, T5 512), so the
@@ -101,12 +106,37 @@ def token_ids(tokenizers: list, captions: list[str]) -> torch.Tensor:
     return torch.stack(ids, dim=1)
 
 
+QWEN3_MAX_LENGTH = 512  # Flux2KleinPipeline's max_sequence_length
+QWEN3_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers (indices into hidden_states)
+
+
+def qwen3_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions -> (len, T) ids of Qwen3's chat prompt, as Flux2KleinPipeline tokenizes them."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=False) for c in captions]
+    length = min(QWEN3_MAX_LENGTH, tokenizer.model_max_length)
+    return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def qwen3_embeddings(encoder, tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """(M, T) ids -> (M, T, 3 x hidden): layers 9, 18, 27 of the Qwen3 encoder, side by side per token."""
+    ids = ids.to(encoder.device)
+    mask = (ids != tokenizer.pad_token_id).long()
+    out = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    if len(out.hidden_states) <= max(QWEN3_LAYERS):
+        raise ValueError(f"the Qwen3 text encoder has {len(out.hidden_states) - 1} layers; FLUX.2 Klein reads "
+                         f"layers {QWEN3_LAYERS}: point model.model_dir at a FLUX.2 Klein directory")
+    stacked = torch.stack([out.hidden_states[k] for k in QWEN3_LAYERS], dim=1)  # (M, 3, T, D)
+    m, k, t, d = stacked.shape
+    return stacked.permute(0, 2, 1, 3).reshape(m, t, k * d)
+
+
 class PromptEncoder:
     """The frozen tokenizer(s) and text encoder(s) of one model: token ids for the data stream, embeddings
     for the denoiser. `layout` is the family's recipe (families.py `text_layout`): "sd" one pair; "sdxl" two
-    CLIPs (the second with the projection); "flux" CLIP pooled + T5; "sd3" two CLIPs + T5."""
+    CLIPs (the second with the projection); "flux" CLIP pooled + T5; "sd3" two CLIPs + T5; "qwen3" one Qwen3 (FLUX.2 Klein)."""
 
-    LAYOUTS: ClassVar[dict[str, int]] = {"sd": 1, "sdxl": 2, "flux": 2, "sd3": 3}  # layout -> tokenizer/encoder pairs
+    LAYOUTS: ClassVar[dict[str, int]] = {"sd": 1, "sdxl": 2, "flux": 2, "sd3": 3, "qwen3": 1}  # layout -> tokenizer/encoder pairs
 
     def __init__(self, tokenizers: list, text_encoders: list, layout: str):
         """text_encoders all None: dropped (Components.drop_text_encoders); token ids still work, embed refuses."""
@@ -127,6 +157,8 @@ class PromptEncoder:
         return cls([t for t, _ in pairs], [e for _, e in pairs], layout)
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
+        if self.layout == "qwen3":
+            return qwen3_token_ids(self.tokenizers[0], captions)
         return token_ids(self.tokenizers, captions)
 
     @torch.no_grad()
@@ -140,6 +172,8 @@ class PromptEncoder:
         enc = self.text_encoders[0]
         if self.layout == "sd":
             return TextEmbeddings(enc(ids.reshape(-1, ids.shape[-1]).to(enc.device))[0])
+        if self.layout == "qwen3":
+            return TextEmbeddings(qwen3_embeddings(enc, self.tokenizers[0], ids.reshape(-1, ids.shape[-1])))
         ids = ids.reshape(-1, len(self.tokenizers), ids.shape[-1])
         parts = [ids[:, i, :t.model_max_length] for i, t in enumerate(self.tokenizers)]
         if self.layout == "flux":  # CLIP pooled + T5 hidden states

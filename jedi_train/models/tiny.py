@@ -196,3 +196,77 @@ def create_tiny_model_dir_if_missing(model_dir: str, spec: dict) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
         return False
     return True
+
+
+# Qwen3's chat template, reduced to what Flux2KleinPipeline asks of it (one user turn, the generation prompt,
+# enable_thinking=False): the same text the real template renders for that call.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}")
+_QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def build_tiny_qwen_tokenizer(out_dir: str, model_max_length: int = 48, vocab_size: int = 512):
+    """A byte-level BPE (Qwen2's kind: GPT-2 byte alphabet, Qwen's special tokens and pad token) trained offline
+    on a few caption words with the `tokenizers` library, saved as transformers' Qwen2TokenizerFast with the
+    chat template Flux2KleinPipeline uses. A real FLUX.2 Klein directory brings Qwen3's 151k-token vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = ["a", "photo", "of", "the", "same", "red", "blue", "green", "yellow", "toy", "dog", "cat", "can",
+             "backpack", "on", "beach", "in", "snow", "forest", "city", "street", "table", "grass", "room", "with",
+             "under", "next", "to", "user", "assistant", "think"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_QWEN_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(words[i:] + words[:i]) for i in range(len(words))], trainer)
+    qwen = Qwen2TokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                              unk_token=None, bos_token=None, model_max_length=model_max_length)
+    qwen.chat_template = QWEN3_CHAT_TEMPLATE
+    qwen.save_pretrained(out_dir)
+    return qwen
+
+
+def create_tiny_flux2_klein_dir(out_dir: str, transformer_kwargs: dict | None = None, **_) -> str:
+    return _tiny_flux2_klein(out_dir, **(transformer_kwargs or {}))
+
+
+def _tiny_flux2_klein(out_dir: str, heads: int = 2, layers: int = 1, single_layers: int = 1, text_width: int = 16,
+                      latent_channels: int = 4) -> str:
+    """A FLUX.2 Klein-layout directory: a tiny Qwen3 causal LM (27 layers, as Klein reads layers 9/18/27, 16 wide)
+    + its byte-level BPE tokenizer, an AutoencoderKLFlux2 (batch-norm latent statistics set away from 0/1 so the
+    normalisation is exercised), a Flux2Transformer2DModel without guidance embedding (Klein) and Klein's
+    flow-matching scheduler settings (dynamic, exponential time shift)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = build_tiny_qwen_tokenizer(os.path.join(out_dir, "tokenizer"))
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+                                 num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                 max_position_embeddings=128, tie_word_embeddings=True,
+                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(os.path.join(out_dir, "text_encoder"))
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                             latent_channels=latent_channels, norm_num_groups=8, sample_size=32)
+    with torch.no_grad():
+        vae.bn.running_mean.uniform_(-0.2, 0.2)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    vae.save_pretrained(os.path.join(out_dir, "vae"))
+    head_dim = 16
+    Flux2Transformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=layers,
+                            num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+                            joint_attention_dim=3 * text_width, timestep_guidance_channels=32,
+                            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+                            ).save_pretrained(os.path.join(out_dir, "transformer"))
+    FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER).save_pretrained(os.path.join(out_dir, "scheduler"))
+    return out_dir
+
+
+# black-forest-labs/FLUX.2-klein-4B scheduler/scheduler_config.json
+FLUX2_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                   "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                   "time_shift_type": "exponential"}

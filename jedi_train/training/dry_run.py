@@ -57,8 +57,6 @@ def _parts(model_cfg: dict):
 
 def build_on_meta(model_cfg: dict):
     """(family row, joint denoiser with LoRA if configured, frozen modules), all on the meta device."""
-    from diffusers import AutoencoderKL
-
     from jedi_train.models.joint import JeDiConfig
     from jedi_train.models.lora import LoraSettings, add_lora
 
@@ -76,7 +74,7 @@ def build_on_meta(model_cfg: dict):
             cls = family.text_encoder_class(slot)
             frozen.append(cls(cls.config_class(**{k: v for k, v in cfg.items() if not k.startswith("_")})))
         if vae_cfg is not None:
-            frozen.append(AutoencoderKL.from_config({k: v for k, v in vae_cfg.items() if not k.startswith("_")}))
+            frozen.append(family.vae().from_config({k: v for k, v in vae_cfg.items() if not k.startswith("_")}))
     return family, denoiser, frozen
 
 
@@ -172,11 +170,12 @@ def _text_len(model_cfg: dict, family) -> int:
     return sum(_max_length(model_dir, sub, default) for sub, default in family.text_tokens)
 
 
-def vae_downsample(frozen) -> int | None:
-    from diffusers import AutoencoderKL
-
-    vae = next((m for m in frozen if isinstance(m, AutoencoderKL)), None)
-    return None if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_downsample(frozen, family=None) -> int | None:
+    """The VAE's downsampling as the family's codec sees it (FLUX.2: the VAE's x its 2x2 patchify)."""
+    vae = next((m for m in frozen if type(m).__name__.startswith("AutoencoderKL")), None)
+    if vae is None:
+        return None
+    return family.codec()(vae).downsample if family is not None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _activations(cfg, model_cfg: dict, family, denoiser, downsample: int | None) -> tuple[int, dict]:
@@ -220,7 +219,7 @@ def estimate(cfg) -> dict:
     base_bytes = 4 * (frozen_base - stored) + DTYPE_BYTES.get(base_dtype, 4) * stored
     frozen_parts = sum(p.numel() for m in frozen for p in m.parameters())
     # model.text_encoder_quantization: the text encoders' Linear weights at 1 byte (torchao weight-only)
-    quantized = sum(m.weight.numel() for enc in frozen if type(enc).__name__ != "AutoencoderKL"
+    quantized = sum(m.weight.numel() for enc in frozen if not type(enc).__name__.startswith("AutoencoderKL")
                     for m in enc.modules() if isinstance(m, torch.nn.Linear)) if model_cfg.get("text_encoder_quantization") else 0
     strategy = cfg.get("strategy") or {}
     stage = int(strategy.get("stage", 0) or 0)
@@ -239,7 +238,7 @@ def estimate(cfg) -> dict:
                 f"text encoders + VAE ({model_cfg.get('frozen_dtype') or 'float32'}"
                 f"{', 8-bit Linear' if quantized else ''})":
                     float(frozen_bytes * (frozen_parts - quantized) + quantized)}
-    activations, batch = _activations(cfg, model_cfg, family, denoiser, vae_downsample(frozen))
+    activations, batch = _activations(cfg, model_cfg, family, denoiser, vae_downsample(frozen, family))
     per_rank["activations (estimate)"] = float(activations)
     return {"family": family.name, "denoiser": type(denoiser).__name__, "trained": trained, "frozen_base": frozen_base,
             "activations": activations, "batch": batch,

@@ -69,7 +69,7 @@ def fingerprint(model_dir: str, codec, resolution: int) -> dict[str, Any]:
                     if p.is_file() and not p.name.startswith(".")}
              for comp in ENCODER_DIRS if Path(model_dir, comp).is_dir()}
     codec_cfg = {"pixel_fold": codec.fold} if codec.vae is None else {
-        "vae_scaling_factor": codec.vae.config.scaling_factor, "vae_shift_factor": codec.shift}
+        "vae_scaling_factor": codec.vae.config.get("scaling_factor"), "vae_shift_factor": codec.shift}
     what = {"files": files, "codec": codec_cfg, "resolution": int(resolution), "cache_version": 1}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     return {"id": digest, "model_dir": os.path.abspath(model_dir), **what}
@@ -77,8 +77,6 @@ def fingerprint(model_dir: str, codec, resolution: int) -> dict[str, Any]:
 
 def frozen_encoders(model_dir: str, resolution: int | None = None, device: str = "cpu"):
     """(codec, prompt encoder, resolution) of a model directory, without loading its denoiser."""
-    from diffusers import AutoencoderKL
-
     from jedi_train.models import families
     from jedi_train.models.components import LatentCodec, check_model_dir, load_text_parts
     from jedi_train.models.joint import infer_pixel_fold
@@ -90,11 +88,11 @@ def frozen_encoders(model_dir: str, resolution: int | None = None, device: str =
     jedi = cfg.get("_jedi") or {}
     vae = None
     if os.path.isdir(os.path.join(model_dir, "vae")):
-        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").requires_grad_(False).eval().to(device)
+        vae = family.vae().from_pretrained(model_dir, subfolder="vae").requires_grad_(False).eval().to(device)
     fold = 1
     if vae is None:  # a joint model records its fold; a base one implies it (in_channels = 3 fold^2)
         fold = jedi.get("pixel_fold") or infer_pixel_fold(cfg["in_channels"])
-    codec = LatentCodec(vae, fold)
+    codec = (family.codec() if vae is not None else LatentCodec)(vae, fold)
     native = cfg["sample_size"] * codec.downsample if family.fixed_resolution else jedi.get("resolution")
     if resolution is None and native is None:
         raise ValueError(f"{model_dir} is a {family.title} model, which has no fixed resolution: give --resolution "
