@@ -268,6 +268,40 @@ class JeDiDataModule(L.LightningDataModule):
         return next(iter(loader), None)
 
 
+def _patterns(sources: Any) -> list[str]:
+    return [str(x) if isinstance(x, (str, os.PathLike)) else str(x["url"])
+            for x in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)]
+
+
+def will_synthesize(sources: Any, synth_args: dict | None) -> bool:
+    """True when missing `sources` are filled by synthesis on first use: every pattern lies in its out_dir
+    (the demo's procedural sets); a user's own paths never are."""
+    if not synth_args or not sources:
+        return False
+    out_dir = os.path.abspath(str(synth_args.get("out_dir", "")))
+    return all(os.path.abspath(u).startswith(out_dir + os.sep) for u in _patterns(sources))
+
+
+def check_sources(data: dict) -> None:
+    """data.sources / data.heldout_sources that match nothing and will not be synthesized: FileNotFoundError
+    naming the pattern, before anything is built or created (jedi-train checks this before Hydra starts)."""
+    for key, synth in (("sources", "synthesize_if_missing"), ("heldout_sources", "heldout_synthesize_if_missing")):
+        sources = data.get(key)
+        if not sources or will_synthesize(sources, data.get(synth)):
+            continue
+        try:
+            for src in expand_sources(sources, bool(data.get("allow_pipe"))):
+                for url in src.urls:
+                    local = url.removeprefix("file://")
+                    if "://" not in local and not local.startswith("pipe:") and not os.path.exists(local):
+                        raise FileNotFoundError(f"data source {src.pattern!r}: {url} does not exist")
+        except FileNotFoundError as e:
+            synth_dir = (data.get(synth) or {}).get("out_dir")
+            why = f" (synthesis on first use fills only {synth_dir}, which this source is not in)" if synth_dir else ""
+            raise FileNotFoundError(f"data.{key}: {e}; check the path{why}, e.g. data.{key}='[{{url: "
+                                    "/data/my_sets/*.tar}]'") from None
+
+
 def build_datamodule(cfg, tokenizer=None, **overrides) -> JeDiDataModule:
     """The training app's entry: a `data` config (conf/data/*.yaml) + the model's tokenizer."""
     from hydra.utils import get_class
