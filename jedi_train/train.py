@@ -174,6 +174,7 @@ def train(cfg: DictConfig) -> dict:
                                   seed=cfg.seed)
     # the one place model and data meet: cached encodings are checked against (and may free) these encoders
     datamodule.cache_model = (cfg.model.model_dir, module.components)
+    datamodule.split_heldout(output_dir)  # your own sources: a seeded split of them is held out (heldout.json)
     clean_unfinished_saves(cfg, output_dir)
     ckpt_path, resume_step = find_resume_checkpoint(cfg, output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()

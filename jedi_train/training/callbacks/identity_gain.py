@@ -43,7 +43,7 @@ class IdentityGainCallback(L.Callback):
             for name, sources, n in (("heldout", dm.heldout_sources, self.num_sets),
                                      ("train", dm.cfg.sources, self.train_num_sets)):
                 if sources and n:
-                    b = dm.fixed_batch(sources, n, self.set_size, num_refs=1)
+                    b = dm.fixed_batch(sources, n, self.set_size, num_refs=1, heldout=name == "heldout")
                     if b is not None and "subject_mask" in b:
                         batches[name] = {k: v for k, v in b.items() if torch.is_tensor(v)}
         if "heldout" not in batches:
