@@ -11,7 +11,7 @@ from jedi_train.training.config_checks import check_config
 
 
 def test_eval_out_that_is_a_file_is_one_line_before_the_model_loads(eval_cli, pipe_dir, tmp_path, monkeypatch):
-    import jedi_train.sampling as sampling
+    from jedi_train import sampling
 
     def no_load(*a, **kw):
         raise AssertionError("the model was loaded before --out was checked")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -110,6 +109,6 @@ def test_jedi_app_starts_from_the_recommended_settings(export, tmp_path):
     ui = {b.elem_id: b.value for b in build_ui(app).blocks.values() if getattr(b, "elem_id", None)}
     assert (ui["guidance"], ui["image-guidance"], ui["steps"]) == (3.0, 2.5, 4)
     app.generate([photo(tmp_path)], "", "a toy")  # settings not given: the recommended ones
-    request = sorted(work.glob("request-*/jedi-sample/settings.json"))[-1]
+    request = max(work.glob("request-*/jedi-sample/settings.json"))
     settings = json.loads(request.read_text())
     assert (settings["guidance_scale"], settings["image_guidance_scale"], settings["steps"]) == (3.0, 2.5, 4)

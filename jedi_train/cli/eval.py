@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from jedi_train.eval.common import EvalError
-
     import os
+
+    from jedi_train.eval.common import EvalError
 
     args = build_parser().parse_args(argv)
     try:

@@ -22,8 +22,8 @@ from jedi_common.errors import missing
 from jedi_train.sampling import (
     DEFAULTS,
     SCHEDULERS,
-    UsageError,
     SETTINGS,
+    UsageError,
     check_pipeline_dir,
     generate,
     load_pipeline,
