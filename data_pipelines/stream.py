@@ -55,6 +55,10 @@ class StreamConfig(SetOptions):
     allow_pipe: bool = False        # pipe: URLs run shell commands
     seed: int = 0
     log_every_s: float = 60.0       # skip log lines at most this often (plus the first of each reason)
+    # a held-out split (heldout.py): sets (ids) and subjects kept out of this stream, or the only ones in it
+    exclude_sets: frozenset | None = None
+    exclude_subjects: frozenset | None = None
+    only_sets: frozenset | None = None
 
 
 class CachedTokenize:
@@ -112,7 +116,7 @@ class SetStream(IterableDataset):
                                  "shards, lower data.num_workers, or set data.resampled=true")
             if len({s.weight for s in self.sources}) > 1:
                 log.warning("source weights apply in resampled mode only; epoch mode reads every shard once")
-        epoch_sets = cfg.epoch_sets or count_samples(self.shards)
+        epoch_sets = cfg.epoch_sets or max(1, count_samples(self.shards) - len(cfg.exclude_sets or ()))
         self.batches_per_rank = epoch_sets // (world_size * cfg.batch_size)
         if self.batches_per_rank < 1:
             raise ValueError(f"{epoch_sets} sets per epoch make no batch of {cfg.batch_size} sets on each of "
@@ -182,6 +186,8 @@ class SetStream(IterableDataset):
                 if reason:
                     counts.skip(reason, f"{url} {sample.get('__key__')}")
                     continue
+                if not self._in_split(sample):  # a held-out split: not counted as a skip
+                    continue
                 found = True
                 yield (pass_no, shard_no, index), sample
             empty_in_a_row = 0 if found else empty_in_a_row + 1
@@ -190,6 +196,18 @@ class SetStream(IterableDataset):
                           "(check the data with `jedi-data stats`)", self.rank, worker, empty_in_a_row)
                 return
             shard_no, skip = shard_no + 1, 0
+
+    def _in_split(self, sample) -> bool:
+        cfg = self.cfg
+        if cfg.exclude_sets is None and cfg.only_sets is None:
+            return True
+        from data_pipelines.heldout import set_identity
+        from data_pipelines.schema import set_meta
+
+        set_id, subject = set_identity(set_meta(sample))
+        if cfg.only_sets is not None:
+            return set_id in cfg.only_sets
+        return set_id not in cfg.exclude_sets and (subject is None or subject not in (cfg.exclude_subjects or ()))
 
     def shuffled(self, samples, epoch: int, worker: int, start: Cursor, counts: Counts):
         """Blocks of `shuffle_buffer` samples, each permuted by its own seed; (cursor after, sample, rng)."""

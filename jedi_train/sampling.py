@@ -14,6 +14,59 @@ SCHEDULERS = ("ddim", "dpm")
 DEFAULTS = {"seed": 0, "steps": 30, "guidance": 7.5, "image_guidance": 1.5, "scheduler": None, "max_set_size": 8}
 
 
+RECOMMENDED_FILE = "sampling.json"  # in an export: the sampling settings its training run recommends
+# setting -> (its name in sampling.json / settings.json, its flag, words for messages)
+SETTINGS = {"guidance": ("guidance_scale", "--guidance", "text guidance"),
+            "image_guidance": ("image_guidance_scale", "--image-guidance", "image guidance"),
+            "steps": ("num_inference_steps", "--steps", "steps")}
+
+
+def recommended_settings(pipeline_dir: str) -> dict:
+    """{guidance, image_guidance, steps} (those present) from the export's sampling.json; {} without one."""
+    try:
+        with open(os.path.join(pipeline_dir, RECOMMENDED_FILE)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key, (name, _, _) in SETTINGS.items():
+        value = saved.get(name) if isinstance(saved, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            out[key] = int(value) if key == "steps" else float(value)
+    return out
+
+
+def resolve_settings(pipeline_dir: str, given: dict) -> tuple[dict, dict]:
+    """The sampling settings to use: the user's where given (not None), else the export's recommended ones
+    (sampling.json), else DEFAULTS. -> (values, where each came from: 'given' | 'export' | 'default')."""
+    rec = recommended_settings(pipeline_dir)
+    values, source = {}, {}
+    for key in SETTINGS:
+        if given.get(key) is not None:
+            values[key], source[key] = given[key], "given"
+        elif key in rec:
+            values[key], source[key] = rec[key], "export"
+        else:
+            values[key], source[key] = DEFAULTS[key], "default"
+    return values, source
+
+
+def settings_note(values: dict, source: dict) -> str | None:
+    """One line saying which settings were not given and where they came from (None: all given)."""
+    def words(kind):
+        return ", ".join(f"{SETTINGS[k][2]} {values[k]:g}" for k in SETTINGS if source[k] == kind)
+
+    parts = []
+    if words("export"):
+        parts.append(f"the export's recommended {words('export')} ({RECOMMENDED_FILE}, from its training run)")
+    if words("default"):
+        parts.append(f"the default {words('default')}")
+    if not parts:
+        return None
+    flags = "/".join(SETTINGS[k][1] for k in SETTINGS if source[k] != "given")
+    return f"using {' and '.join(parts)}; give {flags} to change them"
+
+
 class UsageError(Exception):
     """Bad input: one line, exit 2."""
 
@@ -125,8 +178,9 @@ def output_names(prompts, num: int) -> list[dict]:
 
 
 def settings_dict(pipe, pipeline_dir, ref_files, prompts, num, seed, steps, guidance, image_guidance,
-                  max_set_size, no_cache, seconds, command) -> dict:
-    """What settings.json holds: every setting, the files written, the timing."""
+                  max_set_size, no_cache, seconds, command, settings_from: dict | None = None) -> dict:
+    """What settings.json holds: every setting, the files written, the timing; settings_from: where the
+    guidance / image guidance / steps came from (resolve_settings)."""
     return {
         "pipeline_dir": os.path.abspath(pipeline_dir), "references": list(ref_files), "prompts": list(prompts),
         "num_images_per_prompt": num, "seed": seed, "steps": steps,
@@ -136,6 +190,7 @@ def settings_dict(pipe, pipeline_dir, ref_files, prompts, num, seed, steps, guid
         "max_set_size": max_set_size, "resolution": pipe.resolution, "device": str(pipe.device),
         "jedi": pipe.denoiser.jedi.to_dict(), "outputs": output_names(prompts, num), "grid": "grid.png",
         "sampling_seconds": round(seconds, 3), "command": list(command),
+        **({"settings_from": dict(settings_from)} if settings_from else {}),
     }
 
 

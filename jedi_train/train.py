@@ -174,6 +174,7 @@ def train(cfg: DictConfig) -> dict:
                                   seed=cfg.seed)
     # the one place model and data meet: cached encodings are checked against (and may free) these encoders
     datamodule.cache_model = (cfg.model.model_dir, module.components)
+    datamodule.split_heldout(output_dir)  # your own sources: a seeded split of them is held out (heldout.json)
     clean_unfinished_saves(cfg, output_dir)
     ckpt_path, resume_step = find_resume_checkpoint(cfg, output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
@@ -184,6 +185,9 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     stopped_by = next((cb.stopped_by for cb in trainer.checkpoint_callbacks if getattr(cb, "stopped_by", None)), None)
     if stopped_by:  # SIGTERM / Ctrl+C: the Checkpoint callback saved the step it stopped at; no export
+        from jedi_train.training.callbacks.checkpoint import exit_at_once_on_signals
+
+        exit_at_once_on_signals()  # a second signal from here on: exit at once
         raise SystemExit(128 + stopped_by)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -70,8 +70,9 @@ def test_defaults_are_jedi_samples(app, pipe_dir):
     from jedi_train.app.ui import build_ui
 
     args = sample.parse_args([pipe_dir, "--num", "1", "--out", "x"])
-    d = {k: getattr(args, k) for k in sample.DEFAULTS}
-    assert d == sample.DEFAULTS
+    given = {k: getattr(args, k) for k in sample.SETTINGS}  # None: not given (the export's, else the defaults)
+    d = {**{k: getattr(args, k) for k in sample.DEFAULTS}, **sample.resolve_settings(pipe_dir, given)[0]}
+    assert d == sample.DEFAULTS  # this export records no recommended settings
     demo = build_ui(app, max_queue=3)
     assert (demo._queue.max_size, demo._queue.default_concurrency_limit) == (3, 1)  # queued, one at a time
     ui = {b.elem_id: b.value for b in demo.blocks.values() if getattr(b, "elem_id", None)}

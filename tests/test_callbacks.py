@@ -168,18 +168,20 @@ def test_sigterm_saves_last_after_the_step_and_stops(tmp_path, capfd):
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_signal_handler_second_ctrl_c_interrupts_at_once():
+def test_signal_handler_second_signal_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(Checkpoint, "_exit_now", staticmethod(exits.append))  # os._exit in a real run
     cp = Checkpoint(dirpath="unused")
     cp._pid = os.getpid()
     cp._on_signal(signal.SIGINT, None)
-    assert cp.stopped_by == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
-        cp._on_signal(signal.SIGINT, None)
+    assert cp.stopped_by == signal.SIGINT and exits == []
+    cp._on_signal(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
     term = Checkpoint(dirpath="unused")
     term._pid = os.getpid()
     term._on_signal(signal.SIGTERM, None)
-    term._on_signal(signal.SIGTERM, None)  # SIGTERM again: still a clean stop, nothing raised
-    assert term.stopped_by == signal.SIGTERM
+    term._on_signal(signal.SIGTERM, None)  # SIGTERM again: exits at once too (issue 35: within the grace period)
+    assert term.stopped_by == signal.SIGTERM and exits[-1] == 128 + signal.SIGTERM
     worker = Checkpoint(dirpath="unused")
     worker._pid = os.getpid() + 1  # as in a forked DataLoader worker: Ctrl+C is the main process's business
     worker._on_signal(signal.SIGINT, None)

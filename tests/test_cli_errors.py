@@ -81,14 +81,15 @@ def test_shipped_configs_pass_the_checks(tmp_path, overrides):
 
 
 def test_a_data_url_matching_nothing_is_refused_without_running_the_demo_synthesizer(tmp_path):
-    # the model is created (tiny, cheap) before the data; the synthesizer must not run for a path outside
-    # its out_dir, since its shards could never make the user's pattern match
+    # the synthesizer must not run for a path outside its out_dir, since its shards could never make the user's
+    # pattern match; and (issue 35) the sources are checked before the model is built or the run dir made
     p = cli("jedi-train", "experiment=demo", "logger=none", f"paths.output_dir={tmp_path / 'run'}",
             f"data.sources=[{{url: {tmp_path}/mine/*.tar, weight: 1.0}}]", "trainer.max_steps=1", cwd=tmp_path)
     line = one_line_error(p, "jedi-train")
     assert "matches no shards" in line and "mine/*.tar" in line and "synthesis on first use" in line, line
     assert not (tmp_path / "data" / "sets" / "procedural_centered").exists()  # no synthesis happened
-    assert "created the embedded tiny random-init model" in p.stdout + p.stderr  # and it said so
+    assert "created the embedded tiny random-init model" not in p.stdout + p.stderr  # refused before the model
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_shards_and_references_are_named_for_what_they_are(tmp_path, pipe_dir):

@@ -69,6 +69,8 @@ class JeDiApp:
                  examples: dict | None = None):
         self.pipe, self.pipeline_dir, self.max_refs = pipe, os.path.abspath(pipeline_dir), max_refs
         self.base_scheduler = pipe.scheduler
+        # the page's initial settings: the export's recommended ones (sampling.json), else jedi-sample's defaults
+        self.settings, self.settings_from = sample.resolve_settings(self.pipeline_dir, {})
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="jedi-app-")
         self.examples = examples if examples is not None else {}
         self.lock = threading.Lock()  # one sampling at a time on the one model (the queue also says so)
@@ -85,7 +87,14 @@ class JeDiApp:
                      "references are recomputed at every step)")
         return (f"**Model** `{self.pipeline_dir}`  \n**Backbone** {pipe.describe()}  \n"
                 f"**Resolution** {pipe.resolution} px  \n**Reference KV cache** {cache}  \n"
-                f"**Device** {pipe.device}  \n**Sampler** {type(self.base_scheduler).__name__} (default)")
+                f"**Device** {pipe.device}  \n**Sampler** {type(self.base_scheduler).__name__} (default)  \n"
+                f"**Settings** {self.settings_line()}")
+
+    def settings_line(self) -> str:
+        """Which initial settings the page shows and where they came from."""
+        v, src = self.settings, self.settings_from
+        where = {"export": f"recommended by the export ({sample.RECOMMENDED_FILE})", "default": "jedi-sample's default"}
+        return "; ".join(f"{sample.SETTINGS[k][2]} {v[k]:g}: {where[src[k]]}" for k in sample.SETTINGS)
 
     # -- references -------------------------------------------------------------------------------
     def _reference_files(self, files, example: str | None) -> tuple[list[str], list[str]]:
@@ -125,10 +134,13 @@ class JeDiApp:
         os.makedirs(os.path.join(path, "jedi-sample"))
         return path
 
-    def generate(self, files, example, prompts_text, num=1, steps=sample.DEFAULTS["steps"],
-                 guidance=sample.DEFAULTS["guidance"], image_guidance=sample.DEFAULTS["image_guidance"],
+    def generate(self, files, example, prompts_text, num=1, steps=None, guidance=None, image_guidance=None,
                  scheduler="default", seed=sample.DEFAULTS["seed"], progress=TRACK_TQDM):
-        """-> (gallery [(png, prompt)], references as the model saw them [png], zip path, status markdown)."""
+        """-> (gallery [(png, prompt)], references as the model saw them [png], zip path, status markdown).
+        steps / guidance / image_guidance None: the export's recommended value, else jedi-sample's default."""
+        values, settings_from = sample.resolve_settings(
+            self.pipeline_dir, {"steps": steps, "guidance": guidance, "image_guidance": image_guidance})
+        steps, guidance, image_guidance = values["steps"], values["guidance"], values["image_guidance"]
         prompts = parse_prompts(prompts_text)
         num, steps = int(num), int(steps)
         if not 1 <= num <= MAX_IMAGES_PER_PROMPT:
@@ -161,7 +173,8 @@ class JeDiApp:
             except ValueError as e:
                 raise refuse(_short(str(e), ref_files)) from None
             settings = sample.settings_dict(self.pipe, self.pipeline_dir, ref_files, prompts, num, seed, steps,
-                                            guidance, image_guidance, max_set_size, False, seconds, ["jedi-app"])
+                                            guidance, image_guidance, max_set_size, False, seconds, ["jedi-app"],
+                                            settings_from)
         request = self._new_request_dir()
         out = os.path.join(request, "jedi-sample")
         sample.write_results(out, result, settings)

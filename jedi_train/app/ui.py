@@ -13,7 +13,7 @@ INTRO = ("Upload 1 to {k} photos of one subject (or pick an example), write one 
 
 
 def build_ui(app: JeDiApp, max_queue: int = 16) -> gr.Blocks:
-    d = sample.DEFAULTS
+    d = {**sample.DEFAULTS, **app.settings}  # the export's recommended settings where it has them
     scheduler_choices = [(f"pipeline's own ({type(app.base_scheduler).__name__})", "default"),
                          ("DDIM", "ddim"), ("DPM-Solver++", "dpm")]
     with gr.Blocks(title="JeDi: personalized text-to-image", analytics_enabled=False,

@@ -30,10 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import os
+
     from jedi_train.eval.common import EvalError
 
     args = build_parser().parse_args(argv)
     try:
+        out = getattr(args, "out", None)
+        probe = os.path.abspath(out) if out else None
+        while probe and not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)  # the deepest part of --out that exists must be a directory
+        if probe and not os.path.isdir(probe):  # checked before the model loads
+            what = "is a file" if probe == os.path.abspath(out) else f"is inside {probe}, which is a file"
+            raise EvalError(f"--out {out} {what}, not a directory; give a new or existing directory for the results")
         return int(args.run(args) or 0)
     except Exception as e:  # user errors and disk trouble: one line; anything else: the traceback
         from jedi_common.errors import report_error

@@ -22,13 +22,16 @@ from jedi_common.errors import missing
 from jedi_train.sampling import (
     DEFAULTS,
     SCHEDULERS,
+    SETTINGS,
     UsageError,
     check_pipeline_dir,
     generate,
     load_pipeline,
     make_scheduler,
     prepare_references,
+    resolve_settings,
     settings_dict,
+    settings_note,
     write_results,
 )
 
@@ -51,11 +54,12 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=d["seed"],
                    help=f"random seed (default {d['seed']}; printed and kept in settings.json)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, or --overwrite)")
-    p.add_argument("--steps", type=int, default=d["steps"], help=f"sampling steps (default {d['steps']})")
-    p.add_argument("--guidance", type=float, default=d["guidance"],
-                   help=f"text guidance scale (default {d['guidance']})")
-    p.add_argument("--image-guidance", type=float, default=d["image_guidance"],
-                   help=f"image (reference) guidance scale; 0 = plain text-to-image (default {d['image_guidance']})")
+    rec = "the export's recommended value (its sampling.json) if it has one, else"
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {rec} {d['steps']})")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"text guidance scale (default: {rec} {d['guidance']})")
+    p.add_argument("--image-guidance", type=float, default=None,
+                   help=f"image (reference) guidance scale; 0 = plain text-to-image (default: {rec} {d['image_guidance']})")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"],
                    help="sampler: ddim or dpm (DPM-Solver++); default: the pipeline's own")
     p.add_argument("--no-cache", action="store_true", help="never use the reference key/value cache")
@@ -69,6 +73,9 @@ def parse_args(argv):
 def check_args(args) -> None:
     """Everything that can be checked before the model loads."""
     check_pipeline_dir(args.pipeline_dir)
+    values, args.settings_from = resolve_settings(args.pipeline_dir, {k: getattr(args, k) for k in SETTINGS})
+    for key, value in values.items():  # not given: the export's recommended settings, else the defaults
+        setattr(args, key, value)
     for name, value, low in (("--num", args.num, 1), ("--steps", args.steps, 1), ("--max-set-size", args.max_set_size, 2)):
         if value < low:
             raise UsageError(f"{name} {value} is too small; use {name} {low} or more")
@@ -98,6 +105,9 @@ def check_args(args) -> None:
 def run(args) -> str:
     from jedi_common.atomic import staged_dir
 
+    note = settings_note({k: getattr(args, k) for k in SETTINGS}, args.settings_from)
+    if note:
+        print(f"jedi-sample: {note}", file=sys.stderr)
     ref_files, warnings = prepare_references(args.ref)
     for w in warnings:
         print(f"jedi-sample: warning: {w}", file=sys.stderr)
@@ -110,7 +120,7 @@ def run(args) -> str:
     with staged_dir(out) as tmp:  # published whole, or not at all
         settings = settings_dict(pipe, args.pipeline_dir, ref_files, args.prompt, args.num, args.seed, args.steps,
                                  args.guidance, args.image_guidance, args.max_set_size, args.no_cache, seconds,
-                                 ["jedi-sample", *sys.argv[1:]])
+                                 ["jedi-sample", *sys.argv[1:]], args.settings_from)
         write_results(tmp, result, settings)
     return out
 

@@ -57,10 +57,40 @@ def _run_info(run_dir: str | None) -> dict:
     if not cfg:
         return {}
     data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
-    return {"run_name": cfg.get("run_name"), "run_id": run_wandb_id(run_dir),
-            "sources": [s.get("url") for s in data.get("sources") or [] if isinstance(s, dict)],
+    root = (cfg.get("paths") or {}).get("root_dir")
+    return {"run_name": cfg.get("run_name"), "run_id": run_wandb_id(run_dir), "root_dir": root,
+            "sources": [public_path(s.get("url"), root) for s in data.get("sources") or [] if isinstance(s, dict)],
             "batch_size": data.get("batch_size"), "devices": trainer.get("devices"),
             "num_nodes": trainer.get("num_nodes"), "strategy": (cfg.get("strategy") or {}).get("name")}
+
+
+def public_path(path: str | None, root: str | None) -> str:
+    """A path as an export may show it to the world: relative to the run's root (paths.root_dir) when inside
+    it, a URL (s3://, gs://, http) or a Hub id as given, otherwise only its last two parts: never a home
+    directory or cluster path."""
+    if not path:
+        return "?"
+    text = str(path)
+    if "://" in text or not os.path.isabs(text):
+        return text
+    if root and os.path.isabs(str(root)):
+        rel = os.path.relpath(text, str(root))
+        if not rel.startswith(".."):
+            return rel
+    return os.path.join("...", *[p for p in text.split(os.sep) if p][-2:])
+
+
+def recommended_sampling(run_dir: str | None) -> dict:
+    """The run's recommended sampling settings (its config's `sampling`), under sampling.json's names."""
+    from jedi_train.sampling import SETTINGS
+
+    saved = run_config(run_dir).get("sampling") or {}
+    out = {}
+    for key, (name, _, _) in SETTINGS.items():
+        value = saved.get(key) if isinstance(saved, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
 
 
 def _base_model(model_dir: str | None) -> str | None:
@@ -105,7 +135,7 @@ def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: 
     world = (info.get("devices") or 1) if isinstance(info.get("devices"), int) else 1
     world *= info.get("num_nodes") or 1
     rows = [("backbone", pipe.describe()),
-            ("base model", base or f"local `{hparams.get('model_dir', '?')}`"),
+            ("base model", base or f"local `{public_path(hparams.get('model_dir'), info.get('root_dir'))}`"),
             ("JeDi", (f"conditioning {jedi.conditioning}, reference timestep {jedi.reference_timestep}, "
                       f"reference attention {jedi.reference_attention}, "
                       f"reference cache {'on' if pipe.reference_cache_supported() else 'off'}")),
@@ -116,6 +146,11 @@ def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: 
                       + (f", {info['strategy']}" if info.get("strategy") else "")),
             ("learning rate", opt.get("lr", "?")),
             ("run", f"{info.get('run_name') or '?'}" + (f" (W&B id `{info['run_id']}`)" if info.get("run_id") else ""))]
+    rec = recommended_sampling(run_dir)
+    g, ig = rec.get("guidance_scale", 3.0), rec.get("image_guidance_scale", 3.0)
+    if rec:
+        rows.append(("recommended sampling", ", ".join(f"{k} {v:g}" for k, v in rec.items())
+                     + " (`sampling.json`: jedi-sample / jedi-app use them when not given)"))
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     snippet = (
         "```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
@@ -124,7 +159,7 @@ def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: 
         "JeDiAutoPipeline.from_pretrained(...)\n"
         "images = pipe(reference_images=[\"ref1.jpg\", \"ref2.jpg\"],  # 1..K photos of one subject\n"
         "              prompt=[\"a photo of it on the beach\"], num_images_per_prompt=4,\n"
-        "              guidance_scale=3.0, image_guidance_scale=3.0,  # text / identity strength\n"
+        f"              guidance_scale={g:g}, image_guidance_scale={ig:g},  # text / identity strength\n"
         "              generator=torch.Generator().manual_seed(0)).images\n```\n")
     parts = ["---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n",
              f"# JeDi personalized text-to-image ({pipe.resolution} px)\n",
@@ -133,7 +168,8 @@ def render(pipe, hparams: dict, step: int | None, run_dir: str | None, eval_md: 
               "finetuning (the references join the set of images it denoises jointly).\n"),
              "## Use\n", snippet,
              ("From the shell, with jedi-train installed: `jedi-sample PATH --ref PHOTOS_DIR --prompt \"a photo of "
-              "it on the beach\" --num 4 --guidance 3 --image-guidance 3 --out OUT_DIR`.\n"),
+              "it on the beach\" --num 4 --out OUT_DIR`"
+              + (" (the recommended settings below are its defaults for this model).\n" if rec else ".\n")),
              "## Training\n", table + "\n"]
     if grid_file:
         parts += ["## Samples during training\n", f"![samples]({grid_file})\n"]
@@ -149,6 +185,14 @@ def write_model_card(out_dir: str, pipe, hparams: dict, step: int | None, run_di
     if grids:
         shutil.copyfile(grids[-1], os.path.join(out_dir, "samples.png"))
         grid = "samples.png"
+    rec = recommended_sampling(run_dir)
+    if rec:  # jedi-sample / jedi-app read it (sampling.recommended_settings)
+        import json
+
+        from jedi_train.sampling import RECOMMENDED_FILE
+
+        atomic_write_text(os.path.join(out_dir, RECOMMENDED_FILE), json.dumps(
+            {**rec, "from": "the training run's config (sampling:)"}, indent=2) + "\n")
     path = os.path.join(out_dir, "README.md")
     atomic_write_text(path, render(pipe, hparams, step, run_dir, latest_eval_table(run_dir), grid))
     return path

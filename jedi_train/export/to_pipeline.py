@@ -70,7 +70,7 @@ def check_export_target(out_dir: str, overwrite: bool = False) -> None:
             ours = {"model_index.json", *(k for k in json.load(f) if not k.startswith("_"))}
     except (OSError, ValueError, AttributeError):
         ours = {"model_index.json"}
-    ours |= {"README.md", "samples.png", *filter(is_bundle_file, entries)}  # card, bundle.py
+    ours |= {"README.md", "samples.png", "sampling.json", *filter(is_bundle_file, entries)}  # card, bundle.py
     other = sorted(entries - ours)
     if other:
         raise ValueError(f"{out_dir} holds a previous export and other files ({', '.join(other[:3])}); "
@@ -83,9 +83,35 @@ def save_pipeline_atomically(pipe, out_dir: str, overwrite: bool = False, card: 
     check_export_target(out_dir, overwrite)
     with staged_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        scrub_local_paths(tmp)
         if card is not None:
             write_model_card(tmp, pipe, **card)
     return out_dir
+
+
+def scrub_local_paths(export_dir: str) -> None:
+    """The configs diffusers / transformers save record where the weights were loaded from (`_name_or_path`):
+    an absolute local path (a home dir, a cluster path) must not travel with an export or reach the Hub, so it
+    becomes its last two parts (model_card.public_path); Hub ids stay."""
+    from jedi_common.atomic import atomic_write_text
+    from jedi_train.export.model_card import public_path
+
+    for folder, _, files in os.walk(export_dir):
+        for name in files:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                with open(path) as f:
+                    config = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if not isinstance(config, dict):
+                continue
+            changed = {k: public_path(v, None) for k in ("_name_or_path", "name_or_path")
+                       if isinstance(v := config.get(k), str) and os.path.isabs(v)}
+            if changed:
+                atomic_write_text(path, json.dumps({**config, **changed}, indent=2, sort_keys=True) + "\n")
 
 
 def components_from_hparams(hp: dict, model_dir: str) -> Components:

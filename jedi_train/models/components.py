@@ -150,10 +150,18 @@ def model_family(model_dir: str) -> str:
 def check_model_dir(model_dir: str) -> str:
     """The model's family; one clear error naming the missing path and component."""
     if not os.path.isdir(model_dir):
-        why = "is a broken symlink or a symlink loop" if os.path.islink(model_dir) else "does not exist"
+        why = ("is a file, not a directory" if os.path.isfile(model_dir) else
+               "is a broken symlink or a symlink loop" if os.path.islink(model_dir) else "does not exist")
         raise FileNotFoundError(f"model directory {model_dir} {why}; set model.model_dir to a diffusers "
                                 "Stable Diffusion directory (unet/ text_encoder/ tokenizer/ scheduler/ [vae/]; "
                                 "SDXL also text_encoder_2/ tokenizer_2/)")
+    folders = sorted({f.denoiser_folder for f in families.FAMILIES.values()})
+    if not os.path.isfile(os.path.join(model_dir, "model_index.json")) and \
+            not any(os.path.isdir(os.path.join(model_dir, f)) for f in folders):
+        what = "is empty" if not os.listdir(model_dir) else "holds no diffusers model"
+        raise FileNotFoundError(f"model directory {model_dir} {what} (no model_index.json, no "
+                                f"{' or '.join(f + '/' for f in folders)}); point it at a diffusers model directory "
+                                f"({families.supported()})")
     family = families.family_of_dir(model_dir)
     for comp in family.required:
         if not os.path.isdir(os.path.join(model_dir, comp)):

@@ -104,6 +104,11 @@ def check_config(cfg: DictConfig) -> None:
     if res is not _ABSENT and data_res is not _ABSENT and data_res != res:  # the data is decoded at model.resolution
         raise ValueError(f"data.resolution={data_res} differs from model.resolution={res}; the data is prepared at "
                          "the model's resolution: set model.resolution instead (data.resolution follows it)")
+    steps, epochs, max_time = _get(cfg, "trainer.max_steps"), _get(cfg, "trainer.max_epochs"), _get(cfg, "trainer.max_time")
+    if steps == -1 and epochs in (_ABSENT, None, -1) and max_time in (_ABSENT, None):
+        raise ValueError("trainer.max_steps=-1 means no step limit (Lightning) and nothing else bounds this run: it "
+                         "would train until killed; give trainer.max_steps=N, or bound it with "
+                         "trainer.max_time=DD:HH:MM:SS (or trainer.max_epochs=N)")
     lo, hi = _get(cfg, "data.min_set"), _get(cfg, "data.max_set")
     if lo is not _ABSENT and hi is not _ABSENT and lo > hi:
         raise ValueError(f"data.min_set={lo} is larger than data.max_set={hi}; give data.min_set <= data.max_set")

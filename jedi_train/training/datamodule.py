@@ -54,7 +54,7 @@ class JeDiDataModule(L.LightningDataModule):
                  world_size: int | None = None, prefetch_factor: int = 2, pin_memory: bool = False,
                  log_every_s: float = 60.0, heldout_sources: Any = None,
                  synthesize_if_missing: dict | None = None, heldout_synthesize_if_missing: dict | None = None,
-                 use_cache: bool = True, drop_text_encoders: bool = False):
+                 use_cache: bool = True, drop_text_encoders: bool = False, heldout_split: dict | None = None):
         super().__init__()
         self.cfg = StreamConfig(
             sources=sources, resolution=resolution, min_set=min_set, max_set=max_set, batch_size=batch_size,
@@ -67,6 +67,8 @@ class JeDiDataModule(L.LightningDataModule):
         self.heldout_sources, self.synthesize_if_missing = heldout_sources, synthesize_if_missing
         self.heldout_synthesize_if_missing = heldout_synthesize_if_missing
         self.use_cache, self.drop_text_encoders = use_cache, drop_text_encoders
+        self.heldout_split = heldout_split  # {num_sets, seed}: see split_heldout
+        self.heldout_only: frozenset | None = None  # the held-out split's set ids (split_heldout)
         self.cache_model: tuple[str, Any] | None = None  # (model_dir, Components): train.py sets it
         self._empty_text: dict | None = None
         self.loader: ResumableLoader | None = None
@@ -242,21 +244,67 @@ class JeDiDataModule(L.LightningDataModule):
         tokenizers = self.tokenizer if isinstance(self.tokenizer, list) else [self.tokenizer]
         return functools.partial(token_ids, tokenizers)
 
+    # -- a held-out split of the user's own sources ------------------------------------------------------
+    def split_heldout(self, run_dir: str) -> list[dict] | None:
+        """When data.sources are the user's own (not the demo's synthesized sets) but the held-out sets are still
+        the demo's procedural ones, hold out a fixed, seeded set of the user's subjects instead: they leave the
+        training stream and become the held-out sets (sample grid, identity gain). Chosen once per run dir and
+        recorded in RUN/heldout.json (a resumed run keeps it, even if shards were added). -> the held-out sets,
+        or None when the configured held-out sets stay."""
+        import json
+
+        from data_pipelines.heldout import choose_heldout
+        from jedi_common.atomic import atomic_write_text
+
+        split = self.heldout_split or {}
+        if not split.get("num_sets") or will_synthesize(self.cfg.sources, self.synthesize_if_missing) or \
+                not will_synthesize(self.heldout_sources, self.heldout_synthesize_if_missing):
+            return None
+        path = os.path.join(run_dir, "heldout.json")
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = None
+        if not record or record.get("sources") != _patterns(self.cfg.sources):
+            sets = choose_heldout(self.cfg.sources, int(split["num_sets"]), int(split.get("seed", 0)),
+                                  self.cfg.allow_pipe)
+            record = {"what": "held-out split of data.sources: kept out of training, used by the sample grid and "
+                              "the identity gain", "seed": int(split.get("seed", 0)),
+                      "sources": _patterns(self.cfg.sources), "sets": sets}
+            if (self.trainer is None or self.trainer.is_global_zero) and int(os.environ.get("RANK", "0")) == 0:
+                atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+        sets = record["sets"]
+        if not sets:
+            return None
+        self.heldout_sources, self.heldout_synthesize_if_missing = self.cfg.sources, None
+        self.heldout_only = frozenset(s["set_id"] for s in sets)
+        self.cfg.exclude_sets = self.heldout_only
+        self.cfg.exclude_subjects = frozenset(s["subject"] for s in sets if s.get("subject"))
+        names = ", ".join(s["set_id"] for s in sets[:8]) + (", ..." if len(sets) > 8 else "")
+        log.warning("held-out sets: %d sets of your data.sources (seeded split, seed %d: %s), kept out of training "
+                    "for the sample grid and identity gain; listed in %s", len(sets), record["seed"], names, path)
+        return sets
+
     def heldout_batch(self, num_sets: int) -> dict | None:
         """The first `num_sets` sets of `heldout_sources` (center crop, fixed refs), or None if not configured."""
         if not self.heldout_sources:
             return None
         if self._heldout is None or len(self._heldout["set_id"]) != num_sets:
-            self._heldout = self.fixed_batch(self.heldout_sources, num_sets)
+            self._heldout = self.fixed_batch(self.heldout_sources, num_sets, heldout=True)
         return self._heldout
 
     def fixed_batch(self, sources: Any, num_sets: int, set_size: int | None = None,
-                    num_refs: int | None = None) -> dict | None:
+                    num_refs: int | None = None, heldout: bool = False) -> dict | None:
         """The first `num_sets` sets of `sources` in shard order (center crop, no flip): the same sets on
         every call. set_size / num_refs: every set cut to exactly that many images / references (sets
-        too small are skipped)."""
+        too small are skipped). heldout: these are the held-out sets (with a held-out split: only its sets)."""
         over: dict[str, Any] = {"sources": sources, "resampled": False, "shuffle_buffer": 1, "shardshuffle": False,
                                 "crop": "center", "flip_prob": 0.0, "batch_size": num_sets, "epoch_sets": num_sets}
+        if heldout and self.heldout_only is not None:  # the held-out split's sets only
+            num_sets = min(num_sets, len(self.heldout_only))
+            over.update(only_sets=self.heldout_only, exclude_sets=None, exclude_subjects=None, batch_size=num_sets,
+                        epoch_sets=num_sets)
         if set_size is not None:
             over.update(min_set=set_size, max_set=set_size)
         if num_refs is not None:
@@ -266,6 +314,40 @@ class JeDiDataModule(L.LightningDataModule):
             cfg.cache_fingerprint = None
         loader = ResumableLoader(SetStream(cfg, tokenize=self._tokenize_fn(), empty_text=self._empty_text), 0)
         return next(iter(loader), None)
+
+
+def _patterns(sources: Any) -> list[str]:
+    return [str(x) if isinstance(x, (str, os.PathLike)) else str(x["url"])
+            for x in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)]
+
+
+def will_synthesize(sources: Any, synth_args: dict | None) -> bool:
+    """True when missing `sources` are filled by synthesis on first use: every pattern lies in its out_dir
+    (the demo's procedural sets); a user's own paths never are."""
+    if not synth_args or not sources:
+        return False
+    out_dir = os.path.abspath(str(synth_args.get("out_dir", "")))
+    return all(os.path.abspath(u).startswith(out_dir + os.sep) for u in _patterns(sources))
+
+
+def check_sources(data: dict) -> None:
+    """data.sources / data.heldout_sources that match nothing and will not be synthesized: FileNotFoundError
+    naming the pattern, before anything is built or created (jedi-train checks this before Hydra starts)."""
+    for key, synth in (("sources", "synthesize_if_missing"), ("heldout_sources", "heldout_synthesize_if_missing")):
+        sources = data.get(key)
+        if not sources or will_synthesize(sources, data.get(synth)):
+            continue
+        try:
+            for src in expand_sources(sources, bool(data.get("allow_pipe"))):
+                for url in src.urls:
+                    local = url.removeprefix("file://")
+                    if "://" not in local and not local.startswith("pipe:") and not os.path.exists(local):
+                        raise FileNotFoundError(f"data source {src.pattern!r}: {url} does not exist")
+        except FileNotFoundError as e:
+            synth_dir = (data.get(synth) or {}).get("out_dir")
+            why = f" (synthesis on first use fills only {synth_dir}, which this source is not in)" if synth_dir else ""
+            raise FileNotFoundError(f"data.{key}: {e}; check the path{why}, e.g. data.{key}='[{{url: "
+                                    "/data/my_sets/*.tar}]'") from None
 
 
 def build_datamodule(cfg, tokenizer=None, **overrides) -> JeDiDataModule:

@@ -39,6 +39,7 @@ from data_pipelines.sets import SetOptions, load_image, read_captions
 from data_pipelines.shards import count_samples, expand_sources, read_tar
 from data_pipelines.skips import Counts
 from jedi_common.atomic import atomic_path
+from jedi_common.errors import missing
 
 EMPTY_PROMPT = "empty_prompt.safetensors"
 STATE_DIR = ".jedi-data-encode"
@@ -194,26 +195,32 @@ def run(patterns: list[str], out_dir: str, model_dir: str, dtype: str = "float16
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype} is not supported; use float16, bfloat16 or float32")
+    if os.path.isfile(model_dir):
+        raise ValueError(f"--model {model_dir} is a file, not a model directory; give the diffusers model "
+                         "directory training uses (model.model_dir)")
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"--model {model_dir} does not exist; give a diffusers model directory")
+        raise FileNotFoundError(f"--model {model_dir} {missing(model_dir)}; give a diffusers model directory")
     n_workers, worker = shard_slice(num_shards, shard_index)
     urls = [u for s in expand_sources(patterns, allow_pipe) for u in s.urls]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"OUT_DIR {out_dir} is a file; give a directory for the encoded shards")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     codec, text, res = frozen_encoders(model_dir, resolution, device)
     fp = fingerprint(model_dir, codec, res)
     out = ShardOutput(out_dir, prefix)
     out.state = out.dir / STATE_DIR
-    out.prepare({"inputs": urls, "fingerprint": fp["id"], "dtype": dtype, "resolution": res})  # refuses a mix
+    inputs = _plan_inputs(out, {"fingerprint": fp["id"], "dtype": dtype, "resolution": res}, urls)
 
-    units = [Unit(k, k, k + 1) for k in range(len(urls))]  # unit k: input shard k
-    mine = worker_units(units, n_workers, worker)
+    units = [Unit(k, k, k + 1) for k in range(len(inputs))]  # unit k: the k-th input shard ever encoded here
+    number = {u: k for k, u in enumerate(inputs)}
+    mine = worker_units([units[number[u]] for u in dict.fromkeys(urls)], n_workers, worker)  # this run's shards
     todo = [u for u in mine if not out.is_complete(u)]
     empty = vars(text.embed(text.token_ids([""]), res))
     _save_atomic({k: v.to("cpu", getattr(torch, dtype)) for k, v in empty.items() if v is not None},
                  out.dir / EMPTY_PROMPT, {"fingerprint": fp["id"]})
     opt = SetOptions(resolution=res, crop="center", flip_prob=0.0)
     counts, t0 = Counts(log_every_s=float("inf")), time.perf_counter()
-    total = count_samples([urls[u.index] for u in todo]) if all("://" not in urls[u.index] for u in todo) else None
+    total = count_samples([inputs[u.index] for u in todo]) if all("://" not in inputs[u.index] for u in todo) else None
 
     def results(url: str, bar):
         for _, sample in read_tar(url, counts):
@@ -226,12 +233,12 @@ def run(patterns: list[str], out_dir: str, model_dir: str, dtype: str = "float16
     with tqdm(total=total, unit="set", desc=f"jedi-data encode {worker}/{n_workers}", disable=not progress,
               dynamic_ncols=True) as bar:
         for unit in todo:
-            stats = out.write_unit(unit, results(urls[unit.index], bar))
+            stats = out.write_unit(unit, results(inputs[unit.index], bar))
             written["sets"] += stats["sets"]
             written["images"] += stats["images"]
     done = [s for u in units if (s := out.unit_stats(u)) is not None]
     manifest = {"tool": "jedi-data encode", "schema_version": SCHEMA_VERSION, "fingerprint": fp, "dtype": dtype,
-                "crop": "center", "complete": len(done) == len(units), "inputs": urls,
+                "crop": "center", "complete": len(done) == len(units), "inputs": inputs,
                 "shards": [{k: s[k] for k in ("file", "sets", "images", "bytes")} for s in done],
                 "sets": sum(s["sets"] for s in done)}
     atomic_write_text(out.dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
@@ -239,6 +246,40 @@ def run(patterns: list[str], out_dir: str, model_dir: str, dtype: str = "float16
             "skipped_complete": len(mine) - len(todo), **written, "skipped": dict(counts.skipped),
             "seconds": round(time.perf_counter() - t0, 2), "fingerprint": fp["id"], "dtype": dtype,
             "complete": manifest["complete"]}
+
+
+def _plan_inputs(out, config: dict[str, Any], urls: list[str]) -> list[str]:
+    """Every input shard ever encoded into `out`, in the order of their output shards: the known ones keep
+    their numbers, new ones are appended (a growing dataset is encoded incrementally). A directory encoded
+    with another model / dtype / resolution is refused in one line (no shard list in it)."""
+    from data_pipelines.synth.writer import SynthError
+    from jedi_common.atomic import atomic_write_text
+
+    def read(name):
+        try:
+            return json.loads((out.state / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    old = read("config.json")
+    known = read("inputs.json")
+    if isinstance(old, dict):
+        legacy = old.pop("inputs", None)  # encoded before appending was possible: the inputs sat in the config
+        if known is None:
+            known = legacy
+        if old != config:
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+                             if old.get(k) != config.get(k))
+            made = (read("../manifest.json") or {}).get("fingerprint", {}).get("model_dir")
+            raise SynthError(f"OUT_DIR {out.dir} holds encodings made with a different config ({diff}"
+                             f"{f'; model {made}' if made else ''}); to add shards use the same --model, --dtype and "
+                             f"--resolution, else another OUT_DIR (or delete {out.dir} to re-encode)")
+    inputs = list(known or [])
+    inputs += [u for u in dict.fromkeys(urls) if u not in set(inputs)]
+    (out.state / "units").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.state / "inputs.json", json.dumps(inputs, indent=1) + "\n")  # before the config
+    out.prepare(config)
+    return inputs
 
 
 def add_parser(sub) -> None:
@@ -261,13 +302,19 @@ def main(args) -> int:
     from data_pipelines.synth.writer import SynthError
 
     if len(args.paths) < 2:
-        print("jedi-data encode: give input shard patterns and then OUT_DIR", file=sys.stderr)
+        print("jedi-data: error: encode needs input shard patterns and then OUT_DIR (jedi-data encode 'DIR/*.tar' "
+              "OUT_DIR --model MODEL_DIR)", file=sys.stderr)
         return 2
     try:
         s = run(args.paths[:-1], args.paths[-1], args.model, args.dtype, args.resolution, args.num_shards,
                 args.shard_index, args.device, args.prefix, args.allow_pipe, not args.no_progress)
-    except (FileNotFoundError, ValueError, SynthError) as e:
-        print(f"jedi-data encode: {e}", file=sys.stderr)
+    except Exception as e:  # user errors and disk trouble: one line; anything else: the traceback
+        from jedi_common.errors import report_error
+
+        if not report_error(e, "jedi-data", "OUT_DIR", (FileNotFoundError, ValueError, SynthError),
+                            explain=lambda x: f"encode: {x}" if isinstance(x, (FileNotFoundError, ValueError,
+                                                                                 SynthError)) else None):
+            raise
         return 2
     skipped = ", ".join(f"{k}={v}" for k, v in s["skipped"].items()) or "none"
     print(f"jedi-data encode: {s['written']} shard(s) written, {s['skipped_complete']} already complete "

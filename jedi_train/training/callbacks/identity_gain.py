@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from jedi_common.atomic import atomic_write_text
+from jedi_train.training.callbacks.checkpoint import extra, stop_requested
 
 
 class IdentityGainCallback(L.Callback):
@@ -42,7 +43,7 @@ class IdentityGainCallback(L.Callback):
             for name, sources, n in (("heldout", dm.heldout_sources, self.num_sets),
                                      ("train", dm.cfg.sources, self.train_num_sets)):
                 if sources and n:
-                    b = dm.fixed_batch(sources, n, self.set_size, num_refs=1)
+                    b = dm.fixed_batch(sources, n, self.set_size, num_refs=1, heldout=name == "heldout")
                     if b is not None and "subject_mask" in b:
                         batches[name] = {k: v for k, v in b.items() if torch.is_tensor(v)}
         if "heldout" not in batches:
@@ -52,12 +53,16 @@ class IdentityGainCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step > 0 and step % self.every == 0:
-            self.measure(trainer, pl_module)
+        if self.every and step > 0 and step % self.every == 0 and not stop_requested(trainer):
+            with extra(trainer, "identity gain"):  # a stop signal abandons it: the checkpoint comes first
+                self.measure(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
+        if stop_requested(trainer):  # stopped by a signal: the grace period is for the checkpoint
+            return
         if not self.rows or self.rows[-1]["step"] != trainer.global_step:
-            self.measure(trainer, pl_module)
+            with extra(trainer, "identity gain"):
+                self.measure(trainer, pl_module)
 
     @rank_zero_only
     def measure(self, trainer, pl_module) -> dict | None:

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from jedi_common.atomic import atomic_path
+from jedi_train.training.callbacks.checkpoint import extra, stop_requested
 from jedi_train.viz import sample_grid, to_pil
 
 
@@ -55,12 +56,16 @@ class SampleGridCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step > 0 and step % self.every == 0:
-            self.render(trainer, pl_module)
+        if self.every and step > 0 and step % self.every == 0 and not stop_requested(trainer):
+            with extra(trainer, "sample grid"):  # a stop signal abandons it: the checkpoint comes first
+                self.render(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
+        if stop_requested(trainer):  # stopped by a signal: the grace period is for the checkpoint
+            return
         if self.last_grid is None or not self.last_grid.endswith(f"{trainer.global_step:07d}.png"):
-            self.render(trainer, pl_module)
+            with extra(trainer, "sample grid"):
+                self.render(trainer, pl_module)
 
     @rank_zero_only
     def render(self, trainer, pl_module) -> str | None:
