@@ -32,6 +32,23 @@ IMPORT_TIME_ENV = ("PYTHONPATH", "PYTHONHASHSEED", "HF_HUB_OFFLINE", "TRANSFORME
 TOOLS = {"jedi-train", "jedi-export", "jedi-sample", "jedi-eval", "jedi-data"}
 
 
+def _own_module_tempdirs() -> None:
+    """Module-level TemporaryDirectory objects (W&B's media dir) were made by the zygote's imports and are
+    removed at exit by whoever holds them: each child gets its own, as its own imports would have made, and
+    leaves the zygote's for the next child."""
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance on some modules' deprecated attributes warns
+        warnings.simplefilter("ignore")
+        found = [(mod, key, value) for mod in list(sys.modules.values())
+                 for key, value in list(getattr(mod, "__dict__", {}).items())
+                 if isinstance(value, tempfile.TemporaryDirectory)]
+    for mod, key, value in found:
+        value._finalizer.detach()
+        suffix = os.path.basename(value.name)[len(tempfile.gettempprefix()) + 8:]  # tmpXXXXXXXX<suffix>
+        setattr(mod, key, tempfile.TemporaryDirectory(suffix=suffix))
+
+
 def _child(req: dict, channel: int) -> None:
     """In the forked child: become the command, run it, exit as `python BIN/tool args` would."""
     import runpy
@@ -45,6 +62,7 @@ def _child(req: dict, channel: int) -> None:
         os.environ.update(req["env"])
         sys.path[:] = [str(BIN) if p == "" else p for p in sys.path if p != TESTS]  # as `python BIN/tool` has it
         tempfile.tempdir = None  # read $TMPDIR again
+        _own_module_tempdirs()
         if "numpy" in sys.modules:  # a fresh interpreter seeds numpy's global RNG from the OS (random reseeds itself)
             sys.modules["numpy"].random.seed()
         if "OMP_NUM_THREADS" in os.environ:  # a fresh interpreter would size torch's pool from it
