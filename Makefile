@@ -39,6 +39,8 @@ app: install
 
 # two workers, one test file each (module fixtures stay in one process): the suite is mostly waiting on
 # subprocesses and imports, so 2 cores finish it in ~2/3 of the serial time; TEST_WORKERS=0 runs serially
+# the jedi-* console scripts run in processes forked from one per-worker process that imported the CLIs
+# once (tests/helpers/zygote.py); JEDI_TEST_ZYGOTE=0 makes them plain subprocesses again
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

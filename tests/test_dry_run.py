@@ -1,11 +1,12 @@
 """`jedi-train ... dry_run=true`: the model built on the meta device (no weights) from the published SD 1.5,
 FLUX.1-dev and SD3.5-medium shapes or from a model directory's configs; counts match the architecture, bytes follow the strategy."""
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import zygote
 from helpers.cli import compose_train
 
 from jedi_train.models.components import load_components
@@ -71,16 +72,16 @@ def test_a_model_directory_is_read_from_its_configs(model, fixture, request, tmp
 
 def test_cli_prints_the_table_and_trains_nothing(tmp_path):
     exe = Path(sys.executable).parent / "jedi-train"
-    p = subprocess.run([str(exe), "experiment=flux_s3", "dry_run=true", "model.model_dir=/nowhere",
-                        f"paths.output_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300, check=False)
+    p = zygote.run([str(exe), "experiment=flux_s3", "dry_run=true", "model.model_dir=/nowhere",
+                    f"paths.output_dir={tmp_path}/run"], env=os.environ, cwd=os.getcwd(), timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "JointFluxTransformer2DModel (flux), ZeRO-3" in p.stdout and "total" in p.stdout
     assert "activations (estimate)" in p.stdout and "1 sets x 3 images at 512 px, bfloat16" in p.stdout
     # ZeRO-3 over 8 ranks shards the EMA (44.3 GiB whole) with the weights; ZeRO-2 keeps it whole on each rank
     assert "EMA copy (fp32)                               5.54 GiB" in p.stdout and "note: the EMA" not in p.stdout
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
-    bad = subprocess.run([str(exe), "experiment=demo", "dry_run=true", "model.model_dir=/nowhere"],
-                         capture_output=True, text=True, timeout=300, check=False)
+    bad = zygote.run([str(exe), "experiment=demo", "dry_run=true", "model.model_dir=/nowhere"], env=os.environ,
+                     cwd=os.getcwd(), timeout=300)
     assert bad.returncode == 2 and "names no embedded one" in bad.stderr
 
 

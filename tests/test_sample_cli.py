@@ -2,11 +2,11 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import zygote
 from PIL import Image
 
 DREAMBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dreambench")
@@ -32,8 +32,7 @@ def refs(tmp_path_factory):
 
 def sample(*args, check=True):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # 1 thread: faster on a shared 2-core box
-    proc = subprocess.run(CMD + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300,
-                          check=False)
+    proc = zygote.run(CMD + [str(a) for a in args], env=env, cwd=os.getcwd(), timeout=300)  # a process of its own
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

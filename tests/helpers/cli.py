@@ -1,4 +1,4 @@
-"""The console scripts as a user runs them: run_jedi (a jedi-* script in a subprocess, W&B offline, JEDI_ROOT
+"""The console scripts as a user runs them: run_jedi (a jedi-* script in its own process (helpers.zygote), W&B offline, JEDI_ROOT
 set), FAST (demo overrides for a few-step run) and losses (a run's loss_curve.csv); cli / one_line_error
 (bad input: exit 2 and one error line); compose_train (the train config, composed and resolved in-process)."""
 from __future__ import annotations
@@ -16,6 +16,8 @@ from omegaconf import OmegaConf, open_dict
 
 from jedi_train.train import CONF_DIR
 
+from . import zygote
+
 BIN = Path(sys.executable).parent
 FAST = ["experiment=demo", "data.synthesize_if_missing.num_sets=64", "data.heldout_synthesize_if_missing.num_sets=4",
         "data.batch_size=4", "callbacks.sample_grid.every_n_steps=4", "callbacks.sample_grid.num_sets=2",
@@ -27,7 +29,7 @@ FAST = ["experiment=demo", "data.synthesize_if_missing.num_sets=64", "data.heldo
 def run_jedi(tool: str, *args: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "JEDI_ROOT": str(root), "WANDB_MODE": "offline", "WANDB_API_KEY": "",
            "HYDRA_FULL_ERROR": "0"}
-    p = subprocess.run([str(BIN / tool), *args], env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False)
+    p = zygote.run([str(BIN / tool), *args], env=env, cwd=root, timeout=600)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -41,8 +43,7 @@ def losses(run_dir: Path) -> list[tuple[int, float, str]]:
 def cli(tool, *args, cwd, timeout=300):
     env = {**os.environ, "JEDI_ROOT": str(cwd), "WANDB_MODE": "offline", "WANDB_API_KEY": "", "HYDRA_FULL_ERROR": "0",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([os.path.join(BIN, tool), *map(str, args)], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return zygote.run([os.path.join(BIN, tool), *map(str, args)], env=env, cwd=cwd, timeout=timeout)
 
 
 def one_line_error(p, tool):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import zygote
+
 BIN = Path(sys.executable).parent
 # the base config (tiny pixel model, CPU) on the shards make_root writes; no W&B, grids or identity gain
 ARGS = ["logger=csv", "~callbacks.sample_grid", "~callbacks.identity_gain", "~callbacks.progress",
@@ -23,8 +25,7 @@ def env(root: Path) -> dict:
 
 
 def run_safety_jedi(tool: str, *args, root: Path, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(BIN / tool), *map(str, args)], env=env(root), cwd=root, capture_output=True, text=True,
-                       timeout=600, check=False)
+    p = zygote.run([str(BIN / tool), *map(str, args)], env=env(root), cwd=root, timeout=600)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
