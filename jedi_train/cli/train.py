@@ -54,6 +54,8 @@ def sources_error(argv: list[str]) -> str | None:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("train", overrides=[a for a in argv if not a.startswith("-")], return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)
+            if cfg.get("dry_run"):  # sizing a job reads no data: the shards may live on the cluster only
+                return None
             data = OmegaConf.to_container(cfg.data, resolve=True)
     except Exception:  # noqa: BLE001 - what cannot be resolved here is Hydra's to report
         return None

@@ -42,8 +42,8 @@ class UnsafeCheckpointError(ValueError):
 def atomic_save(obj, path: str) -> None:
     """torch.save through jedi_common.atomic_path: a hidden partial file, fsynced, renamed into place."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def _resolve(names) -> list:
