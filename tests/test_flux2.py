@@ -155,6 +155,20 @@ def test_timesteps_are_flux2_klein_s(model_dir, tmp_path):
     assert not pipe.guidance_distilled  # Klein base: real CFG
 
 
+def test_training_noise_levels_count_klein_s_tokens(components):
+    """Flow matching's resolution shift sees one token per latent cell (Klein's codec packs 2x2 already);
+    FLUX.1's rule (its denoise packs 2x2 itself) would see a quarter of them."""
+    from jedi_train.models.joint_flux import shifted_sigmas
+    from jedi_train.models.objective import JeDiObjective
+
+    assert components.denoiser.image_tokens(16, 16) == 256
+    objective = JeDiObjective(components)
+    drawn = objective.sample_timesteps(64, "cpu", torch.Generator().manual_seed(0), (16, 16))
+    u = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    config = components.noise_scheduler.config
+    torch.testing.assert_close(drawn, 1000 * shifted_sigmas(u, config, 256))
+
+
 # -- the joint model ----------------------------------------------------------------------------------------------
 def test_single_image_sets_equal_base_model(base, joint, model_dir):
     x, t, e = _inputs(3, joint)

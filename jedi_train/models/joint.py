@@ -119,6 +119,11 @@ class JointDenoiserMixin:
         self.set_jedi(self.jedi.replace(reference_attention=mode))
         return self
 
+    def image_tokens(self, h: int, w: int) -> int:
+        """Tokens one image of an (h, w) latent grid becomes (flow matching's resolution-dependent shift reads
+        it): one per cell unless the family packs patches itself."""
+        return h * w
+
     def assemble_input(self, noisy: torch.Tensor, clean: torch.Tensor, ref_visible: torch.Tensor) -> torch.Tensor:
         """Denoiser input for a flat batch of B*N images: [noisy | clean * visible | mask] ('channels'), or
         noisy ('replacement'). noisy, clean: (B*N, C, h, w); ref_visible: (B*N,) bool, True where the image

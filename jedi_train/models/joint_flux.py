@@ -177,6 +177,9 @@ class JointFluxTransformer2DModel(JointDenoiserMixin, FluxTransformer2DModel):
                    joint_attention_kwargs=kwargs).sample
         return unpack(out, h, w)
 
+    def image_tokens(self, h: int, w: int) -> int:
+        return (h // 2) * (w // 2)  # denoise() packs 2x2 latent patches into one token
+
     def dummy_inputs(self, images: int, latent: int, text_len: int, dtype, device):
         """(sample, timesteps, text) shaped as the objective hands them over (the dry run traces with them)."""
         cfg = self.config

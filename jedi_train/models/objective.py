@@ -132,7 +132,7 @@ class JeDiObjective:
             if low:
                 pick = torch.rand(b, generator=generator, device=device) < self.cfg.high_timestep_prob
                 u = torch.where(pick, low + (1 - low) * u, u)
-            seq = (latent_size[0] // 2) * (latent_size[1] // 2) if latent_size else 256
+            seq = self.c.denoiser.image_tokens(*latent_size) if latent_size else 256  # the family's tokens
             return 1000 * shifted_sigmas(u, self.c.noise_scheduler.config, seq)
         T = self.c.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, T, (b,), generator=generator, device=device)
