@@ -130,21 +130,12 @@ class Components:
         return {k: getattr(self, k) for k in TEXT_PARTS}
 
 
-def denoiser_family(model) -> str:
-    return families.family_of(model).name
-
-
 def model_resolution(denoiser, codec: LatentCodec) -> int:
     """Pixel size the model works at: sample size x the codec's downsampling (UNets, SD3); a family without a
     fixed size (FLUX): the resolution it was made joint for (its _jedi settings)."""
     if not families.family_of(denoiser).fixed_resolution:
         return int(denoiser.jedi.resolution)
     return denoiser.config.sample_size * codec.downsample
-
-
-def model_family(model_dir: str) -> str:
-    """The family's short name, read from the denoiser's config; one clear error for anything else."""
-    return families.family_of_dir(model_dir).name
 
 
 def check_model_dir(model_dir: str) -> str:

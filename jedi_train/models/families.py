@@ -174,11 +174,10 @@ def family_of(model) -> Family:
             continue
         if isinstance(model, joint) and family.matches(model.config):
             return family
-    folder = "transformer" if "Transformer" in type(model).__name__ else "unet"
-    family = family_of_config(folder, dict(model.config, _class_name=type(model).__name__))
-    if family is None:
-        raise ValueError(f"a {type(model).__name__} belongs to no model family jedi-train supports ({supported()})")
-    return family
+    for family in FAMILIES.values():  # a plain diffusers model: by the class names the rows list
+        if type(model).__name__ in family.denoiser_classes and family.matches(model.config):
+            return family
+    raise ValueError(f"a {type(model).__name__} belongs to no model family jedi-train supports ({supported()})")
 
 
 def renamed(family: Family, **changes) -> Family:
