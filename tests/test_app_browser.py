@@ -4,15 +4,11 @@ served on localhost from the tiny exported pipeline. Skipped, saying why, withou
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import zipfile
 
 import numpy as np
 import pytest
+from helpers.app_server import answers, running_app
 from PIL import Image
 
 pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
@@ -26,43 +22,11 @@ DREAMBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "drea
 TIMEOUT_MS = 60_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(pipe_dir, tmp_path_factory):
     """jedi-app on a free localhost port: yields its URL; stopped (by its pid) afterwards."""
-    port, log = free_port(), tmp_path_factory.mktemp("app") / "app.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "jedi_train.cli.app", pipe_dir, "--port", str(port),
-                                 "--max-refs", "4"], stdout=f, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while not answers(url):
-            assert proc.poll() is None, f"jedi-app exited {proc.returncode}: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"jedi-app did not answer in 120 s: {log.read_text()[-3000:]}"
-            time.sleep(0.5)
+    with running_app(pipe_dir, tmp_path_factory.mktemp("app"), "--max-refs", "4") as (url, _proc, _log):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

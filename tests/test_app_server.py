@@ -4,15 +4,11 @@ requests away with the queue-full error once --max-queue requests wait."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers.app_server import running_app
 from PIL import Image
 
 pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
@@ -20,39 +16,11 @@ gradio_client = pytest.importorskip("gradio_client")
 MAX_QUEUE = 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(pipe_dir, tmp_path_factory):
     """jedi-app on a free localhost port with --max-queue 8: yields (url, process); stopped by its pid after."""
-    port, log = free_port(), tmp_path_factory.mktemp("app_server") / "app.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "jedi_train.cli.app", pipe_dir, "--port", str(port),
-                                 "--max-queue", str(MAX_QUEUE)], stdout=f, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, f"jedi-app exited {proc.returncode}: {log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"jedi-app did not answer in 120 s: {log.read_text()[-3000:]}"
-                time.sleep(0.3)
+    with running_app(pipe_dir, tmp_path_factory.mktemp("app_server"), "--max-queue", str(MAX_QUEUE)) as (url, proc, log):
         yield url, proc, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
