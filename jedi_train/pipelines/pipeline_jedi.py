@@ -84,14 +84,14 @@ class JeDiBasePipeline(DiffusionPipeline):
     # -- persistence -----------------------------------------------------------------------------
     def register_modules(self, **kwargs):
         super().register_modules(**kwargs)
-        self._register_unet_library()
+        self._register_denoiser_library()
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name == self.denoiser_name:
-            self._register_unet_library()
+            self._register_denoiser_library()
 
-    def _register_unet_library(self):
+    def _register_denoiser_library(self):
         # the joint model is saved as what it loads as without jedi_train: its plain diffusers class
         # (UNet2DConditionModel, FluxTransformer2DModel, ...) whose config keeps the JeDi settings (`adopt`
         # restores the joint class)
