@@ -141,7 +141,9 @@ def test_cli_end_to_end_and_resume(cli, pipe_dir, extractor_dirs, tmp_path, monk
     args = argv()
     rc, stdout, stderr = cli(*args)
     assert rc == 0, stderr[-3000:]
-    assert len(calls) == 2 and calls[0]["prompt"] == ["a dog in the jungle", "a dog in the snow"]
+    # both subjects in one call (--batch 4), each with its own prompts and references
+    assert len(calls) == 1 and calls[0]["prompt"][0] == ["a dog in the jungle", "a dog in the snow"]
+    assert len(calls[0]["prompt"]) == 2 and len(calls[0]["reference_images"]) == 2
     rows = read_rows(out / "per_image.csv")
     assert len(rows) == 2 * 2 * 1 * 1  # subjects x prompts x samples x refs values
     assert {"subject", "prompt", "refs", "sample", "image", "dino", "clip_i", "clip_t", "mdino"} <= set(rows[0])
@@ -168,8 +170,16 @@ def test_cli_end_to_end_and_resume(cli, pipe_dir, extractor_dirs, tmp_path, monk
     assert rc == 0 and not calls and "0 images generated, 4 reused" in stdout, stderr[-3000:]
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps and read_rows(out / "per_image.csv") == rows
 
-    rc, _, stderr = cli(*argv(**{"--refs": "1,2"}))  # a new K: only its images are generated
+    calls.clear()  # one subject per call: the same images
+    rc, _, stderr = cli(*argv(**{"--batch": 1, "--out": tmp_path / "one"}))
     assert rc == 0 and len(calls) == 2, stderr[-3000:]
+    for p in stamps:
+        a, b = (np.asarray(Image.open(x), np.int16) for x in (p, tmp_path / "one" / p.relative_to(out)))
+        assert np.abs(a - b).max() <= 1, p
+
+    calls.clear()
+    rc, _, stderr = cli(*argv(**{"--refs": "1,2"}))  # a new K: only its images are generated
+    assert rc == 0 and len(calls) == 1, stderr[-3000:]
     assert len(read_rows(out / "per_image.csv")) == 8 and {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
     assert [r["refs"] for r in json.loads((out / "summary.json").read_text())["rows"]] == [1, 2]
 

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_pipelines.synth import procedural as P
 from jedi_train.eval import procedural as ev
@@ -71,8 +72,8 @@ def test_end_to_end_resume_and_bad_input(cli, pipe_dir, tmp_path, monkeypatch):
     calls = []
     orig = JeDiPipeline.__call__
 
-    def spy(self, *a, **k):
-        calls.append((len(k["reference_images"] or []), k["image_guidance_scale"]))
+    def spy(self, *a, **k):  # (subjects in the call, references per subject, image guidance)
+        calls.append((len(k["prompt"]), [len(r or []) for r in k["reference_images"]], k["image_guidance_scale"]))
         return orig(self, *a, **k)
 
     monkeypatch.setattr(JeDiPipeline, "__call__", spy)
@@ -81,8 +82,9 @@ def test_end_to_end_resume_and_bad_input(cli, pipe_dir, tmp_path, monkeypatch):
             "--steps", 2, "--grids", 1)
     rc, _, err = cli(*args)
     assert rc == 0, err
-    # refs 0 = the true no-reference baseline: no references reach the pipeline, so no branch sees them
-    assert calls == [(0, 0.0), (0, 0.0), (1, 2.0), (1, 2.0)]
+    # refs 0 = the true no-reference baseline: no references reach the pipeline, so no branch sees them;
+    # both subjects share one call per cell (--batch 8)
+    assert calls == [(2, [0, 0], 0.0), (2, [1, 1], 2.0)]
     s = summary(out)
     cells = [(r["refs"], r["image_guidance"]) for r in s["rows"]]
     assert cells == [(0, 0.0), (1, 0.0), (1, 2.0)]
@@ -108,6 +110,15 @@ def test_end_to_end_resume_and_bad_input(cli, pipe_dir, tmp_path, monkeypatch):
         assert rc == 2 and "other settings" in err
     finally:
         os.utime(os.path.join(unet, weights), ns=(st.st_atime_ns, st.st_mtime_ns))
+    # one subject per call (--batch 1): the same images, one call each
+    calls.clear()
+    rc, _, err = cli(*args[:2], tmp_path / "one", *args[3:], "--batch", 1)
+    assert rc == 0, err
+    assert calls == [(1, [0], 0.0)] * 2 + [(1, [1], 2.0)] * 2
+    for cell in ("refs0_ig0", "refs1_ig2"):
+        for name in sorted(os.listdir(out / "images" / cell)):
+            a, b = (np.asarray(Image.open(d / "images" / cell / name), np.int16) for d in (out, tmp_path / "one"))
+            assert np.abs(a - b).max() <= 1, (cell, name)
     # other settings into the same --out: refused, nothing mixed
     rc, _, err = cli(pipe_dir, "--out", out, "--subjects", 2, "--refs", "0,1", "--steps", 3)
     assert rc == 2 and err.startswith("jedi-eval: error:") and "other settings" in err and err.count("\n") == 1

@@ -225,6 +225,8 @@ def add_arguments(p) -> None:
                    help="text guidance (default 1: the text branch as trained, no extra push)")
     p.add_argument("--samples", type=int, default=2, help="generated images per subject, each in another scene")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--batch", type=int, default=8,
+                   help="subjects per pipeline call (default 8; the same images as 1, faster; lower it if memory runs out)")
     p.add_argument("--seed", type=int, default=0, help="selects the held-out subjects and the sampling noise")
     p.add_argument("--oracle", choices=ORACLES, default="none",
                    help="score ground-truth renders (ground_truth) or another subject (other_subject) instead")
@@ -284,7 +286,8 @@ def check_args(args) -> tuple[list[int], list[float]]:
         args.layout = run_layout(args.pipeline_dir)
     refs = parse_int_list(args.refs, "--refs")
     guid = parse_float_list(args.image_guidance, "--image-guidance")
-    for name, value, low in (("--subjects", args.subjects, 1), ("--samples", args.samples, 1), ("--steps", args.steps, 1)):
+    for name, value, low in (("--subjects", args.subjects, 1), ("--samples", args.samples, 1), ("--steps", args.steps, 1),
+                             ("--batch", args.batch, 1)):
         if value < low:
             raise EvalError(f"{name} {value} is too small; use {name} {low} or more")
     if max(refs) + args.samples > len(SCENE_NAMES):
@@ -356,7 +359,8 @@ WANDB_COLUMNS = ["refs", "image_guidance", "gap_closed", "nearest_subject_acc", 
 
 
 def generate(pipe, cases: list[Case], keys: list[tuple[int, float]], args, tqdm) -> dict:
-    """{key: {(subject, sample): uint8 image}}; images already in --out/images are reused."""
+    """{key: {(subject, sample): uint8 image}}; images already in --out/images are reused. Up to --batch
+    subjects share one pipeline call, each with its own generator: the same images as one call each."""
     import torch
 
     out: dict = {}
@@ -365,20 +369,28 @@ def generate(pipe, cases: list[Case], keys: list[tuple[int, float]], args, tqdm)
         folder = os.path.join(args.out, "images", f"refs{r}_ig{s:g}")
         os.makedirs(folder, exist_ok=True)
         got = out.setdefault((r, s), {})
-        for c in cases:
-            paths = [os.path.join(folder, f"{c.index:04d}_{j}.png") for j in range(len(c.target_scenes))]
-            if not all(os.path.exists(p) for p in paths):
-                g = torch.Generator(device="cpu").manual_seed(args.seed * 1_000_003 + c.index)  # same noise per cell
-                res = pipe(reference_images=[Image.fromarray(x) for x in c.refs[:r]] if r else None,
-                           reference_captions=[c.prompt(sc) for sc in c.ref_scenes[:r]] if r else None,
-                           prompt=[c.prompt(sc) for sc in c.target_scenes], num_inference_steps=args.steps,
-                           guidance_scale=args.guidance, image_guidance_scale=s, generator=g, output_type="np")
-                for p, arr in zip(paths, res.images):
+        paths = {c.index: [os.path.join(folder, f"{c.index:04d}_{j}.png") for j in range(len(c.target_scenes))]
+                 for c in cases}
+        todo = [c for c in cases if not all(os.path.exists(p) for p in paths[c.index])]
+        reused = len(cases) - len(todo)
+        bar.update(reused)
+        for first in range(0, len(todo), args.batch):
+            batch = todo[first:first + args.batch]
+            res = pipe(reference_images=[[Image.fromarray(x) for x in c.refs[:r]] if r else None for c in batch],
+                       reference_captions=[[c.prompt(sc) for sc in c.ref_scenes[:r]] if r else None for c in batch],
+                       prompt=[[c.prompt(sc) for sc in c.target_scenes] for c in batch],
+                       generator=[torch.Generator(device="cpu").manual_seed(args.seed * 1_000_003 + c.index)
+                                  for c in batch],  # the same noise per cell
+                       num_inference_steps=args.steps, guidance_scale=args.guidance, image_guidance_scale=s,
+                       output_type="np")
+            for c, arrays in zip(batch, res.images):
+                for p, arr in zip(paths[c.index], arrays):
                     with atomic_path(p) as tmp:
                         Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).save(tmp)
-            for j, p in enumerate(paths):
+                bar.update(1)
+        for c in cases:
+            for j, p in enumerate(paths[c.index]):
                 got[(c.index, j)] = np.asarray(Image.open(p).convert("RGB"))
-            bar.update(1)
     bar.close()
     return out
 

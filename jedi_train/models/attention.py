@@ -42,6 +42,8 @@ class SetLayout:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     # set by `with_reference_cache`: record references' keys/values, or prepend the recorded ones
     reference_cache: ReferenceKVCache | None = field(default=None, repr=False, compare=False)
+    # (B,) long: which recorded subject's references each set replays (None: one subject, every set)
+    reference_rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(cls, is_ref: torch.Tensor, valid: torch.Tensor | None = None,
@@ -76,14 +78,22 @@ class SetLayout:
         return SetLayout.build(self.is_ref, self.valid, torch.zeros_like(self.coupled))
 
     @classmethod
-    def references_only(cls, num_refs: int, device=None) -> SetLayout:
-        """One set made of references only: the pass that fills a `ReferenceKVCache` (no target needed)."""
-        ones = torch.ones(1, num_refs, dtype=torch.bool, device=device)
-        return cls(n=num_refs, is_ref=ones, valid=ones.clone(), coupled=torch.ones(1, dtype=torch.bool, device=device))
+    def references_only(cls, num_refs: int, device=None, num_sets: int = 1) -> SetLayout:
+        """Sets made of references only (one per subject): the pass that fills a `ReferenceKVCache`."""
+        ones = torch.ones(num_sets, num_refs, dtype=torch.bool, device=device)
+        return cls(n=num_refs, is_ref=ones, valid=ones.clone(),
+                   coupled=torch.ones(num_sets, dtype=torch.bool, device=device))
 
-    def with_reference_cache(self, cache: ReferenceKVCache) -> SetLayout:
-        """This layout, carrying a reference key/value cache (recording or replaying)."""
-        return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=cache)
+    def with_reference_cache(self, cache: ReferenceKVCache, rows: torch.Tensor | None = None) -> SetLayout:
+        """This layout, carrying a reference key/value cache (recording or replaying). rows: (B,) the
+        recorded subject each set replays, when one call samples several subjects."""
+        return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=cache, reference_rows=rows)
+
+    def replay(self, recorded: torch.Tensor) -> torch.Tensor:
+        """Recorded reference keys or values (subjects, ...) -> one row per set of this layout."""
+        if self.reference_rows is None:
+            return recorded.expand(self.num_sets, *recorded.shape[1:])
+        return recorded[self.reference_rows.to(recorded.device)]
 
     def key_masks(self, tokens_per_image: int, device: torch.device, references_see_targets: bool = True):
         """[(query_is_ref or None, key_mask or None), ...] for the query groups, expanded to tokens.
@@ -157,7 +167,8 @@ class ReferenceKVCache:
     Valid only when references do not depend on the targets (reference_attention "references")
     nor on the sampling step (references at t = 0). Fill it with one forward pass of the references
     alone (layout `SetLayout.references_only(K).with_reference_cache(cache)`, recording=True), then
-    set recording=False and run target-only sets: every layer prepends the recorded keys/values.
+    set recording=False and run target-only sets: every layer prepends the recorded keys/values. Several
+    subjects: one references-only set each when recording, and `reference_rows` says whose each set replays.
     """
 
     def __init__(self):
@@ -168,7 +179,7 @@ class ReferenceKVCache:
         return len(self._kv)
 
     def record(self, attn: Attention, key: torch.Tensor, value: torch.Tensor) -> None:
-        self._kv[id(attn)] = (key, value)  # (1, heads, K*L, head_dim)
+        self._kv[id(attn)] = (key, value)  # one row per subject: (subjects, heads, K*L, head_dim)
 
     def get(self, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
         if id(attn) not in self._kv:
@@ -227,8 +238,8 @@ class JointAttnProcessor(AttnProcessor2_0):
             key = attn.norm_k(key)
 
         if cache is not None and cache.recording:  # references-only pass: remember their keys/values
-            if b != 1 or not bool(set_layout.is_ref.all()):
-                raise ValueError("the reference-cache recording pass takes one set made of references only")
+            if not bool(set_layout.is_ref.all()):
+                raise ValueError("the reference-cache recording pass takes sets made of references only")
             if self.references_see_targets:
                 raise ValueError("a reference key/value cache needs reference_attention='references' "
                                  "(references that do not attend to targets)")
@@ -238,8 +249,8 @@ class JointAttnProcessor(AttnProcessor2_0):
             if bool(set_layout.is_ref.any()):
                 raise ValueError("with a replaying reference cache, sets hold targets only")
             ref_k, ref_v = cache.get(attn)
-            key = torch.cat([ref_k.expand(b, -1, -1, -1), key], dim=2)
-            value = torch.cat([ref_v.expand(b, -1, -1, -1), value], dim=2)
+            key = torch.cat([set_layout.replay(ref_k), key], dim=2)
+            value = torch.cat([set_layout.replay(ref_v), value], dim=2)
             groups = [(None, set_layout.cached_key_mask(L, ref_k.shape[2], query.device))]
         else:
             groups = set_layout.key_masks(L, query.device, self.references_see_targets)
@@ -273,8 +284,8 @@ def text_and_set_attention(query, key, value, text_len: int, set_layout: SetLayo
     img_k, img_v = key[:, text_len:].reshape(b, n * li, heads, d), value[:, text_len:].reshape(b, n * li, heads, d)
     ref_tokens = 0
     if cache is not None and cache.recording:  # references-only pass: remember their image keys/values
-        if b != 1 or not bool(set_layout.is_ref.all()):
-            raise ValueError("the reference-cache recording pass takes one set made of references only")
+        if not bool(set_layout.is_ref.all()):
+            raise ValueError("the reference-cache recording pass takes sets made of references only")
         if references_see_targets:
             raise ValueError("a reference key/value cache needs reference_attention='references'")
         cache.record(attn, img_k, img_v)
@@ -282,8 +293,8 @@ def text_and_set_attention(query, key, value, text_len: int, set_layout: SetLayo
         if bool(set_layout.is_ref.any()):
             raise ValueError("with a replaying reference cache, sets hold targets only")
         ref_k, ref_v = cache.get(attn)
-        img_k = torch.cat([ref_k.expand(b, -1, -1, -1), img_k], dim=1)
-        img_v = torch.cat([ref_v.expand(b, -1, -1, -1), img_v], dim=1)
+        img_k = torch.cat([set_layout.replay(ref_k), img_k], dim=1)
+        img_v = torch.cat([set_layout.replay(ref_v), img_v], dim=1)
         ref_tokens = ref_k.shape[1]
 
     def per_image(own, shared):  # one copy: cat reads the set's tokens through an expanded view

@@ -12,7 +12,8 @@ or re-noised to the set's timestep ('target'); the targets start from noise and 
 whatever diffusers scheduler is installed. Image guidance (docs/method.md) runs its three branches
 (no text + references hidden, no text + references, text + references) in one batched denoiser call
 per step; image_guidance_scale = 0 is plain text-to-image (references hidden in every branch).
-How targets are grouped into sets when K + M is large: see set_plan.py.
+How targets are grouped into sets when K + M is large: see set_plan.py. Several subjects in one call
+(prompt = one list per subject) share every denoiser call; each subject's sets hold its own references.
 
 Reference key/value cache (use_reference_cache): for models trained with references at t = 0 that
 attend only to references, the references' keys/values are recorded in one references-only pass
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -60,6 +62,16 @@ def saved_class_name(path: str) -> str | None:
 class JeDiPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor  # prompt-major: prompt 0's images first
     reference_images: list[PIL.Image.Image]  # the references as the model saw them (resized, cropped)
+    # several subjects in one call (prompt = one list per subject): both are one list per subject
+
+
+@dataclass
+class Subject:
+    """One subject of a sampling call: its references, prompts, reference captions, negative prompt."""
+    references: object
+    prompts: list[str]
+    captions: object = None
+    negatives: object = None
 
 
 @dataclass
@@ -272,6 +284,38 @@ class JeDiBasePipeline(DiffusionPipeline):
         use_refs = k > 0 and image_guidance_scale != 0
         return (self.encode_references(ref_pixels) if use_refs else None), ref_pils
 
+    @staticmethod
+    def split_subjects(reference_images, prompt, reference_captions, negative_prompt) -> tuple[list[Subject], bool]:
+        """The call's subjects, and whether it named several (prompt = one list of prompts per subject)."""
+        if not (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (list, tuple)) for p in prompt)):
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+            return [Subject(reference_images, prompts, reference_captions, negative_prompt)], False
+        j = len(prompt)
+
+        def per_subject(value, name):
+            if value is None or isinstance(value, str):
+                return [value] * j
+            value = list(value)
+            if len(value) != j:
+                raise ValueError(f"{name} has {len(value)} entries for {j} subjects (prompt is one list per "
+                                 f"subject); give one entry per subject")
+            return value
+
+        refs = per_subject(reference_images, "reference_images") if reference_images is not None else [None] * j
+        return [Subject(r, list(p), c, n) for r, p, c, n in zip(
+            refs, prompt, per_subject(reference_captions, "reference_captions"),
+            per_subject(negative_prompt, "negative_prompt"))], True
+
+    def prepare_subject_references(self, subjects: list[Subject], image_guidance_scale: float):
+        """(every subject's reference latents, subject-major, or None; each subject's PIL references)."""
+        prepared = [self.prepare_references(s.references, image_guidance_scale) for s in subjects]
+        counts = sorted({len(pils) for _, pils in prepared})
+        if len(counts) > 1:
+            raise ValueError(f"subjects sampled in one call need the same number of references, got {counts}; "
+                             "group subjects by their reference count")
+        latents = [lat for lat, _ in prepared]
+        return (torch.cat(latents) if latents[0] is not None else None), [pils for _, pils in prepared]
+
     def encode_prompt(self, prompts: list[str], negatives: list[str], ref_caps: list[str],
                       num_images_per_prompt: int) -> tuple[TextEmbeddings, TextEmbeddings, TextEmbeddings]:
         """(cond, uncond) per target, prompt-major, and the references' text: one text-encoder call."""
@@ -282,17 +326,20 @@ class JeDiBasePipeline(DiffusionPipeline):
 
     def prepare_sets(self, cond: TextEmbeddings, uncond: TextEmbeddings, ref_text: TextEmbeddings,
                      ref_latents: torch.Tensor | None, *, guidance_scale: float, image_guidance_scale: float,
-                     max_set_size: int, use_cache: bool, batch_guidance_branches: bool) -> GuidedSets:
+                     max_set_size: int, use_cache: bool, batch_guidance_branches: bool,
+                     targets_per_subject: list[int] | None = None) -> GuidedSets:
         """Sets and guidance branches (see set_plan.py); cached references leave the sets' batch slots,
-        their keys/values are recorded here, once."""
+        their keys/values are recorded here, once. targets_per_subject: several subjects in one call (their
+        references and targets subject-major), each subject's sets holding its own references."""
         device, m = self._execution_device, len(cond)  # m targets
         use_refs = ref_latents is not None
-        k = ref_latents.shape[0] if use_refs else 0
+        subjects = len(targets_per_subject) if targets_per_subject else 1
+        k = ref_latents.shape[0] // subjects if use_refs else 0
         distilled = self.guidance_distilled  # text guidance is an input of the model, not a branch
         branches = guidance_branches(1.0 if distilled else guidance_scale, image_guidance_scale, use_refs)
-        plan = SetPlan.build(m, 0 if use_cache else k, k, max_set_size)
+        plan = SetPlan.build(targets_per_subject or m, 0 if use_cache else k, k, max_set_size)
         guidance = guidance_scale if distilled else None  # every image's model input, references' too
-        cache = self._record_references(ref_latents, ref_text, guidance) if use_cache else None
+        cache = self._record_references(ref_latents, ref_text, guidance, subjects) if use_cache else None
         calls = self._calls(plan, branches, batch_guidance_branches, cache, device)
         text = {"cond": cond, "uncond": uncond}
         branch_text = [plan.stack(ref_text, text[b.text]) for b in branches]
@@ -318,6 +365,22 @@ class JeDiBasePipeline(DiffusionPipeline):
         g = generator[0] if isinstance(generator, list) else generator
         return randn_tensor(sets.ref_latents.shape, generator=g, device=device, dtype=dtype)
 
+    def prepare_noise(self, sets: GuidedSets, targets_per_subject: list[int], generator, subject_generators: bool,
+                      device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the targets' starting noise, the references' re-noising noise or None). With one generator per
+        subject, each subject draws its own as a call of its own would: a batched call gives its images."""
+        if not subject_generators:
+            return (self.prepare_latents(sum(targets_per_subject), generator, device, dtype),
+                    self.prepare_reference_noise(sets, generator, device, dtype))
+        k = sets.ref_latents.shape[0] // len(targets_per_subject) if sets.ref_latents is not None else 0
+        latents, ref_noise = [], []
+        for m, g in zip(targets_per_subject, generator):
+            latents.append(self.prepare_latents(m, g, device, dtype))
+            if sets.plan.num_refs and self.denoiser.jedi.reference_timestep == "target":
+                ref_noise.append(randn_tensor((k, *sets.ref_latents.shape[1:]), generator=g, device=device,
+                                              dtype=dtype))
+        return torch.cat(latents), (torch.cat(ref_noise) if ref_noise else None)
+
     def predict(self, sets: GuidedSets, x_in: torch.Tensor, t, ref_noise: torch.Tensor | None) -> torch.Tensor:
         """One timestep's guided prediction for the targets: every branch's sets through its model call,
         the branches' predictions summed with their weights."""
@@ -341,7 +404,8 @@ class JeDiBasePipeline(DiffusionPipeline):
         return sum(b.weight * p for b, p in zip(sets.branches, preds))
 
     @torch.no_grad()
-    def __call__(self, reference_images=None, prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+    def __call__(self, reference_images=None, prompt: str | list[str] | list[list[str]] | None = None,
+                 num_images_per_prompt: int = 1,
                  num_inference_steps: int = 30, guidance_scale: float = 7.5, image_guidance_scale: float = 1.5,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  reference_captions: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
@@ -358,38 +422,50 @@ class JeDiBasePipeline(DiffusionPipeline):
         use_reference_cache: None = use it when the model supports it (same images, faster); True =
             require it (error if unsupported); False = never.
         batch_guidance_branches: False runs the guidance branches as separate UNet calls (less memory).
+        Several subjects in one call (faster: one denoiser call per step for all): prompt = one list of
+        prompts per subject, reference_images = one reference list per subject (each subject the same
+        number), reference_captions / negative_prompt = a string or one list per subject, generator = one
+        per subject (then each subject's images are those of a call of its own, for deterministic samplers);
+        images and reference_images then come back as one list per subject.
         Returns JeDiPipelineOutput(images, reference_images) or (images, reference_images).
         """
-        # 1. Check inputs
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-        self.check_inputs(prompts, output_type, num_images_per_prompt, num_inference_steps)
+        # 1. Check inputs (a plain call is one subject)
+        subjects, several = self.split_subjects(reference_images, prompt, reference_captions, negative_prompt)
+        for s in subjects:
+            self.check_inputs(s.prompts, output_type, num_images_per_prompt, num_inference_steps)
         device, dtype = self._execution_device, self.denoiser.dtype
-        m = len(prompts) * num_images_per_prompt
+        per_subject = [len(s.prompts) * num_images_per_prompt for s in subjects]
+        subject_generators = several and isinstance(generator, list)
+        if subject_generators and len(generator) != len(subjects):
+            raise ValueError(f"generator has {len(generator)} entries for {len(subjects)} subjects; give one per subject")
 
         # 2. Load and encode the references (none used: plain text-to-image)
-        ref_latents, ref_pils = self.prepare_references(reference_images, image_guidance_scale)
+        ref_latents, ref_pils = self.prepare_subject_references(subjects, image_guidance_scale)
         use_refs = ref_latents is not None
         use_cache = self._use_cache(use_reference_cache, use_refs)
 
-        # 3. Encode prompt: the targets' cond / uncond text, the references' captions
-        negatives = self._as_list(negative_prompt, len(prompts), "negative_prompt")
-        ref_caps = self._as_list(reference_captions, len(ref_pils), "reference_captions") if use_refs else []
+        # 3. Encode prompt: the targets' cond / uncond text, the references' captions (subject-major)
+        prompts = [p for s in subjects for p in s.prompts]
+        negatives = [n for s in subjects for n in self._as_list(s.negatives, len(s.prompts), "negative_prompt")]
+        ref_caps = [c for s, pils in zip(subjects, ref_pils)
+                    for c in self._as_list(s.captions, len(pils), "reference_captions")] if use_refs else []
         cond, uncond, ref_text = self.encode_prompt(prompts, negatives, ref_caps, num_images_per_prompt)
 
         # 4. Prepare sets and guidance branches (and record the reference cache)
         sets = self.prepare_sets(cond, uncond, ref_text, ref_latents, guidance_scale=guidance_scale,
                                  image_guidance_scale=image_guidance_scale, max_set_size=max_set_size,
-                                 use_cache=use_cache, batch_guidance_branches=batch_guidance_branches)
+                                 use_cache=use_cache, batch_guidance_branches=batch_guidance_branches,
+                                 targets_per_subject=per_subject if several else None)
 
         # 5. Prepare timesteps
         self.prepare_timesteps(num_inference_steps, device, self.latent_size)
 
         # 6. Prepare latents: the targets' noise is drawn before the references' (a seed's images depend on it)
-        latents = self.prepare_latents(m, generator, device, dtype)
-        ref_noise = self.prepare_reference_noise(sets, generator, device, dtype)
+        latents, ref_noise = self.prepare_noise(sets, per_subject, generator, subject_generators, device, dtype)
 
         # 7. Denoising loop
-        step_kwargs = self._step_kwargs(generator)
+        step_kwargs = self._step_kwargs(
+            [g for g, m in zip(generator, per_subject) for _ in range(m)] if subject_generators else generator)
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(latents, t) if hasattr(self.scheduler, "scale_model_input") \
                 else latents
@@ -399,17 +475,24 @@ class JeDiBasePipeline(DiffusionPipeline):
         # 8. Decode
         images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
+        if several:
+            starts = np.cumsum([0] + per_subject)
+            images = [images[a:b] for a, b in itertools.pairwise(starts.tolist())]
+        else:
+            ref_pils = ref_pils[0]
         if not return_dict:
             return images, ref_pils
         return JeDiPipelineOutput(images=images, reference_images=ref_pils)
 
-    def _record_references(self, ref_latents: torch.Tensor, ref_text, guidance=None) -> ReferenceKVCache:
-        """One forward pass of the references alone, as every coupled branch would show them."""
+    def _record_references(self, ref_latents: torch.Tensor, ref_text, guidance=None,
+                           subjects: int = 1) -> ReferenceKVCache:
+        """One forward pass of the references alone (one set per subject), as every coupled branch would
+        show them."""
         cache = ReferenceKVCache()
-        k = ref_latents.shape[0]
-        visible = torch.ones(k, dtype=torch.bool, device=ref_latents.device)
-        layout = SetLayout.references_only(k, ref_latents.device).with_reference_cache(cache)
-        t0 = torch.zeros(k, dtype=torch.long, device=ref_latents.device)
+        n = ref_latents.shape[0]
+        visible = torch.ones(n, dtype=torch.bool, device=ref_latents.device)
+        layout = SetLayout.references_only(n // subjects, ref_latents.device, subjects).with_reference_cache(cache)
+        t0 = torch.zeros(n, dtype=torch.long, device=ref_latents.device)
         model = self.denoiser
         model.denoise(model.assemble_input(ref_latents, ref_latents, visible), t0, ref_text, layout, guidance=guidance)
         cache.recording = False
@@ -422,7 +505,8 @@ class JeDiBasePipeline(DiffusionPipeline):
         calls = []
         for sel in groups:
             layout = plan.layout([branches[i] for i in sel], device)
-            calls.append((sel, layout.with_reference_cache(cache) if cache is not None else layout))
+            rows = plan.set_owner.repeat(len(sel)) if plan.set_owner is not None else None  # branch-major
+            calls.append((sel, layout.with_reference_cache(cache, rows) if cache is not None else layout))
         return calls
 
     def _postprocess(self, latents: torch.Tensor, output_type: str):

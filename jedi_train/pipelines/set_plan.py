@@ -43,29 +43,38 @@ def guidance_branches(guidance_scale: float, image_guidance_scale: float, use_re
 
 @dataclass
 class SetPlan:
-    num_targets: int  # M
+    num_targets: int  # M (all subjects')
     num_refs: int  # K references in each set's batch slots (0 when they are cached or unused)
     target_index: torch.Tensor  # (S, T) long: target id of each target slot (padding repeats a valid id)
     target_valid: torch.Tensor  # (S, T) bool
+    set_owner: torch.Tensor | None = None  # (S,) long: the subject of each set (None: one subject)
 
     @classmethod
-    def build(cls, num_targets: int, num_refs_in_set: int, semantic_refs: int, max_set_size: int) -> SetPlan:
-        """semantic_refs: K, the references every set conceptually holds (decides the split, cached or not)."""
+    def build(cls, num_targets: int | list[int], num_refs_in_set: int, semantic_refs: int,
+              max_set_size: int) -> SetPlan:
+        """semantic_refs: K, the references every set conceptually holds (decides the split, cached or not).
+        num_targets: M, or one M per subject when one call samples several subjects: each subject's targets
+        are split as if it were sampled alone, and its sets hold its own K references."""
         if max_set_size < 2:
             raise ValueError(f"max_set_size={max_set_size} is too small; a set needs room for a target")
+        per_subject = [num_targets] if isinstance(num_targets, int) else list(num_targets)
         cap = max(1, max_set_size - semantic_refs)
-        s = math.ceil(num_targets / cap)
-        sizes = [num_targets // s + (1 if i < num_targets % s else 0) for i in range(s)]
+        sizes, owner = [], []
+        for j, m in enumerate(per_subject):
+            s = math.ceil(m / cap)
+            sizes += [m // s + (1 if i < m % s else 0) for i in range(s)]
+            owner += [j] * s
         t = max(sizes)
-        index = torch.zeros(s, t, dtype=torch.long)
-        valid = torch.zeros(s, t, dtype=torch.bool)
+        index = torch.zeros(len(sizes), t, dtype=torch.long)
+        valid = torch.zeros(len(sizes), t, dtype=torch.bool)
         start = 0
         for i, n in enumerate(sizes):  # contiguous chunks: set-major order of valid slots = target order
             index[i, :n] = torch.arange(start, start + n)
             index[i, n:] = start
             valid[i, :n] = True
             start += n
-        return cls(num_targets, num_refs_in_set, index, valid)
+        owners = torch.tensor(owner, dtype=torch.long) if len(per_subject) > 1 else None
+        return cls(sum(per_subject), num_refs_in_set, index, valid, owners)
 
     @property
     def num_sets(self) -> int:
@@ -78,13 +87,18 @@ class SetPlan:
     def stack(self, refs: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
         """Per-image tensors -> one flat batch of S sets: [K refs | T target slots] per set.
 
-        refs: (K, ...) or None; targets: (M, ...). Returns (S * N, ...). TextEmbeddings: field by field."""
+        refs: (K, ...), or (J * K, ...) for J subjects (subject-major), or None; targets: (M, ...).
+        Returns (S * N, ...). TextEmbeddings: field by field."""
         if hasattr(targets, "apply"):  # TextEmbeddings
             return targets.apply(lambda t, r: self.stack(r, t), refs) if self.num_refs else targets.apply(
                 lambda t: self.stack(None, t))
         sets = targets[self.target_index.to(targets.device)]  # (S, T, ...)
         if self.num_refs:
-            sets = torch.cat([refs.unsqueeze(0).expand(self.num_sets, *refs.shape), sets], dim=1)
+            if self.set_owner is None:
+                per_set = refs.unsqueeze(0).expand(self.num_sets, *refs.shape)
+            else:
+                per_set = refs.unflatten(0, (-1, self.num_refs))[self.set_owner.to(refs.device)]
+            sets = torch.cat([per_set, sets], dim=1)
         return sets.flatten(0, 1)
 
     def unstack(self, flat: torch.Tensor) -> torch.Tensor:
