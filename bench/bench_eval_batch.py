@@ -36,7 +36,7 @@ class _NoBar:
 def _pipeline(tmp):
     model = create_tiny_model_dir(tmp, resolution=32, pixel_fold=4,
                                   unet_kwargs={"block_out_channels": [64, 128], "attention_levels": 2, "heads": 4})
-    c = load_components(model, JeDiConfig(reference_attention="references", prediction_type="sample"))
+    c = load_components(model, JeDiConfig(reference_attention="references"))
     pipe = JeDiPipeline.from_components(c)
     pipe.set_progress_bar_config(disable=True)
     return pipe

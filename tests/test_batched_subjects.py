@@ -105,3 +105,17 @@ def test_mmdit_family_batches_subjects_too(tiny_flux_model_dir, tmp_path):
     out = together(pipe)
     for i, got in enumerate(out.images):
         torch.testing.assert_close(got, alone(pipe, i), atol=2e-4, rtol=0)
+
+
+def test_a_subject_may_give_one_generator_per_image(pipes):
+    """jedi-generate seeds every image: a subject's entry may be a list of generators, one per image."""
+    pipe = pipes["cache"]
+    refs, prompts, caps = SUBJECTS[0]
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    own = pipe(reference_images=refs, prompt=prompts, reference_captions=caps, generator=gens([5, 6, 7]), **KW).images
+    out = pipe(reference_images=[refs, SUBJECTS[1][0]], prompt=[prompts, SUBJECTS[1][1]],
+               reference_captions=[caps, SUBJECTS[1][2]], generator=[gens([5, 6, 7]), gens([8])], **KW).images
+    torch.testing.assert_close(out[0], own, atol=2e-4, rtol=0)

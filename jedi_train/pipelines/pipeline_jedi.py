@@ -377,7 +377,8 @@ class JeDiBasePipeline(DiffusionPipeline):
         for m, g in zip(targets_per_subject, generator):
             latents.append(self.prepare_latents(m, g, device, dtype))
             if sets.plan.num_refs and self.denoiser.jedi.reference_timestep == "target":
-                ref_noise.append(randn_tensor((k, *sets.ref_latents.shape[1:]), generator=g, device=device,
+                first = g[0] if isinstance(g, list) else g  # as a call of its own draws it
+                ref_noise.append(randn_tensor((k, *sets.ref_latents.shape[1:]), generator=first, device=device,
                                               dtype=dtype))
         return torch.cat(latents), (torch.cat(ref_noise) if ref_noise else None)
 
@@ -425,7 +426,8 @@ class JeDiBasePipeline(DiffusionPipeline):
         Several subjects in one call (faster: one denoiser call per step for all): prompt = one list of
         prompts per subject, reference_images = one reference list per subject (each subject the same
         number), reference_captions / negative_prompt = a string or one list per subject, generator = one
-        per subject (then each subject's images are those of a call of its own, for deterministic samplers);
+        per subject, each a generator or a list of one per image of that subject (then each subject's images
+        are those of a call of its own, for deterministic samplers);
         images and reference_images then come back as one list per subject.
         Returns JeDiPipelineOutput(images, reference_images) or (images, reference_images).
         """
@@ -464,8 +466,8 @@ class JeDiBasePipeline(DiffusionPipeline):
         latents, ref_noise = self.prepare_noise(sets, per_subject, generator, subject_generators, device, dtype)
 
         # 7. Denoising loop
-        step_kwargs = self._step_kwargs(
-            [g for g, m in zip(generator, per_subject) for _ in range(m)] if subject_generators else generator)
+        step_kwargs = self._step_kwargs([x for g, m in zip(generator, per_subject) for x in (
+            g if isinstance(g, list) else [g] * m)] if subject_generators else generator)
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(latents, t) if hasattr(self.scheduler, "scale_model_input") \
                 else latents
