@@ -145,6 +145,10 @@ def _sample_shape(family: str, rng: np.random.Generator) -> dict[str, Any]:
     }[family]()
 
 
+# shape parameters that switch a part on or off (what the detail eval varies as "part layout")
+PART_TOGGLES = {"ball": "band", "mug": "part_handle", "star toy": "face", "bottle": "label"}
+EMBLEMLESS = ("robot toy",)  # families drawn without their emblem (its chest panel is there)
+
 FAMILIES: dict[str, Callable] = {"ball": _ball, "toy block": _toy_block, "mug": _mug, "vase": _vase,
                                  "donut": _donut, "star toy": _star_toy, "bottle": _bottle,
                                  "robot toy": _robot_toy}
@@ -213,7 +217,7 @@ def _pattern_mask(u, v, pat: dict, px: float) -> np.ndarray | None:
 def _emblem_sdf(u, v, emb: dict, family: str):
     kind, s = emb["kind"], emb["size"]
     cy = {"robot toy": 0.38, "bottle": 0.35, "mug": 0.1, "vase": 0.3, "donut": -0.65}.get(family, 0.0)
-    if kind == "none" or family == "robot toy":
+    if kind == "none" or family in EMBLEMLESS:
         return None
     if kind == "circle":
         return _circle(u, v, 0, cy, s)
