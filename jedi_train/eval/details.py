@@ -162,9 +162,18 @@ class NearestCentroid:
         spread = within.std(0)
         self.scale = 1 / (spread + 0.05 * feats.std(0) + 1e-6)
 
+    def distances(self, feats: np.ndarray) -> np.ndarray:
+        return (((feats[:, None, :] - self.centroids[None]) * self.scale) ** 2).sum(-1)
+
     def predict(self, feats: np.ndarray) -> np.ndarray:
-        d = (((feats[:, None, :] - self.centroids[None]) * self.scale) ** 2).sum(-1)
-        return d.argmin(1)
+        return self.distances(feats).argmin(1)
+
+    def credit(self, feats: np.ndarray, label: int) -> np.ndarray:
+        """1 where `label` is nearest, 1/n where it ties with n-1 others (argmin would always give the
+        tie to the first label: the true subject's), else 0."""
+        d = self.distances(feats)
+        tied = d <= d.min(1, keepdims=True) * (1 + 1e-9) + 1e-12
+        return tied[:, label] / tied.sum(1)
 
 
 # -- sharpness --------------------------------------------------------------------------------------
@@ -240,8 +249,7 @@ def score_details(image: np.ndarray, truth: DetailTruth, images: dict | None = N
             continue
         clf, k = truth.classifiers[attribute]
         img = image if images is None else images[attribute]
-        pred = clf.predict(features(img, fg(img), truth.spec)[None, feature_slice(attribute)])[0]
-        row[f"detail_{attribute}"] = float(pred == 0)
+        row[f"detail_{attribute}"] = float(clf.credit(features(img, fg(img), truth.spec)[None, feature_slice(attribute)], 0)[0])
         row[f"{attribute}_ceiling"] = truth.ceiling[attribute]
         row[f"{attribute}_k"] = k
     hf = hf_energy(image, fg(image))
