@@ -75,6 +75,8 @@ def test_oracles_validate_detail_accuracy_and_sharpness(oracle_rows):
     lines = D.table_markdown([{"refs": 1, "image_guidance": 3.0, **gt}])
     assert lines[0].startswith("| refs | image guidance | pattern acc") and "sharpness" in lines[0]
     assert f"{p['acc']:.2f}: {100 * p['gap_closed']:.0f}%" in lines[2]
+    line = D.summary_line(gt)
+    assert f"pattern {100 * p['gap_closed']:+.0f}%" in line and f"sharpness {gt['sharpness']:.2f}" in line
 
 
 def test_sharpness_and_ties():
@@ -106,3 +108,19 @@ def test_cli_reports_details_beside_colour(eval_cli, tmp_path):
     assert {"detail_pattern", "pattern_ceiling", "detail_frequency", "sharpness"} <= set(rows[0])
     rc, _, err = eval_cli("procedural", "--oracle", "other_detail", "--details", "off", "--out", tmp_path / "x")
     assert rc == 2 and "drop --details off" in err and err.count("\n") == 1
+
+
+def test_training_grid_sharpness():
+    """The training grids' cheap sharpness (whole images, generated / real) and its line in the grid header."""
+    from PIL import Image
+
+    from jedi_train.viz import sample_grid
+
+    real = [P.render_subject(P.sample_subject(np.random.default_rng(s), "ball"), "in the snow", s, 32) for s in range(3)]
+    assert D.image_set_sharpness(real, real) == pytest.approx(1.0)
+    assert D.image_set_sharpness([D.blur(x) for x in real], real) < 0.5
+    assert D.image_set_sharpness(real, [np.full_like(real[0], 90)]) is None
+    pil = [Image.fromarray(x) for x in real]
+    rows = [(pil[:1], pil[1:], pil[1:], ["a", "b"])]
+    plain, noted = sample_grid(rows, cell=32), sample_grid(rows, cell=32, note="sharpness 0.50")
+    assert noted.height == plain.height + 13 and noted.width == plain.width

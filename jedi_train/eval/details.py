@@ -349,3 +349,27 @@ def table_markdown(rows: list[dict]) -> list[str]:
               "(ceiling - chance); subjects per attribute: " + ", ".join(f"{a} {v}" for a, v in n.items())
               + ". Sharpness: high-frequency energy of the subject region / ground truth's (1 = as sharp).", ""]
     return lines
+
+
+def summary_line(row: dict) -> str:
+    """One line of a table row's detail figures (the demo's summary)."""
+    parts = []
+    for a in ATTRIBUTES:
+        d = row.get("details", {}).get(a)
+        if d is not None:
+            lo, hi = d["gap_closed_ci"]
+            parts.append(f"{a} {100 * d['gap_closed']:+.0f}% ({100 * lo:+.0f} .. {100 * hi:+.0f}; acc {d['acc']:.2f}, "
+                         f"ceiling {d['ceiling']:.2f}, chance {d['chance']:.2f})")
+    lo, hi = row["sharpness_ci"]
+    return "detail gap closed " + ", ".join(parts) + f"; sharpness {row['sharpness']:.2f} ({lo:.2f} .. {hi:.2f})"
+
+
+def image_set_sharpness(generated, real) -> float | None:
+    """Whole-image high-frequency energy of `generated` over that of `real` (lists of PIL images or
+    uint8 arrays, any sizes): the training grids' cheap sharpness, with no subject masks or specs
+    (scene texture counts too). None without real energy."""
+    def energy(images) -> float:
+        arrs = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
+        return float(sum(hf_energy(a, np.ones(a.shape[0] * a.shape[1])) for a in arrs))
+    real_e = energy(real)
+    return energy(generated) / real_e if real_e > 0 and len(generated) else None

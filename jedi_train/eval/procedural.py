@@ -240,8 +240,8 @@ def add_arguments(p) -> None:
                    help="auto: log the table and grids to the W&B run that trained the pipeline (its run dir's "
                         "wandb_id.txt; offline without an API key); off: never")
     p.add_argument("--details", choices=("on", "off"), default="on",
-                   help="on: detail accuracy and sharpness beside colour identity (~0.5 s per subject and "
-                        "sample on 2 cores); off: colour identity only")
+                   help="on: detail accuracy and sharpness beside colour identity (~0.7 s per subject and "
+                        "sample on a loaded 2-core machine); off: colour identity only")
     p.add_argument("--layout", choices=list(procedural.LAYOUTS), default=None,
                    help="how subjects sit in the frame, as in the training data (default: the run's "
                         "procedural_layout from PIPELINE_DIR/../config.yaml, else varied)")
