@@ -33,6 +33,7 @@ from data_pipelines.synth.scenes import F32, SCENE_NAMES, SCENES, draw_scene
 SPEC_VERSION = 1
 PATTERNS = ("solid", "stripes", "dots", "checker", "two-tone", "rings", "zigzag")
 EMBLEMS = ("none", "circle", "diamond", "triangle", "cross")
+PATTERN_FREQ = (1.5, 4.0)  # pattern repeats per object unit, drawn uniformly
 WINDOWED = True  # draw the subject only in its bounding window (False: whole frame; the same pixels)
 CAPTION_TEMPLATES = ("a photo of a {cls} {scene}", "a {cls} {scene}", "a picture of a {cls} {scene}",
                      "a close-up photo of a {cls} {scene}", "a photo of the {cls} {scene}")
@@ -178,7 +179,7 @@ def sample_subject(rng: np.random.Generator, family: str | None = None) -> dict[
         "spec_version": SPEC_VERSION,
         "family": family,
         "colors": {"body": _to_rgb(body), "pattern": _to_rgb(pattern), "part": _to_rgb(part)},
-        "pattern": {"kind": kind, "freq": round(float(rng.uniform(1.5, 4.0)), 4),
+        "pattern": {"kind": kind, "freq": round(float(rng.uniform(*PATTERN_FREQ)), 4),
                     "angle": round(float(rng.uniform(0, np.pi)), 4), "phase": round(float(rng.uniform(0, 1)), 4)},
         "shape": _sample_shape(family, rng),
         "emblem": {"kind": EMBLEMS[int(rng.integers(len(EMBLEMS)))], "size": round(float(rng.uniform(0.18, 0.3)), 4)},

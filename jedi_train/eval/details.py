@@ -4,8 +4,10 @@ Colour identity (procedural.py) cannot tell a checkered block from a plain one o
 Detail accuracy asks, per attribute the generator controls: among the true subject and k-1 variants
 that share its class, colours and every other parameter and differ only in that attribute, which one
 is this image? The variants are rendered in the image's scene in CALIB random poses (the same poses and
-backgrounds for every variant, so only the attribute differs); a nearest-centroid rule on texture
-features of the image's foreground (the scene model's estimate, as for colour identity) decides. Its
+backgrounds for every variant, so only the attribute differs); a nearest-centroid rule on features of
+the image's foreground (the scene model's estimate, as for colour identity) in the subject's own colour
+axes decides: texture alone for pattern kind and frequency, texture and colour layout for emblem and
+parts. Its
 accuracy on further ground-truth renders of every variant (HOLDOUT poses each) is the ceiling; 1/k is
 chance; detail gap closed = (acc - chance) / (ceiling - chance), a ratio of means over subjects.
 Attributes a subject does not have (a frequency for solid / two-tone, an emblem on a robot, a part
@@ -30,7 +32,7 @@ CALIB = 8  # calibration renders per variant
 HOLDOUT = 2  # ground-truth renders per variant the ceiling is measured on
 SHARP_SIGMA = 1.0  # px: what the high-pass removes
 FREQ_BANDS = 3  # the generator's frequency range, cut in equal bands
-FREQ_RANGE = (1.5, 4.0)  # procedural.sample_subject's pattern frequency range
+FREQ_RANGE = procedural.PATTERN_FREQ
 FREQ_KINDS = ("stripes", "dots", "checker", "rings", "zigzag")  # the kinds whose frequency shows
 ORIENT_BINS = 4  # gradient orientations, folded to [0, pi/2] (mirror-invariant)
 SPECTRAL_BANDS = 5  # radial frequency bands from 0.05 to 0.5 cycles/px
@@ -38,8 +40,7 @@ ATTRIBUTES = ("pattern", "frequency", "emblem", "parts")
 
 
 def _with(spec: dict, path: tuple[str, str], value) -> dict:
-    out = {**spec, path[0]: {**spec[path[0]], path[1]: value}}
-    return out
+    return {**spec, path[0]: {**spec[path[0]], path[1]: value}}
 
 
 def freq_band(freq: float) -> int:
