@@ -5,13 +5,15 @@ target scene, the scene's background palette, prototypes) and the image's descri
 prototypes. The baseline, measured in the same run, is rendering alone: the ground-truth renders the
 scorer has to make anyway (per target: 4+2 true renders + 7x4 distractor renders + 1 other subject).
 So a 64-subject x 2-sample x 5-cell evaluation (640 images, 128 ground truths) costs, besides sampling:
-128 x (truth) + 640 x (score).
+128 x (truth) + 640 x (score). Detail accuracy and sharpness (details.py) add, per target, the
+classifiers' calibration (every variant of 4 attributes in 10 poses) and, per image, their scoring.
 """
 import time
 
 import numpy as np
 
 from data_pipelines.synth import procedural
+from jedi_train.eval import details
 from jedi_train.eval import procedural as ev
 
 SUBJECTS, SAMPLES, RES = 16, 2, 32
@@ -39,10 +41,22 @@ def main():
         for img, t in zip(images, truths):
             ev.score_image(img, t)
     t_score = (time.perf_counter() - t0) / reps
+    t0 = time.perf_counter()
+    dts = [details.build_details(c.spec, sc, 10**6, RES, c.layout, t.scene.foreground) for (c, sc), t in zip(pairs, truths)]
+    t_details = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for img, dt in zip(images, dts):
+            details.score_details(img, dt)
+    t_dscore = (time.perf_counter() - t0) / reps
     n = len(pairs)
     print(f"{n} targets at {RES} px: ground truth {n / t_truth:.1f} targets/s "
           f"({t_truth / t_render:.2f}x rendering its {renders_per_truth} renders alone: {n / t_render:.1f} targets/s)")
     print(f"scoring {n / t_score:.0f} images/s once the ground truth exists")
+    print(f"details: calibration {n / t_details:.1f} targets/s ({t_details / t_truth:.2f}x the colour ground truth), "
+          f"scoring {n / t_dscore:.0f} images/s")
     per_eval = 128 * t_truth / n + 640 * t_score / n
-    print(f"=> a 64-subject x 2-sample x 5-cell eval spends {per_eval:.1f} s outside sampling "
-          f"(median of {reps} scoring passes; {np.round(t_truth, 2)} s for {n} truths)")
+    per_details = 128 * t_details / n + 640 * t_dscore / n
+    print(f"=> a 64-subject x 2-sample x 5-cell eval spends {per_eval:.1f} s outside sampling on colour identity, "
+          f"{per_details:.1f} s more on details (--details off skips them) "
+          f"(mean of {reps} scoring passes; {np.round(t_truth, 2)} s for {n} truths)")

@@ -35,19 +35,22 @@ def _paste(canvas, draw, img, x, y, cell, is_ref):
         draw.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=REF_OUTLINE, width=2)
 
 
-def sample_grid(rows, cell: int = 128, pad: int = 6, label_h: int = 36) -> Image.Image:
+def sample_grid(rows, cell: int = 128, pad: int = 6, label_h: int = 36, note: str = "") -> Image.Image:
     """rows: [(refs, generated, real_targets, prompts)]. One row per set, in aligned column blocks:
-    references | generated (prompt below each) || the real images of those prompts, for comparison."""
+    references | generated (prompt below each) || the real images of those prompts, for comparison.
+    `note` goes after the header line (a figure measured on the grid)."""
     font = ImageFont.load_default()
     n_ref = max(len(r) for r, _, _, _ in rows)
     n_gen = max(len(g) for _, g, _, _ in rows)
     n_real = max(len(t) for _, _, t, _ in rows)
-    header = 18
+    header = 18 + (13 if note else 0)
     w = pad + (n_ref + n_gen + 1 + n_real) * (cell + pad)  # +1: a gap column before the real images
     h = header + len(rows) * (cell + label_h + pad) + pad
     canvas = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 3), "references  |  generated (prompt)  |  real images of those prompts", fill=(0, 0, 0), font=font)
+    if note:
+        draw.text((pad, 16), note, fill=(0, 0, 0), font=font)
     for r, (refs, gen, truth, prompts) in enumerate(rows):
         y = header + r * (cell + label_h + pad)
         blocks = ((0, refs, ["reference"] * len(refs)), (n_ref, gen, prompts),

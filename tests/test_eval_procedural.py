@@ -25,7 +25,7 @@ def summary(out):
 
 def test_oracles_validate_the_metric(cli, tmp_path):
     """Ground-truth renders close ~all of the gap and are scene-classified; another subject closes ~none."""
-    args = ("--subjects", 16, "--refs", 1, "--image-guidance", 1, "--samples", 2)
+    args = ("--subjects", 16, "--refs", 1, "--image-guidance", 1, "--samples", 2, "--details", "off")  # test_eval_details
     assert cli("--out", tmp_path / "gt", "--oracle", "ground_truth", *args)[0] == 0
     assert cli("--out", tmp_path / "other", "--oracle", "other_subject", *args)[0] == 0
     gt, other = summary(tmp_path / "gt")["rows"][0], summary(tmp_path / "other")["rows"][0]
@@ -95,6 +95,8 @@ def test_end_to_end_resume_and_bad_input(cli, pipe_dir, tmp_path, monkeypatch):
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {"distance", "chance", "ceiling", "nearest_is_true", "scene_correct"} <= set(rows[0])
+    assert {"detail_pattern", "pattern_ceiling", "sharpness"} <= set(rows[0])  # details beside colour identity
+    assert all(r["sharpness"] > 0 and "pattern" in r["details"] for r in s["rows"])
     assert sorted(os.listdir(out / "images")) == ["refs0_ig0", "refs1_ig2"]
     assert os.listdir(out / "grids") == ["subject0000.png"] and "gap closed" in (out / "summary.md").read_text()
     # a rerun generates nothing: the images on disk are reused

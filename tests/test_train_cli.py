@@ -209,7 +209,9 @@ def test_demo_summary_points_at_the_run_outputs(runs, monkeypatch, capsys):
             out_dir = cmd[cmd.index("--out") + 1]
             os.makedirs(out_dir, exist_ok=True)
             row = {"refs": 1, "image_guidance": 1.0, "gap_closed": 0.123, "gap_closed_ci": [0.05, 0.2],
-                   "nearest_subject_acc": 0.25, "scene_acc": 0.5}
+                   "nearest_subject_acc": 0.25, "scene_acc": 0.5, "sharpness": 0.61, "sharpness_ci": [0.5, 0.7],
+                   "details": {"pattern": {"gap_closed": 0.4, "gap_closed_ci": [0.2, 0.6], "acc": 0.42,
+                                           "ceiling": 0.8, "chance": 1 / 7}}}
             with open(os.path.join(out_dir, "summary.json"), "w") as f:
                 json.dump({"rows": [row]}, f)
         return 0
@@ -220,6 +222,8 @@ def test_demo_summary_points_at_the_run_outputs(runs, monkeypatch, capsys):
     assert "experiment=demo" in calls[0]
     assert calls[1][3:5] == ["procedural", f"{runs['resumed']}/pipeline"] and "--out" in calls[1]
     assert "refs 1 (image guidance 1): gap closed +12.3% (95% CI +5.0 .. +20.0)" in out
+    assert ("details          refs 1 (image guidance 1): detail gap closed pattern +40% (+20 .. +60; acc 0.42, "
+            "ceiling 0.80, chance 0.14); sharpness 0.61 (0.50 .. 0.70)") in out
     grids = sorted(glob.glob(str(runs["resumed"] / "samples" / "samples_step*.png")))
     assert f"sample grid      {grids[-1]}" in out
     values = [v for _, v, _ in losses(runs["resumed"])]

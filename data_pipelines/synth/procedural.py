@@ -33,6 +33,7 @@ from data_pipelines.synth.scenes import F32, SCENE_NAMES, SCENES, draw_scene
 SPEC_VERSION = 1
 PATTERNS = ("solid", "stripes", "dots", "checker", "two-tone", "rings", "zigzag")
 EMBLEMS = ("none", "circle", "diamond", "triangle", "cross")
+PATTERN_FREQ = (1.5, 4.0)  # pattern repeats per object unit, drawn uniformly
 WINDOWED = True  # draw the subject only in its bounding window (False: whole frame; the same pixels)
 CAPTION_TEMPLATES = ("a photo of a {cls} {scene}", "a {cls} {scene}", "a picture of a {cls} {scene}",
                      "a close-up photo of a {cls} {scene}", "a photo of the {cls} {scene}")
@@ -145,6 +146,10 @@ def _sample_shape(family: str, rng: np.random.Generator) -> dict[str, Any]:
     }[family]()
 
 
+# shape parameters that switch a part on or off (what the detail eval varies as "part layout")
+PART_TOGGLES = {"ball": "band", "mug": "part_handle", "star toy": "face", "bottle": "label"}
+EMBLEMLESS = ("robot toy",)  # families drawn without their emblem (its chest panel is there)
+
 FAMILIES: dict[str, Callable] = {"ball": _ball, "toy block": _toy_block, "mug": _mug, "vase": _vase,
                                  "donut": _donut, "star toy": _star_toy, "bottle": _bottle,
                                  "robot toy": _robot_toy}
@@ -174,7 +179,7 @@ def sample_subject(rng: np.random.Generator, family: str | None = None) -> dict[
         "spec_version": SPEC_VERSION,
         "family": family,
         "colors": {"body": _to_rgb(body), "pattern": _to_rgb(pattern), "part": _to_rgb(part)},
-        "pattern": {"kind": kind, "freq": round(float(rng.uniform(1.5, 4.0)), 4),
+        "pattern": {"kind": kind, "freq": round(float(rng.uniform(*PATTERN_FREQ)), 4),
                     "angle": round(float(rng.uniform(0, np.pi)), 4), "phase": round(float(rng.uniform(0, 1)), 4)},
         "shape": _sample_shape(family, rng),
         "emblem": {"kind": EMBLEMS[int(rng.integers(len(EMBLEMS)))], "size": round(float(rng.uniform(0.18, 0.3)), 4)},
@@ -213,7 +218,7 @@ def _pattern_mask(u, v, pat: dict, px: float) -> np.ndarray | None:
 def _emblem_sdf(u, v, emb: dict, family: str):
     kind, s = emb["kind"], emb["size"]
     cy = {"robot toy": 0.38, "bottle": 0.35, "mug": 0.1, "vase": 0.3, "donut": -0.65}.get(family, 0.0)
-    if kind == "none" or family == "robot toy":
+    if kind == "none" or family in EMBLEMLESS:
         return None
     if kind == "circle":
         return _circle(u, v, 0, cy, s)

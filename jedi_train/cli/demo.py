@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     if eval_rc == 0 and os.path.exists(summary):
         import json
 
+        from jedi_train.eval.details import summary_line
+
         with open(summary) as f:
             rows = json.load(f)["rows"]
         for r in rows:
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
             print(f"identity         refs {r['refs']} (image guidance {r['image_guidance']:g}): gap closed "
                   f"{100 * r['gap_closed']:+.1f}% (95% CI {100 * lo:+.1f} .. {100 * hi:+.1f}), nearest subject "
                   f"{r['nearest_subject_acc']:.2f} (chance 0.12), scene {r['scene_acc']:.2f}")
+            if "sharpness" in r:
+                print(f"details          refs {r['refs']} (image guidance {r['image_guidance']:g}): {summary_line(r)}")
         print(f"eval             {eval_dir}/summary.md, grids {eval_dir}/grids/   (refs | generated | ground truth)")
     else:
         why = f"failed (exit {eval_rc})" if eval_rc else "wrote no summary"

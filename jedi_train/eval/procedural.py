@@ -22,6 +22,9 @@ vary). An image with no foreground scores 1.
   (calibrated on ground-truth renders; its accuracy on ground truth is reported too).
 `--oracle ground_truth` scores ground-truth renders instead of samples (~100% gap closed),
 `--oracle other_subject` renders of another subject (~0%): they validate the metric itself.
+Beside colour identity: detail accuracy (pattern kind, frequency band, emblem, part layout) and
+sharpness (details.py); `--oracle other_detail` (the same subject with another value of each attribute:
+detail accuracy ~0) and `--oracle blurred` (ground truth blurred: sharpness well below 1) check them.
 refs 0 (or image guidance 0) is the true no-reference baseline: no references in any guidance branch.
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ from scipy.spatial import cKDTree
 from data_pipelines.synth import procedural
 from data_pipelines.synth.scenes import SCENE_NAMES
 from jedi_common.atomic import atomic_path, atomic_write_text
+from jedi_train.eval import details
 from jedi_train.eval.common import (
     EvalError,
     bootstrap_ci,
@@ -54,7 +58,7 @@ EVAL_TAG = 7_000_003  # subjects come from SeedSequence([EVAL_TAG, seed, i]): ne
 NUM_DISTRACTORS = 7
 PROTO_RENDERS = 4
 BG_TAU = 0.1  # colour distance (RGB in [0, 1]) below which a pixel counts as background; full foreground at 2x
-ORACLES = ("none", "ground_truth", "other_subject")
+ORACLES = ("none", "ground_truth", "other_subject", "other_detail", "blurred")
 
 
 # -- the held-out world ------------------------------------------------------------------------------
@@ -229,13 +233,17 @@ def add_arguments(p) -> None:
                    help="subjects per pipeline call (default 8; the same images as 1, faster; lower it if memory runs out)")
     p.add_argument("--seed", type=int, default=0, help="selects the held-out subjects and the sampling noise")
     p.add_argument("--oracle", choices=ORACLES, default="none",
-                   help="score ground-truth renders (ground_truth) or another subject (other_subject) instead")
+                   help="score ground-truth renders (ground_truth), another subject (other_subject), the subject "
+                        "with other details (other_detail) or blurred ground truth (blurred) instead")
     p.add_argument("--resolution", type=int, default=32, help="render size with --oracle (else the pipeline's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--grids", type=int, default=8, help="subjects that get a grid (default 8)")
     p.add_argument("--wandb", choices=("auto", "off"), default="auto",
                    help="auto: log the table and grids to the W&B run that trained the pipeline (its run dir's "
                         "wandb_id.txt; offline without an API key); off: never")
+    p.add_argument("--details", choices=("on", "off"), default="on",
+                   help="on: detail accuracy and sharpness beside colour identity (~0.7 s per subject and "
+                        "sample on a loaded 2-core machine); off: colour identity only")
     p.add_argument("--layout", choices=list(procedural.LAYOUTS), default=None,
                    help="how subjects sit in the frame, as in the training data (default: the run's "
                         "procedural_layout from PIPELINE_DIR/../config.yaml, else varied)")
@@ -293,6 +301,8 @@ def check_args(args) -> tuple[list[int], list[float]]:
     if max(refs) + args.samples > len(SCENE_NAMES):
         raise EvalError(f"--refs {max(refs)} + --samples {args.samples} exceed the {len(SCENE_NAMES)} scenes; "
                         "lower one of them")
+    if args.oracle in ("other_detail", "blurred") and args.details == "off":
+        raise EvalError(f"--oracle {args.oracle} checks the detail measures; drop --details off")
     if args.oracle == "none" and not args.pipeline_dir:
         raise EvalError("no PIPELINE_DIR given; pass the folder jedi-export wrote (or --oracle for a metric check)")
     return refs, guid
@@ -325,6 +335,7 @@ def run(args) -> int:
     truths = {(c.index, sc): build_truth(c, sc, resolution)
               for c in tqdm(cases, desc="ground truth", leave=False) for sc in c.target_scenes}
     classifier = SceneClassifier(resolution, seed=args.seed, layout=args.layout)
+    detail_truths = details.build_for_cases(cases, truths, resolution, tqdm) if args.details == "on" else {}
 
     per_image = []
     for r, s in cells:
@@ -333,7 +344,8 @@ def run(args) -> int:
                 t = truths[(c.index, sc)]
                 img = t.oracle[args.oracle] if images is None else images[generation_key(r, s)][(c.index, j)]
                 row = {"refs": r, "image_guidance": s, "subject": c.index, "class": c.cls, "sample": j,
-                       "scene": sc, **score_image(img, t), "scene_correct": float(classifier.predict(img) == sc)}
+                       "scene": sc, **score_image(img, t), "scene_correct": float(classifier.predict(img) == sc),
+                       **details.columns(img, detail_truths.get((c.index, sc)), args.oracle)}
                 per_image.append(row)
     gt_scene_acc = float(np.mean([classifier.predict(t.ceiling_image) == sc for (_, sc), t in truths.items()]))
     summary = summarize(per_image, cells, settings, gt_scene_acc)
@@ -355,7 +367,8 @@ def run(args) -> int:
 
 
 WANDB_COLUMNS = ["refs", "image_guidance", "gap_closed", "nearest_subject_acc", "scene_acc", "distance", "chance",
-                 "ceiling", "n_images"]
+                 "ceiling", "n_images", "pattern_acc", "pattern_gap_closed", "frequency_gap_closed", "emblem_gap_closed",
+                 "parts_gap_closed", "sharpness"]
 
 
 def generate(pipe, cases: list[Case], keys: list[tuple[int, float]], args, tqdm) -> dict:
@@ -410,7 +423,8 @@ def summarize(per_image: list[dict], cells, settings: dict, gt_scene_acc: float)
                      "scene_acc": float(np.mean([x["scene_correct"] for x in sel])),
                      "distance": float(per_subject[:, 0].mean()), "chance": float(per_subject[:, 1].mean()),
                      "ceiling": float(per_subject[:, 2].mean()), "n_images": len(sel), "n_subjects": len(subjects),
-                     "per_subject_gap_closed": {int(k): gap_closed(per_subject[i:i + 1]) for i, k in enumerate(subjects)}})
+                     "per_subject_gap_closed": {int(k): gap_closed(per_subject[i:i + 1]) for i, k in enumerate(subjects)},
+                     **details.summarize_cell(sel, settings["seed"], bootstrap_ci)})
     return {"rows": rows, "pipeline": settings["pipeline"], "settings": settings,
             "ground_truth_scene_acc": gt_scene_acc, "nearest_subject_chance": 1 / (1 + NUM_DISTRACTORS)}
 
@@ -428,6 +442,7 @@ def summary_markdown(summary: dict) -> str:
                      f"{r['distance']:.3f} / {r['chance']:.3f} / {r['ceiling']:.3f} | {r['n_images']} |")
     lines += ["", (f"Scene classifier accuracy on ground-truth renders: {summary['ground_truth_scene_acc']:.3f}. "
               "Gap closed = (chance - distance) / (chance - ceiling); CI: bootstrap over subjects."), ""]
+    lines += details.table_markdown(summary["rows"])
     return "\n".join(lines)
 
 

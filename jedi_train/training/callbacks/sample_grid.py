@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from jedi_common.atomic import atomic_path
+from jedi_train.eval.details import image_set_sharpness
 from jedi_train.training.callbacks.checkpoint import extra, stop_requested
 from jedi_train.viz import sample_grid, to_pil
 
@@ -16,6 +17,7 @@ class SampleGridCallback(L.Callback):
     """Every `every_n_steps`, personalize held-out sets with the EMA weights and save a grid.
 
     Row per set: its reference images | generated targets (captions as labels) | the real targets.
+    The header and the W&B caption give the grid's sharpness: generated / real high-frequency energy.
     The references are sampled with their captions, as training showed them. Held-out sets come from
     the datamodule's `heldout_batch(num_sets)` when it has one, otherwise from the first training batch.
     Default guidance 1 / 1: the text + references branch alone, the one training shows most often (the
@@ -91,7 +93,9 @@ class SampleGridCallback(L.Callback):
                            image_guidance_scale=self.img_cfg, generator=g, output_type="pil").images
                 rows.append((s["refs"], out, s["truth"], s["prompts"]))
             denoiser.train(was_training)
-        grid = sample_grid(rows)
+        sharp = image_set_sharpness([g for r in rows for g in r[1]], [t for r in rows for t in r[2]])
+        note = f"sharpness {sharp:.2f} (generated / real high-frequency energy, whole images)" if sharp else ""
+        grid = sample_grid(rows, note=note)
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"samples_step{trainer.global_step:07d}.png")
         with atomic_path(path) as tmp:
@@ -100,5 +104,7 @@ class SampleGridCallback(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[grid], step=trainer.global_step,
-                                 caption=[f"step {trainer.global_step}: refs | generated | real"])
+                                 caption=[f"step {trainer.global_step}: refs | generated | real" + (f"; {note}" if note else "")])
+            if sharp and hasattr(logger, "log_metrics"):
+                logger.log_metrics({"eval/grid_sharpness": sharp}, step=trainer.global_step)
         return path
