@@ -42,6 +42,9 @@ class SetLayout:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     # set by `with_reference_cache`: record references' keys/values, or prepend the recorded ones
     reference_cache: ReferenceKVCache | None = field(default=None, repr=False, compare=False)
+    # set by `with_attention_recorder` (pipelines/attention_maps.py): every coupled layer hands it the target
+    # queries and the keys; None (the default) = the recording code path is never entered
+    attention_recorder: object | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(cls, is_ref: torch.Tensor, valid: torch.Tensor | None = None,
@@ -83,7 +86,30 @@ class SetLayout:
 
     def with_reference_cache(self, cache: ReferenceKVCache) -> SetLayout:
         """This layout, carrying a reference key/value cache (recording or replaying)."""
-        return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=cache)
+        return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=cache,
+                         attention_recorder=self.attention_recorder)
+
+    def with_attention_recorder(self, recorder) -> SetLayout:
+        """This layout (its cache too), with an attention recorder: `recorder.record(query, key, layout,
+        ref_tokens)` is called by every coupled layer (see `record_attention`)."""
+        return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=self.reference_cache,
+                         attention_recorder=recorder)
+
+    @property
+    def trivial(self) -> bool:
+        """Sets of one image with nothing cached or recorded: the base model's attention, op for op."""
+        return (self.reference_cache is None and self.attention_recorder is None and self.n == 1
+                and bool(self.valid.all()))
+
+    def target_key_mask(self, tokens_per_image: int, ref_tokens: int = 0) -> torch.Tensor:
+        """(B, ref_tokens + N*tokens_per_image) bool: the image keys a TARGET's queries may see (cached
+        reference tokens first when `ref_tokens`), as `key_masks` / `cached_key_mask` / `per_image_key_mask`
+        give them to SDPA."""
+        tgt_keys, _ = self._visible_keys(True)  # a target's keys do not depend on references_see_targets
+        keys = tgt_keys.repeat_interleave(tokens_per_image, dim=1)
+        if ref_tokens:
+            keys = torch.cat([self.coupled[:, None].expand(-1, ref_tokens), keys], dim=1)
+        return keys
 
     def key_masks(self, tokens_per_image: int, device: torch.device, references_see_targets: bool = True):
         """[(query_is_ref or None, key_mask or None), ...] for the query groups, expanded to tokens.
@@ -191,9 +217,9 @@ class JointAttnProcessor(AttnProcessor2_0):
                  temb=None, set_layout: SetLayout | None = None):
         if encoder_hidden_states is not None:
             raise ValueError("JointAttnProcessor is for self-attention (attn1); cross-attention stays per image")
-        cache = set_layout.reference_cache if set_layout is not None else None
-        if set_layout is None or (cache is None and set_layout.n == 1 and bool(set_layout.valid.all())):
+        if set_layout is None or set_layout.trivial:
             return super().__call__(attn, hidden_states, None, attention_mask, temb)
+        cache = set_layout.reference_cache
         if attention_mask is not None:
             raise ValueError("a UNet attention_mask cannot be combined with set-coupled self-attention")
 
@@ -243,6 +269,8 @@ class JointAttnProcessor(AttnProcessor2_0):
             groups = [(None, set_layout.cached_key_mask(L, ref_k.shape[2], query.device))]
         else:
             groups = set_layout.key_masks(L, query.device, self.references_see_targets)
+        if set_layout.attention_recorder is not None:  # explain mode only (return_attention_maps)
+            set_layout.attention_recorder.record(query, key, set_layout, key.shape[2] - n * L)
 
         out = None
         for q_select, key_mask in groups:
@@ -285,6 +313,9 @@ def text_and_set_attention(query, key, value, text_len: int, set_layout: SetLayo
         img_k = torch.cat([ref_k.expand(b, -1, -1, -1), img_k], dim=1)
         img_v = torch.cat([ref_v.expand(b, -1, -1, -1), img_v], dim=1)
         ref_tokens = ref_k.shape[1]
+    if set_layout.attention_recorder is not None:  # explain mode only: image queries and keys, text left out
+        img_q = query[:, text_len:].reshape(b, n * li, heads, d)
+        set_layout.attention_recorder.record(img_q.transpose(1, 2), img_k.transpose(1, 2), set_layout, ref_tokens)
 
     def per_image(own, shared):  # one copy: cat reads the set's tokens through an expanded view
         text = own[:, :text_len].unflatten(0, (b, n))
