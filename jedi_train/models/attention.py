@@ -21,6 +21,10 @@ Reference attention (`JeDiConfig.reference_attention`, read by `joint_attn_proce
   * ``"references"``: a reference's queries see only references. Then references never depend on
     the targets, and with references fed at t = 0 their keys/values are the same at every sampling
     step: a `ReferenceKVCache` records them in one references-only pass and the sampler reuses them.
+
+Attention maps (pipelines/attention_maps.py): a layout made `with_attention_recorder` makes every coupled layer
+(these processors, `text_and_set_attention`) also hand the recorder its image queries and keys; a layout without
+one never enters that path.
 """
 from __future__ import annotations
 
