@@ -13,7 +13,7 @@ from PIL import Image
 
 from jedi_common.atomic import atomic_path
 
-# colour ramp of the heat: dark blue (little of the image's attention) -> red -> yellow (most)
+# colour ramp of the heat: dark blue (at or below the reference's mean) -> red -> yellow (the peak)
 RAMP = np.array([[0, 0, 80], [200, 0, 40], [255, 220, 0]], dtype=np.float32)
 
 
@@ -31,14 +31,16 @@ def heat_colours(heat: np.ndarray) -> np.ndarray:
 
 
 def overlay(heatmap: torch.Tensor, reference: Image.Image, alpha: float = 0.6) -> Image.Image:
-    """The reference with its heatmap (scaled to its own maximum) blended over it, bilinearly upsampled."""
+    """The reference with its heatmap blended over it (bilinearly upsampled). Colour = mass relative to the
+    reference's mean: a uniform map leaves the photo under a faint blue tint, only tokens above the mean light
+    up (up to yellow at the peak, or at 1.5x the mean when the peak is lower: small ripples stay faint)."""
     ref = np.asarray(reference.convert("RGB"), dtype=np.float32)
     h = heatmap.float()[None, None]
     up = F.interpolate(h, size=ref.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
-    peak = up.max()
-    up = up / peak if peak > 0 else up
-    a = alpha * (0.25 + 0.75 * up[..., None])  # hot cells cover more of the photo than cold ones
-    out = ref * (1 - a) + heat_colours(up) * a
+    rel = up / up.mean() if up.mean() > 0 else np.zeros_like(up)
+    v = np.clip((rel - 1) / max(float(rel.max()) - 1, 0.5), 0, 1)
+    a = (0.15 + (alpha - 0.15) * v)[..., None]
+    out = ref * (1 - a) + heat_colours(v) * a
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
 
 

@@ -141,3 +141,16 @@ def test_overlays_written_next_to_the_image(sd_pipe, tmp_path):
     with pytest.raises(ValueError, match="2 references but 1 reference image"):
         save_attention_overlays(out.attention_maps[1], out.reference_images[:1], str(image))
 
+
+
+def test_overlay_lights_up_tokens_above_the_mean_only():
+    from jedi_train.explain import overlay
+
+    ref = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
+    heat = torch.ones(4, 4)
+    heat[1, 2] = 4.0  # one hot token: pixels rows 8-15, cols 16-23
+    out = np.asarray(overlay(heat, ref), dtype=float)
+    change = np.abs(out - 128).sum(-1)
+    assert change[10:14, 18:22].min() > 2 * change[28:, :4].max()  # the hot token stands out from a far corner
+    flat = np.asarray(overlay(torch.ones(4, 4), ref), dtype=float)
+    assert np.ptp(flat.reshape(-1, 3), axis=0).max() == 0  # a uniform map tints the photo evenly
