@@ -1,6 +1,7 @@
 """The one sampling library behind jedi-sample, jedi-app and jedi-eval: load a saved pipeline (any family, through
 JeDiAutoPipeline), check reference photos before the model runs, pick a sampler, generate, and write the
-outputs, references, grid and settings.json. The command lines are thin over it (cli/sample.py, app/)."""
+outputs, references, grid and settings.json (with explain: each output's reference attention overlays, explain.py).
+The command lines are thin over it (cli/sample.py, app/)."""
 from __future__ import annotations
 
 import json
@@ -160,15 +161,17 @@ def make_scheduler(base, name: str | None, family=None):
 
 
 def generate(pipe, ref_files, prompts, num: int, seed: int, steps: int, guidance: float, image_guidance: float,
-             max_set_size: int, no_cache: bool = False):
-    """One sampling call with pipe's current scheduler -> (JeDiPipelineOutput, seconds)."""
+             max_set_size: int, no_cache: bool = False, explain: bool = False):
+    """One sampling call with pipe's current scheduler -> (JeDiPipelineOutput, seconds). explain: with each
+    image's reference attention maps (result.attention_maps)."""
     import torch
 
     t0 = time.perf_counter()
     result = pipe(reference_images=ref_files, prompt=list(prompts), num_images_per_prompt=num,
                   num_inference_steps=steps, guidance_scale=guidance, image_guidance_scale=image_guidance,
                   max_set_size=max_set_size, generator=torch.Generator(device="cpu").manual_seed(seed),
-                  output_type="pil", use_reference_cache=False if no_cache else None)  # None: when trained for it
+                  output_type="pil", use_reference_cache=False if no_cache else None,  # None: when trained for it
+                  return_attention_maps=explain)
     return result, time.perf_counter() - t0
 
 
@@ -178,7 +181,8 @@ def output_names(prompts, num: int) -> list[dict]:
 
 
 def settings_dict(pipe, pipeline_dir, ref_files, prompts, num, seed, steps, guidance, image_guidance,
-                  max_set_size, no_cache, seconds, command, settings_from: dict | None = None) -> dict:
+                  max_set_size, no_cache, seconds, command, settings_from: dict | None = None,
+                  explain: bool = False) -> dict:
     """What settings.json holds: every setting, the files written, the timing; settings_from: where the
     guidance / image guidance / steps came from (resolve_settings)."""
     return {
@@ -189,17 +193,21 @@ def settings_dict(pipe, pipeline_dir, ref_files, prompts, num, seed, steps, guid
         "reference_cache": bool(not no_cache and pipe.reference_cache_supported() and image_guidance != 0),
         "max_set_size": max_set_size, "resolution": pipe.resolution, "device": str(pipe.device),
         "jedi": pipe.denoiser.jedi.to_dict(), "outputs": output_names(prompts, num), "grid": "grid.png",
-        "sampling_seconds": round(seconds, 3), "command": list(command),
+        "sampling_seconds": round(seconds, 3), "command": list(command), "explain": bool(explain),
         **({"settings_from": dict(settings_from)} if settings_from else {}),
     }
 
 
 def write_results(out_dir: str, result, settings: dict) -> None:
-    """The outputs, references/, grid.png and settings.json into an existing directory."""
+    """The outputs, references/, grid.png and settings.json into an existing directory; with attention maps
+    (generate(explain=True)) each output's overlays NN_MM.attention.K.png beside it, and its attention shares
+    in settings.json's outputs."""
     from jedi_train.viz import make_grid
 
     for img, o in zip(result.images, settings["outputs"]):
         img.save(os.path.join(out_dir, o["file"]))
+    if getattr(result, "attention_maps", None) is not None:
+        write_explanations(out_dir, result, settings["outputs"])
     os.makedirs(os.path.join(out_dir, "references"), exist_ok=True)
     for i, img in enumerate(result.reference_images):
         img.save(os.path.join(out_dir, "references", f"{i:02d}.png"))
@@ -208,3 +216,15 @@ def write_results(out_dir: str, result, settings: dict) -> None:
         json.dump(settings, f, indent=2, default=str)  # default=str: tuples/dtypes in scheduler configs
 
 
+
+
+def write_explanations(out_dir: str, result, outputs: list[dict]) -> None:
+    """Each output's reference attention overlays beside it; its shares (on each reference, itself, the other
+    images of its set) into its settings.json entry under "attention"."""
+    from jedi_train.explain import save_attention_overlays
+
+    for maps, o in zip(result.attention_maps, outputs):
+        files = save_attention_overlays(maps, result.reference_images, os.path.join(out_dir, o["file"]))
+        o["attention"] = {"overlays": [os.path.basename(f) for f in files],
+                          "reference_shares": [round(float(x), 4) for x in maps.reference_shares],
+                          "self_share": round(maps.self_share, 4), "others_share": round(maps.others_share, 4)}

@@ -41,8 +41,9 @@ def pixels(img):
 
 
 def test_dreambench_photos_give_what_jedi_sample_gives(app, photos, pipe_dir, tmp_path):
-    gallery, used, archive, status = app.generate(photos, "", "a can on the beach\n\n a can in the snow ", 1, 3,
-                                                  3.0, 2.0, "dpm", "5")
+    gallery, used, archive, status, explained = app.generate(photos, "", "a can on the beach\n\n a can in the snow ",
+                                                             1, 3, 3.0, 2.0, "dpm", "5")
+    assert explained == []  # the explain box is off
     assert [caption for _, caption in gallery] == ["a can on the beach", "a can in the snow"]
     assert len(used) == 2 and all(Image.open(p).size == (32, 32) for p in used)
     assert "2 images from 2 reference(s)" in status and "seed 5" in status and "reference cache on" in status
@@ -127,7 +128,7 @@ def test_cmyk_and_animated_work_with_a_warning(app, tmp_path):
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     files = [str(tmp_path / "print.jpg"), str(tmp_path / "anim.gif")]
     with pytest.warns(UserWarning):  # gr.Warning outside a request: Python's warnings (a toast in the page)
-        gallery, used, _, status = run(app, files, prompts="a can\na mug", num=2)
+        gallery, used, _, status, _ = run(app, files, prompts="a can\na mug", num=2)
     assert len(gallery) == 4 and len(used) == 2
     assert "print.jpg is CMYK; it was converted to RGB" in status
     assert "anim.gif is animated (3 frames); only its first frame is used" in status
@@ -141,10 +142,17 @@ def test_examples_random_seed_and_text_only(app):
     assert sum(n.startswith("procedural") for n in names) == 3
     assert any(n.startswith("DreamBench") for n in names) == os.path.isdir(DREAMBENCH)
     ex = app.examples[names[0]]
-    gallery, used, archive, status = app.generate(None, names[0], ex.prompts, 1, 2, 3.0, 1.5, "ddim", "random")
+    gallery, used, archive, status, explained = app.generate(None, names[0], ex.prompts, 1, 2, 3.0, 1.5, "ddim",
+                                                             "random", True)  # explain on
     assert len(gallery) == 2 and len(used) == len(ex.files) == 3
+    # per result, one overlay per reference under it, captioned with the share of its attention
+    assert [os.path.basename(p) for p, _ in explained] == [f"{r:02d}_00.attention.{k}.png" for r in range(2)
+                                                           for k in range(3)]
+    assert explained[4][1].startswith("result 2 (") and "reference 2," in explained[4][1]
+    assert all(Image.open(p).size == (32, 32) for p, _ in explained)
     with zipfile.ZipFile(archive) as z:
         s = json.loads(z.read("settings.json"))
+        assert "00_00.attention.0.png" in z.namelist() and s["explain"] is True
     assert s["scheduler"] == "DDIMScheduler" and f"seed {s['seed']}" in status and s["references"] == list(ex.files)
-    gallery, used, _, status = app.generate([], "", "a mug", 1, 2, 3.0, 0, "default", 1)  # plain text-to-image
+    gallery, used, _, status, _ = app.generate([], "", "a mug", 1, 2, 3.0, 0, "default", 1)  # plain text-to-image
     assert len(gallery) == 1 and used == [] and "reference cache off" in status

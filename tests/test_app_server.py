@@ -38,7 +38,7 @@ def call(url, refs, seed, steps=2):
 
     client = Client(url, verbose=False)
     return client.predict([handle_file(str(r)) for r in refs], "", "a toy on the beach", 1, steps, 3.0, 1.0,
-                          "default", str(seed), api_name="/generate")
+                          "default", str(seed), False, api_name="/generate")
 
 
 def test_concurrent_generates_bad_uploads_and_a_full_queue(server, files):

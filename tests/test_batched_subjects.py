@@ -119,3 +119,8 @@ def test_a_subject_may_give_one_generator_per_image(pipes):
     out = pipe(reference_images=[refs, SUBJECTS[1][0]], prompt=[prompts, SUBJECTS[1][1]],
                reference_captions=[caps, SUBJECTS[1][2]], generator=[gens([5, 6, 7]), gens([8])], **KW).images
     torch.testing.assert_close(out[0], own, atol=2e-4, rtol=0)
+
+
+def test_attention_maps_need_one_subject_per_call(pipes):
+    with pytest.raises(ValueError, match="return_attention_maps takes one subject per call"):
+        together(pipes["cache"], return_attention_maps=True)

@@ -72,9 +72,15 @@ def test_writes_outputs_grid_settings(pipe_dir, refs, tmp_path):
     assert [o["file"] for o in s["outputs"]] == names[:4] and s["outputs"][2]["prompt"] == "a can on the moon"
     assert os.listdir(tmp_path) == ["run"]  # no temp dir left behind
 
-    again = sample(*common, "--out", tmp_path / "again", "--no-cache")  # same seed, no KV cache
+    again = sample(*common, "--out", tmp_path / "again", "--no-cache", "--explain")  # same seed, no KV cache
     s2 = read_json(tmp_path / "again" / "settings.json")
-    assert s2["reference_cache"] is False and again.returncode == 0
+    assert s2["reference_cache"] is False and again.returncode == 0 and s2["explain"] is True
+    # --explain: per image one overlay per reference beside it, its attention shares in settings.json
+    overlays = sorted(n for n in os.listdir(tmp_path / "again") if ".attention." in n)
+    assert overlays == sorted(f"{n[:-4]}.attention.{j}.png" for n in names[:4] for j in range(k))
+    for o in s2["outputs"]:
+        a = o["attention"]
+        assert sum(a["reference_shares"]) + a["self_share"] + a["others_share"] == pytest.approx(1, abs=1e-3)
     for n in names[:4]:  # the cache changes nothing but rounding
         assert np.abs(pixels(out / n) - pixels(tmp_path / "again" / n)).max() <= 1
 

@@ -1,4 +1,5 @@
-"""What the page calls: JeDiApp.generate (references + prompts -> gallery, references, zip, status) and
+"""What the page calls: JeDiApp.generate (references + prompts -> gallery, references, zip, status, and with
+"explain" each result's reference attention overlays) and
 JeDiApp.preview (uploads -> the references as the model will see them). Sampling is jedi-sample's own
 (sampling.py: prepare_references, make_scheduler, generate, settings_dict, write_results), with the same
 defaults; a request's directory holds exactly what jedi-sample writes to --out, and the zip holds that."""
@@ -135,8 +136,10 @@ class JeDiApp:
         return path
 
     def generate(self, files, example, prompts_text, num=1, steps=None, guidance=None, image_guidance=None,
-                 scheduler="default", seed=sample.DEFAULTS["seed"], progress=TRACK_TQDM):
-        """-> (gallery [(png, prompt)], references as the model saw them [png], zip path, status markdown).
+                 scheduler="default", seed=sample.DEFAULTS["seed"], explain=False, progress=TRACK_TQDM):
+        """-> (gallery [(png, prompt)], references as the model saw them [png], zip path, status markdown,
+        explained [(overlay png, caption)]: with explain, per result its overlay over each reference (where it took
+        its subject from, jedi-sample --explain's files), else []).
         steps / guidance / image_guidance None: the export's recommended value, else jedi-sample's default."""
         values, settings_from = sample.resolve_settings(
             self.pipeline_dir, {"steps": steps, "guidance": guidance, "image_guidance": image_guidance})
@@ -169,12 +172,12 @@ class JeDiApp:
             progress(0, desc="sampling")
             try:
                 result, seconds = sample.generate(self.pipe, ref_files, prompts, num, seed, steps, guidance,
-                                                  image_guidance, max_set_size)
+                                                  image_guidance, max_set_size, explain=bool(explain))
             except ValueError as e:
                 raise refuse(_short(str(e), ref_files)) from None
             settings = sample.settings_dict(self.pipe, self.pipeline_dir, ref_files, prompts, num, seed, steps,
                                             guidance, image_guidance, max_set_size, False, seconds, ["jedi-app"],
-                                            settings_from)
+                                            settings_from, bool(explain))
         request = self._new_request_dir()
         out = os.path.join(request, "jedi-sample")
         sample.write_results(out, result, settings)
@@ -186,4 +189,15 @@ class JeDiApp:
                   f"{'on' if settings['reference_cache'] else 'off'}")
         if warnings:
             status += "\n\n" + "\n".join(f"- warning: {_short(w, ref_files)}" for w in warnings)
-        return gallery, refs, archive, status
+        return gallery, refs, archive, status, explained(out, settings["outputs"])
+
+
+def explained(out: str, outputs: list[dict]) -> list[tuple[str, str]]:
+    """[(overlay png, caption)] in result order, each result's overlays one after the other (none without explain)."""
+    shown = []
+    for i, o in enumerate(outputs):
+        a = o.get("attention")
+        for j, name in enumerate(a["overlays"] if a else []):
+            caption = f"result {i + 1} ({o['prompt']}): reference {j + 1}, {100 * a['reference_shares'][j]:.0f}%"
+            shown.append((os.path.join(out, name), caption + " of its attention"))
+    return shown

@@ -42,9 +42,13 @@ def build_ui(app: JeDiApp, max_queue: int = 16) -> gr.Blocks:
                 with gr.Row():
                     scheduler = gr.Dropdown(scheduler_choices, value="default", label="Sampler", elem_id="scheduler")
                     seed = gr.Textbox(value=str(d["seed"]), label='Seed (an integer, or "random")', elem_id="seed")
+                explain = gr.Checkbox(False, label="Explain: show where each result took its subject from "
+                                      "(attention over each reference)", elem_id="explain")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Results", columns=4, format="png", elem_id="results")
+                overlays = gr.Gallery(label="Where each result took its subject from (explain; brighter = more "
+                                      "attention)", columns=4, height=180, format="png", elem_id="explained")
                 status = gr.Markdown(elem_id="status")
                 used = gr.Gallery(label="References the model used", columns=4, height=140, format="png",
                                   elem_id="used")
@@ -60,6 +64,6 @@ def build_ui(app: JeDiApp, max_queue: int = 16) -> gr.Blocks:
         example.change(pick_example, example, [files, prompts, seen], **quiet)
         files.upload(lambda f: (NO_EXAMPLE, app.preview(f)), files, [example, seen], **quiet)
         files.clear(list, None, seen, **quiet)
-        go.click(app.generate, [files, example, prompts, num, steps, guidance, image_guidance, scheduler, seed],
-                 [gallery, used, download, status], concurrency_limit=1)
+        go.click(app.generate, [files, example, prompts, num, steps, guidance, image_guidance, scheduler, seed, explain],
+                 [gallery, used, download, status, overlays], concurrency_limit=1)
     return demo.queue(max_size=max_queue, default_concurrency_limit=1)

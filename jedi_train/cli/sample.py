@@ -3,6 +3,7 @@
 Personalize with a trained JeDiPipeline: the photos given by --ref (files, or DreamBench-style subject
 folders) become the references; N images are generated per prompt. --out receives
     NN_MM.png        output MM of prompt NN (one PNG per output)
+    NN_MM.attention.K.png   with --explain: where output NN_MM took its subject from, over reference K
     references/      the references as the model saw them (resized, cropped)
     grid.png         references in the first row, one row of outputs per prompt (prompts as labels)
     settings.json    every setting, the files it wrote and the timing
@@ -63,6 +64,9 @@ def parse_args(argv):
     p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"],
                    help="sampler: ddim or dpm (DPM-Solver++); default: the pipeline's own")
     p.add_argument("--no-cache", action="store_true", help="never use the reference key/value cache")
+    p.add_argument("--explain", action="store_true",
+                   help="write reference attention overlays next to each image (NN_MM.attention.K.png: where the "
+                        "image took its subject from, per reference) and the attention shares in settings.json")
     p.add_argument("--max-set-size", type=int, default=d["max_set_size"],
                    help=f"images per set (references + targets; default {d['max_set_size']})")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once done)")
@@ -114,13 +118,13 @@ def run(args) -> str:
     pipe = load_pipeline(args.pipeline_dir, args.device)
     pipe.scheduler = make_scheduler(pipe.scheduler, args.scheduler, pipe.family)
     result, seconds = generate(pipe, ref_files, args.prompt, args.num, args.seed, args.steps, args.guidance,
-                               args.image_guidance, args.max_set_size, args.no_cache)
+                               args.image_guidance, args.max_set_size, args.no_cache, args.explain)
 
     out = os.path.abspath(args.out)
     with staged_dir(out) as tmp:  # published whole, or not at all
         settings = settings_dict(pipe, args.pipeline_dir, ref_files, args.prompt, args.num, args.seed, args.steps,
                                  args.guidance, args.image_guidance, args.max_set_size, args.no_cache, seconds,
-                                 ["jedi-sample", *sys.argv[1:]], args.settings_from)
+                                 ["jedi-sample", *sys.argv[1:]], args.settings_from, args.explain)
         write_results(tmp, result, settings)
     return out
 

@@ -21,6 +21,10 @@ Reference attention (`JeDiConfig.reference_attention`, read by `joint_attn_proce
   * ``"references"``: a reference's queries see only references. Then references never depend on
     the targets, and with references fed at t = 0 their keys/values are the same at every sampling
     step: a `ReferenceKVCache` records them in one references-only pass and the sampler reuses them.
+
+Attention maps (pipelines/attention_maps.py): a layout made `with_attention_recorder` makes every coupled layer
+(these processors, `text_and_set_attention`) also hand the recorder its image queries and keys; a layout without
+one never enters that path.
 """
 from __future__ import annotations
 
@@ -44,6 +48,9 @@ class SetLayout:
     reference_cache: ReferenceKVCache | None = field(default=None, repr=False, compare=False)
     # (B,) long: which recorded subject's references each set replays (None: one subject, every set)
     reference_rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # set by `with_attention_recorder` (pipelines/attention_maps.py): every coupled layer hands it the target
+    # queries and the keys; None (the default) = the recording code path is never entered
+    attention_recorder: object | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(cls, is_ref: torch.Tensor, valid: torch.Tensor | None = None,
@@ -87,13 +94,36 @@ class SetLayout:
     def with_reference_cache(self, cache: ReferenceKVCache, rows: torch.Tensor | None = None) -> SetLayout:
         """This layout, carrying a reference key/value cache (recording or replaying). rows: (B,) the
         recorded subject each set replays, when one call samples several subjects."""
-        return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=cache, reference_rows=rows)
+        return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=cache, reference_rows=rows,
+                         attention_recorder=self.attention_recorder)
 
     def replay(self, recorded: torch.Tensor) -> torch.Tensor:
         """Recorded reference keys or values (subjects, ...) -> one row per set of this layout."""
         if self.reference_rows is None:
             return recorded.expand(self.num_sets, *recorded.shape[1:])
         return recorded[self.reference_rows.to(recorded.device)]
+
+    def with_attention_recorder(self, recorder) -> SetLayout:
+        """This layout (its cache too), with an attention recorder: `recorder.record(query, key, layout,
+        ref_tokens)` is called by every coupled layer (see `record_attention`)."""
+        return SetLayout(self.n, self.is_ref, self.valid, self.coupled, reference_cache=self.reference_cache,
+                         reference_rows=self.reference_rows, attention_recorder=recorder)
+
+    @property
+    def trivial(self) -> bool:
+        """Sets of one image with nothing cached or recorded: the base model's attention, op for op."""
+        return (self.reference_cache is None and self.attention_recorder is None and self.n == 1
+                and bool(self.valid.all()))
+
+    def target_key_mask(self, tokens_per_image: int, ref_tokens: int = 0) -> torch.Tensor:
+        """(B, ref_tokens + N*tokens_per_image) bool: the image keys a TARGET's queries may see (cached
+        reference tokens first when `ref_tokens`), as `key_masks` / `cached_key_mask` / `per_image_key_mask`
+        give them to SDPA."""
+        tgt_keys, _ = self._visible_keys(True)  # a target's keys do not depend on references_see_targets
+        keys = tgt_keys.repeat_interleave(tokens_per_image, dim=1)
+        if ref_tokens:
+            keys = torch.cat([self.coupled[:, None].expand(-1, ref_tokens), keys], dim=1)
+        return keys
 
     def key_masks(self, tokens_per_image: int, device: torch.device, references_see_targets: bool = True):
         """[(query_is_ref or None, key_mask or None), ...] for the query groups, expanded to tokens.
@@ -202,9 +232,9 @@ class JointAttnProcessor(AttnProcessor2_0):
                  temb=None, set_layout: SetLayout | None = None):
         if encoder_hidden_states is not None:
             raise ValueError("JointAttnProcessor is for self-attention (attn1); cross-attention stays per image")
-        cache = set_layout.reference_cache if set_layout is not None else None
-        if set_layout is None or (cache is None and set_layout.n == 1 and bool(set_layout.valid.all())):
+        if set_layout is None or set_layout.trivial:
             return super().__call__(attn, hidden_states, None, attention_mask, temb)
+        cache = set_layout.reference_cache
         if attention_mask is not None:
             raise ValueError("a UNet attention_mask cannot be combined with set-coupled self-attention")
 
@@ -254,6 +284,8 @@ class JointAttnProcessor(AttnProcessor2_0):
             groups = [(None, set_layout.cached_key_mask(L, ref_k.shape[2], query.device))]
         else:
             groups = set_layout.key_masks(L, query.device, self.references_see_targets)
+        if set_layout.attention_recorder is not None:  # explain mode only (return_attention_maps)
+            set_layout.attention_recorder.record(query, key, set_layout, key.shape[2] - n * L)
 
         out = None
         for q_select, key_mask in groups:
@@ -296,6 +328,9 @@ def text_and_set_attention(query, key, value, text_len: int, set_layout: SetLayo
         img_k = torch.cat([set_layout.replay(ref_k), img_k], dim=1)
         img_v = torch.cat([set_layout.replay(ref_v), img_v], dim=1)
         ref_tokens = ref_k.shape[1]
+    if set_layout.attention_recorder is not None:  # explain mode only: image queries and keys, text left out
+        img_q = query[:, text_len:].reshape(b, n * li, heads, d)
+        set_layout.attention_recorder.record(img_q.transpose(1, 2), img_k.transpose(1, 2), set_layout, ref_tokens)
 
     def per_image(own, shared):  # one copy: cat reads the set's tokens through an expanded view
         text = own[:, :text_len].unflatten(0, (b, n))

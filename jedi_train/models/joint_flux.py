@@ -89,8 +89,7 @@ class JointFluxAttnProcessor(FluxAttnProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  set_layout: SetLayout | None = None, text_len: int | None = None, rope=None):
-        cache = set_layout.reference_cache if set_layout is not None else None
-        if set_layout is None or (cache is None and set_layout.n == 1 and bool(set_layout.valid.all())):
+        if set_layout is None or set_layout.trivial:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if attention_mask is not None:
             raise ValueError("an attention_mask cannot be combined with set-coupled attention")

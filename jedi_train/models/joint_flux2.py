@@ -132,9 +132,8 @@ def _widen_linear(old: torch.nn.Linear, new_in: int) -> torch.nn.Linear:
 
 
 def _trivial(set_layout: SetLayout | None) -> bool:
-    """No layout, or sets of one image with nothing cached: the base processor, op for op."""
-    return set_layout is None or (set_layout.reference_cache is None and set_layout.n == 1
-                                  and bool(set_layout.valid.all()))
+    """No layout, or sets of one image with nothing cached or recorded: the base processor, op for op."""
+    return set_layout is None or set_layout.trivial
 
 
 class JointFlux2AttnProcessor(Flux2AttnProcessor):

@@ -36,8 +36,7 @@ class JointSD3AttnProcessor(JointAttnProcessor2_0):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  set_layout: SetLayout | None = None, **kwargs):
-        cache = set_layout.reference_cache if set_layout is not None else None
-        if set_layout is None or (cache is None and set_layout.n == 1 and bool(set_layout.valid.all())):
+        if set_layout is None or set_layout.trivial:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
         if attention_mask is not None or encoder_hidden_states is None:
             raise ValueError("set-coupled SD3 attention takes text tokens (encoder_hidden_states) and no attention_mask")

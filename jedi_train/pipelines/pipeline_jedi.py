@@ -42,6 +42,7 @@ from jedi_train.models.components import LatentCodec, model_resolution
 from jedi_train.models.families import Family
 from jedi_train.models.joint import JointDenoiserMixin, mismatched_weights
 from jedi_train.models.text import PromptEncoder, TextEmbeddings
+from jedi_train.pipelines.attention_maps import AttentionMap, AttentionRecorder, recorded_steps
 from jedi_train.pipelines.references import load_references
 from jedi_train.pipelines.set_plan import Branch, SetPlan, guidance_branches
 
@@ -63,6 +64,8 @@ class JeDiPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor  # prompt-major: prompt 0's images first
     reference_images: list[PIL.Image.Image]  # the references as the model saw them (resized, cropped)
     # several subjects in one call (prompt = one list per subject): both are one list per subject
+    # return_attention_maps=True: per image (same order), its attention shares and heatmaps (attention_maps.py)
+    attention_maps: list[AttentionMap] | None = None
 
 
 @dataclass
@@ -382,9 +385,11 @@ class JeDiBasePipeline(DiffusionPipeline):
                                               dtype=dtype))
         return torch.cat(latents), (torch.cat(ref_noise) if ref_noise else None)
 
-    def predict(self, sets: GuidedSets, x_in: torch.Tensor, t, ref_noise: torch.Tensor | None) -> torch.Tensor:
+    def predict(self, sets: GuidedSets, x_in: torch.Tensor, t, ref_noise: torch.Tensor | None,
+                calls: list | None = None) -> torch.Tensor:
         """One timestep's guided prediction for the targets: every branch's sets through its model call,
-        the branches' predictions summed with their weights."""
+        the branches' predictions summed with their weights. calls: sets.calls unless given (a recording step's,
+        see `attention_recording`)."""
         plan, model = sets.plan, self.denoiser
         refs_in = None
         if plan.num_refs:  # what training fed: clean at t = 0, or noised to the set's t
@@ -395,7 +400,7 @@ class JeDiBasePipeline(DiffusionPipeline):
             t_img = torch.where(sets.is_ref, torch.zeros_like(t_img), t_img)
         clean = sets.clean if sets.clean is not None else noisy
         preds = []
-        for sel, layout in sets.calls:
+        for sel, layout in calls or sets.calls:
             n_b = len(sel)
             visible = torch.cat([sets.is_ref & sets.branches[b].refs for b in sel])
             model_in = model.assemble_input(noisy.repeat(n_b, 1, 1, 1), clean.repeat(n_b, 1, 1, 1), visible)
@@ -411,7 +416,8 @@ class JeDiBasePipeline(DiffusionPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  reference_captions: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  max_set_size: int = 8, use_reference_cache: bool | None = None,
-                 batch_guidance_branches: bool = True, return_dict: bool = True):
+                 batch_guidance_branches: bool = True, return_attention_maps: bool = False,
+                 return_dict: bool = True):
         """Generate num_images_per_prompt images per prompt of the subject in reference_images.
 
         reference_images: paths (files or a subject folder), PIL images, arrays or tensors; any size/mode.
@@ -429,7 +435,12 @@ class JeDiBasePipeline(DiffusionPipeline):
         per subject, each a generator or a list of one per image of that subject (then each subject's images
         are those of a call of its own, for deterministic samplers);
         images and reference_images then come back as one list per subject.
-        Returns JeDiPipelineOutput(images, reference_images) or (images, reference_images).
+        return_attention_maps: also return, per image, the share of its attention on each reference, on itself
+            and on the other targets of its set (summing to 1), and a heatmap per reference over its token grid;
+            averaged over heads, coupled layers and the last third of the steps, from the conditional branch
+            with references visible, text tokens left out (attention_maps.py). Off: no extra work at all.
+        Returns JeDiPipelineOutput(images, reference_images, attention_maps or None), or (images,
+        reference_images) (+ attention_maps when asked for).
         """
         # 1. Check inputs (a plain call is one subject)
         subjects, several = self.split_subjects(reference_images, prompt, reference_captions, negative_prompt)
@@ -440,6 +451,8 @@ class JeDiBasePipeline(DiffusionPipeline):
         subject_generators = several and isinstance(generator, list)
         if subject_generators and len(generator) != len(subjects):
             raise ValueError(f"generator has {len(generator)} entries for {len(subjects)} subjects; give one per subject")
+        if several and return_attention_maps:
+            raise ValueError("return_attention_maps takes one subject per call; sample the subjects one by one")
 
         # 2. Load and encode the references (none used: plain text-to-image)
         ref_latents, ref_pils = self.prepare_subject_references(subjects, image_guidance_scale)
@@ -465,26 +478,48 @@ class JeDiBasePipeline(DiffusionPipeline):
         # 6. Prepare latents: the targets' noise is drawn before the references' (a seed's images depend on it)
         latents, ref_noise = self.prepare_noise(sets, per_subject, generator, subject_generators, device, dtype)
 
-        # 7. Denoising loop
+        # 7. Denoising loop (with attention maps: the last third of the steps through recording layouts)
         step_kwargs = self._step_kwargs([x for g, m in zip(generator, per_subject) for x in (
             g if isinstance(g, list) else [g] * m)] if subject_generators else generator)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        recorder = self.attention_recording(sets, ref_latents) if return_attention_maps else None
+        record_from = recorded_steps(len(self.scheduler.timesteps)).start
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             x_in = self.scheduler.scale_model_input(latents, t) if hasattr(self.scheduler, "scale_model_input") \
                 else latents
-            pred = self.predict(sets, x_in, t, ref_noise)
+            calls = recorder.calls if recorder is not None and i >= record_from else None
+            pred = self.predict(sets, x_in, t, ref_noise, calls)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
 
         # 8. Decode
         images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
+        maps = recorder.maps() if recorder is not None else None
         if several:
             starts = np.cumsum([0] + per_subject)
             images = [images[a:b] for a, b in itertools.pairwise(starts.tolist())]
         else:
             ref_pils = ref_pils[0]
         if not return_dict:
-            return images, ref_pils
-        return JeDiPipelineOutput(images=images, reference_images=ref_pils)
+            return (images, ref_pils) if maps is None else (images, ref_pils, maps)
+        return JeDiPipelineOutput(images=images, reference_images=ref_pils, attention_maps=maps)
+
+    @staticmethod
+    def attention_recording(sets: GuidedSets, ref_latents: torch.Tensor | None) -> AttentionRecorder:
+        """A recorder for the branch the maps come from (the conditional one with references visible, else the
+        references-visible one), and `recorder.calls`: sets.calls with that branch's call carrying it."""
+        use_refs = ref_latents is not None
+        pick = [i for i, b in enumerate(sets.branches) if b.refs == use_refs]
+        branch = next((i for i in pick if sets.branches[i].text == "cond"), pick[0])
+        calls = list(sets.calls)
+        for c, (sel, layout) in enumerate(calls):
+            if branch in sel:
+                s = sets.plan.num_sets
+                rows = slice(sel.index(branch) * s, (sel.index(branch) + 1) * s)
+                recorder = AttentionRecorder(sets.plan, ref_latents.shape[0] if use_refs else 0, rows)
+                calls[c] = (sel, layout.with_attention_recorder(recorder))
+                recorder.calls = calls
+                return recorder
+        raise RuntimeError(f"guidance branch {branch} is in no model call")
 
     def _record_references(self, ref_latents: torch.Tensor, ref_text, guidance=None,
                            subjects: int = 1) -> ReferenceKVCache:
