@@ -88,7 +88,7 @@ def test_recorder_against_hand_computed_attention():
     plan = SetPlan.build(3, k, k, max_set_size=4)  # sets [r r t t], [r r t pad]
     layout = plan.layout([attention_maps_branch()], "cpu")
     n = plan.set_size
-    key = torch.randn(plan.num_sets, heads, n * length, d)
+    key = torch.randn(plan.num_sets, heads, n * length, d, generator=torch.Generator().manual_seed(0))
     rec = AttentionRecorder(plan, k, slice(0, plan.num_sets))
     rec.record(torch.zeros(plan.num_sets, heads, n * length, d), key, layout, 0)
     shares = rec.maps()
@@ -96,6 +96,7 @@ def test_recorder_against_hand_computed_attention():
     assert torch.allclose(shares[2].shares, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))  # padding is no key
     query = torch.zeros(plan.num_sets, heads, n * length, d)
     token = 1 * length + 3  # reference 1, token 3 = grid cell (1, 1)
+    key[0, :, token] *= 3  # its own key scores far above any random one (not left to the draw)
     query[0, :, 2 * length:3 * length] = 50 * key[0, :, token, None]  # target 0 looks there
     rec = AttentionRecorder(plan, k, slice(0, plan.num_sets))
     rec.record(query, key, layout, 0)
