@@ -25,8 +25,7 @@ def _photos(folder, seeds, size=40):
 
 def _jobs(path, jobs):
     with open(path, "w") as f:
-        for j in jobs:
-            f.write((j if isinstance(j, str) else json.dumps(j)) + "\n")
+        f.writelines((j if isinstance(j, str) else json.dumps(j)) + "\n" for j in jobs)
     return str(path)
 
 
@@ -118,7 +117,7 @@ def test_generate_bad_jobs_resume_and_shards(pipe_dir, refs, tmp_path, capsys):
     mtime = os.path.getmtime(out / "solo" / "00_00.png")
     rc, so, _ = _cli(capsys, pipe_dir, "--jobs", path, "--out", out, "--num-shards", 2, "--shard-index", 0,
                      "--no-progress")
-    assert "1 images made" in so and "6 already done" in so and "1 candidates" in so
+    assert rc == 1 and "1 images made" in so and "6 already done" in so and "1 candidates" in so
     assert os.path.getmtime(out / "solo" / "00_00.png") == mtime
     assert np.abs(np.asarray(Image.open(out / "solo" / "01_00.png")).astype(int) - before).max() <= 1
 

@@ -67,10 +67,9 @@ def joint_consistency(pipeline_dir: str, jobs_path: str, out: str, dino: str | N
     for mode, joint in (("joint", True), ("independent", False)):
         path = os.path.join(out, f"{mode}.jsonl")
         with open(path, "w") as f:
-            for j in jobs:
-                f.write(json.dumps({"id": j.id, "references": j.references, "prompts": j.prompts,
+            f.writelines(json.dumps({"id": j.id, "references": j.references, "prompts": j.prompts,
                                     "num_images": j.num_images, "seed": j.seed, "guidance": j.guidance,
-                                    "image_guidance": j.image_guidance, "steps": j.steps, "joint": joint}) + "\n")
+                                    "image_guidance": j.image_guidance, "steps": j.steps, "joint": joint}) + "\n" for j in jobs)
         recs = _run(pipeline_dir, path, os.path.join(out, mode), device=device)
         for j in jobs:
             images = [Image.open(os.path.join(out, mode, r["image"])).convert("RGB") for r in recs if r["job"] == j.id]

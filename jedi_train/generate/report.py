@@ -66,9 +66,9 @@ def html_report(records: list[dict]) -> str:
     n_acc = sum(r["status"] == "accepted" for r in records)
     first = records[0] if records else {}
     gate = ", ".join(f"{k} >= {v:g}" for k, v in (first.get("thresholds") or {}).items()) or "none"
-    parts = [f"<h1>jedi-generate report</h1><p>{len(records)} images in {len(jobs)} jobs: {n_acc} accepted, "
-             f"{len(records) - n_acc} rejected. Identity metric: {html.escape(str(first.get('metric') or 'none'))}; "
-             f"thresholds: {html.escape(gate)}.</p>"]
+    parts = [(f"<h1>jedi-generate report</h1><p>{len(records)} images in {len(jobs)} jobs: {n_acc} accepted, "
+              f"{len(records) - n_acc} rejected. Identity metric: {html.escape(str(first.get('metric') or 'none'))}; "
+              f"thresholds: {html.escape(gate)}.</p>")]
     for job_id, recs in jobs.items():
         acc = [r for r in recs if r["status"] == "accepted"]
         rej = [r for r in recs if r["status"] == "rejected"]

@@ -14,11 +14,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from jedi_common.atomic import atomic_path, atomic_write_text
+from jedi_common.atomic import atomic_path
 from jedi_train.generate import jobs as J
 from jedi_train.generate.gate import Gate, Scorer
-from jedi_train.sampling import SETTINGS, UsageError, check_pipeline_dir, generate, prepare_references, \
-    resolve_settings
+from jedi_train.sampling import (
+    SETTINGS,
+    UsageError,
+    check_pipeline_dir,
+    generate,
+    prepare_references,
+    resolve_settings,
+)
 
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, OSError)  # one line for the job, the others go on
 
@@ -260,7 +266,8 @@ class Runner:
                                      for c in cands],
                       "metric": self.metric, "thresholds": self.o.thresholds, "settings": values,
                       "key": self.key(job, slot, values)}
-            atomic_write_text(J.record_path(out, job, slot), _json(record))
+            with atomic_path(J.record_path(out, job, slot)) as tmp, open(tmp, "w") as f:  # no fsync: a rename
+                f.write(_json(record))  # is enough against a killed process, and fsync per image is slow
 
     def write_references(self, job: J.Job, refs) -> None:
         folder = os.path.join(self.o.out, job.id, "references")
