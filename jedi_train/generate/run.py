@@ -201,8 +201,8 @@ class Runner:
         k = len(job.ref_files)
         if job.joint:
             groups = [[u] for u in units]  # one set: all of the job's images, coupled
-        else:
-            n = self.o.images_per_call
+        else:  # without references in the sets (image guidance 0) max_set_size cannot keep targets apart
+            n = self.o.images_per_call if values["image_guidance"] != 0 else 1
             groups = [units[i:i + n] for i in range(0, len(units), n)]
         for group in groups:
             slots = [s for u in group for s in u.slots]
