@@ -110,6 +110,10 @@ def test_generate_bad_jobs_resume_and_shards(pipe_dir, refs, tmp_path, capsys):
         [("solo", p, s) for p in range(2) for s in range(2)] + [("set", p, 0) for p in range(3)])
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 7
+    os.remove(out / "results.csv")  # shard 0 ended first: `report` rebuilds the files from every record
+    rc, so, _ = _cli(capsys, "report", "--out", out)
+    assert rc == 0 and "7 images" in so and (out / "results.csv").read_text().count("\n") == 8
+    assert _cli(capsys, "report", "--out", tmp_path / "nothing")[0] == 2
 
     # resume: nothing is made again; a lost image is made again, identical (its own seed, whatever the batch)
     before = np.asarray(Image.open(out / "solo" / "01_00.png"))

@@ -83,8 +83,8 @@ def html_report(records: list[dict]) -> str:
                     f"{r['attempts']}") for r in acc) + "</div>")
         if rej:
             parts.append('<h3>rejected</h3><div class="row">' + "".join(
-                _figure(c["file"], f"{html.escape(r['prompt'])}<br>try {c['attempt'] + 1}: {_scores(c['scores'])}",
-                        "rejected")
+                _figure(c["file"], f"{html.escape(r['prompt'])}<br>try {c['attempt'] + 1}: {_scores(c['scores'])}"
+                        + (" (best)" if c["seed"] == r["seed"] else ""), "rejected")
                 for r in rej for c in r["candidates"] if c["file"]) + "</div>")
         parts.append("</section>")
     style = ("body{font-family:sans-serif;margin:1em 2em}.row{display:flex;flex-wrap:wrap;gap:8px}"
