@@ -60,6 +60,7 @@ def test_jobs_file_lines(tmp_path):
         {"id": "ok", "references": "photos", "prompts": ["b"]},
         {"id": "z", "references": "photos", "prompts": ["a"], "num_images": 0},
         {"id": "../up", "references": "photos", "prompts": ["a"]},
+        {"id": "rejected", "references": "photos", "prompts": ["a"]},
     ])
     entries = J.read_jobs(path)
     assert isinstance(entries[0], J.Job) and entries[0].references == [str(tmp_path / "photos")]  # jobs file's folder
@@ -67,7 +68,8 @@ def test_jobs_file_lines(tmp_path):
     bad = {e.line: e.message for e in entries if isinstance(e, J.BadLine)}
     assert "not valid JSON" in bad[2] and "'promt'" in bad[3] and "prompts" in bad[4]
     assert "earlier line" in bad[5] and "num_images" in bad[6] and "'id'" in bad[7]
-    assert [e.index for e in entries] == list(range(7))  # bad lines keep their place: shards stay the same
+    assert "folder of rejected images" in bad[8]
+    assert [e.index for e in entries] == list(range(8))  # bad lines keep their place: shards stay the same
 
 
 def test_shards_cover_every_job_once(tmp_path, monkeypatch):

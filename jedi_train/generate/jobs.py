@@ -97,6 +97,8 @@ def parse_job(obj, index: int, line: int, base: str) -> Job:
     if not isinstance(job_id, str) or not ID_PATTERN.match(job_id):
         raise JobError(f"'id' {job_id!r} must be a name of letters, digits, '.', '_' or '-' (it names the output "
                        "folder)")
+    if job_id == "rejected":
+        raise JobError("'id' 'rejected' is the folder of rejected images; give the job another id")
     if "references" not in obj:
         raise JobError(f"job {job_id!r} has no 'references'; give the subject's photos (files or a folder)")
     prompts = obj.get("prompts")
