@@ -160,16 +160,22 @@ def make_scheduler(base, name: str | None, family=None):
     raise UsageError(f"scheduler {name!r} is unknown; use one of {', '.join(SCHEDULERS)}")
 
 
-def generate(pipe, ref_files, prompts, num: int, seed: int, steps: int, guidance: float, image_guidance: float,
-             max_set_size: int, no_cache: bool = False, explain: bool = False):
-    """One sampling call with pipe's current scheduler -> (JeDiPipelineOutput, seconds). explain: with each
-    image's reference attention maps (result.attention_maps)."""
+def generate(pipe, ref_files, prompts, num: int, seed: int | list[int], steps: int, guidance: float,
+             image_guidance: float, max_set_size: int, no_cache: bool = False, explain: bool = False):
+    """One sampling call with pipe's current scheduler -> (JeDiPipelineOutput, seconds).
+    seed: one seed for the call, or one per output image (each image's noise from its own generator, so an
+    image does not depend on which others share the call: what jedi-generate's resume relies on).
+    explain: with each image's reference attention maps (result.attention_maps)."""
     import torch
 
+    if isinstance(seed, (list, tuple)):
+        generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed]
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
     t0 = time.perf_counter()
     result = pipe(reference_images=ref_files, prompt=list(prompts), num_images_per_prompt=num,
                   num_inference_steps=steps, guidance_scale=guidance, image_guidance_scale=image_guidance,
-                  max_set_size=max_set_size, generator=torch.Generator(device="cpu").manual_seed(seed),
+                  max_set_size=max_set_size, generator=generator,
                   output_type="pil", use_reference_cache=False if no_cache else None,  # None: when trained for it
                   return_attention_maps=explain)
     return result, time.perf_counter() - t0

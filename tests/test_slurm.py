@@ -184,3 +184,25 @@ def test_synth_array_passes_worker_shards(cluster, submit_dir, tmp_path):
     # an array not starting at 0 would leave worker 0's share out: refused unless N is given
     assert cluster.wait_job(f"{bad}_1", timeout=60)["JobState"] == "FAILED"
     assert "set JEDI_SYNTH_WORKERS" in (submit_dir / "logs" / f"jedi-synth-{bad}_1.out").read_text()
+
+
+def test_generate_array_passes_shards(cluster, submit_dir, tmp_path):
+    """Each array task runs jedi-generate with --shard-index = its task id and --num-shards = the array size
+    (a stand-in jedi-generate records its arguments; sharding itself is tested in test_generate.py)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "jedi-generate").write_text('#!/bin/bash\necho "ARGS $*"\n')
+    (fake / "jedi-generate").chmod(0o755)
+    env = job_env(submit_dir)
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    script = str(REPO / "launch/sbatch_generate_array.sh")
+    job = cluster.sbatch("--array=0-1", "--gres=none", "--cpus-per-task=1", "--time=2", script, "PIPE",
+                         "--jobs", "j.jsonl", "--out", "o", cwd=submit_dir, env=env)
+    bad = cluster.sbatch("--array=1-2", "--gres=none", "--cpus-per-task=1", "--time=2", script, cwd=submit_dir,
+                         env=env)
+    for i in range(2):
+        assert cluster.wait_job(f"{job}_{i}", timeout=60)["JobState"] == "COMPLETED"
+        log = (submit_dir / "logs" / f"jedi-generate-{job}_{i}.out").read_text()
+        assert f"ARGS PIPE --jobs j.jsonl --out o --no-progress --num-shards 2 --shard-index {i}" in log
+    assert cluster.wait_job(f"{bad}_1", timeout=60)["JobState"] == "FAILED"
+    assert "set JEDI_GENERATE_SHARDS" in (submit_dir / "logs" / f"jedi-generate-{bad}_1.out").read_text()

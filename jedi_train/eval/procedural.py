@@ -205,6 +205,32 @@ class SceneClassifier:
         return SCENE_NAMES[int(np.abs(self.centroids - self.feature(image)).sum(1).argmin())]
 
 
+class WorldScorer:
+    """Identity in the procedural world WITHOUT ground truth (jedi-generate --check identity with no extractors):
+    an image's scene (SceneClassifier) picks the background palette (SceneModel of that scene's ground-truth
+    renders) that separates its subject; the subject's soft colour histogram is the image's descriptor, as
+    for score_image. Similarity of two descriptors: 1 - total variation (1 = same colours, 0 = disjoint)."""
+
+    def __init__(self, resolution: int, seed: int = 0, per_scene: int = 6, layout: str = "varied"):
+        self.resolution = resolution
+        self.classifier = SceneClassifier(resolution, seed=seed, layout=layout)
+        rng = np.random.default_rng([EVAL_TAG, seed, 2 * 10**6])
+        self.scenes = {}
+        for sc in SCENE_NAMES:
+            renders = [procedural.render(procedural.sample_subject(rng), sc, rng, resolution, with_mask=True,
+                                         layout=layout) for _ in range(per_scene)]
+            self.scenes[sc] = SceneModel([im[m == 0] for im, m in renders])
+
+    def descriptor(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (R, R, 3) at self.resolution -> foreground colour histogram (zeros: no foreground)."""
+        return self.scenes[self.classifier.predict(image)].descriptor(image)
+
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(N, D) and (M, D) descriptors -> (N, M) of 1 - tv_distance."""
+        return np.array([[1.0 - tv_distance(x, y) for y in b] for x in a]).reshape(len(a), len(b))
+
+
 def score_image(image: np.ndarray, truth: Truth) -> dict:
     desc = truth.scene.descriptor(image)
     dists = [tv_distance(desc, p) for p in truth.prototypes]
