@@ -50,7 +50,8 @@ def first_batch(model_dir, components, src, **kw):
                                                         ("tiny_vae_model_dir", "float16", 2e-3),
                                                         ("tiny_vae_model_dir", "bfloat16", 2e-2),
                                                         ("tiny_sdxl_model_dir", "float16", 2e-3),
-                                                        ("tiny_flux_model_dir", "float16", 2e-3)])
+                                                        ("tiny_flux_model_dir", "float16", 2e-3),
+                                                        ("tiny_flux2_model_dir", "float16", 2e-3)])
 def test_cached_and_on_the_fly_batches_give_the_same_loss(fixture, dtype, tol, shards, tmp_path, request):
     model_dir = request.getfixturevalue(fixture)
     c = load_components(model_dir, JeDiConfig(resolution=32))

@@ -298,7 +298,8 @@ _MISTRAL3_24B = {"text_config": {"model_type": "mistral", "vocab_size": 131072, 
                  "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096,
                                    "num_hidden_layers": 24, "num_attention_heads": 16, "head_dim": 64,
                                    "image_size": 1540, "patch_size": 14},
-                 "spatial_merge_size": 2, "image_token_index": 10, "multimodal_projector_bias": False}
+                 "spatial_merge_size": 2, "image_token_index": 10, "multimodal_projector_bias": False,
+                 "tie_word_embeddings": False}  # (Mistral3Config defaults to tied; Mistral-Small keeps its lm_head)
 register(Family(
     name="flux2", title="FLUX.2-dev", denoiser_folder="transformer",
     denoiser_classes=("Flux2Transformer2DModel", "JointFlux2Transformer2DModel"),
