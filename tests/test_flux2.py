@@ -169,6 +169,21 @@ def test_text_is_the_diffusers_pipelines(model_dir, components):
     assert emb.hidden.shape[-1] == c.denoiser.config.joint_attention_dim and emb.pooled is None
 
 
+def test_training_captions_are_tokenized_as_the_pipeline_does(model_dir, components):
+    """The data stream's token ids are the pipeline's chat prompt (train.py's way: the components' tokenizers and
+    layout; a bare model_dir: the family's), not the plain caption that a CLIP family would see."""
+    from jedi_train.models.text import token_ids
+    from jedi_train.training.datamodule import JeDiDataModule
+
+    captions = ["a red dog on a beach", ""]
+    want = components.text.token_ids(captions)
+    as_train = JeDiDataModule("unused/*.tar", tokenizer=components.text.tokenizers, text_layout=components.text.layout)
+    torch.testing.assert_close(as_train._tokenize_fn()(captions), want)
+    torch.testing.assert_close(JeDiDataModule("unused/*.tar", model_dir=model_dir)._tokenize_fn()(captions), want)
+    if flavour(model_dir)[0] == "flux2_klein":  # (a processor has no plain call: dev cannot even get there)
+        assert not torch.equal(token_ids(components.text.tokenizers, captions), want)
+
+
 @klein_only
 def test_latents_are_flux2_klein_s(components):
     """Patchified 2x2, normalised by the VAE's batch-norm statistics (Flux2KleinPipeline._encode_vae_image), and

@@ -161,6 +161,15 @@ STACKED = {"qwen3": (qwen3_token_ids, QWEN3_LAYERS, "FLUX.2 Klein"),
            "mistral3": (mistral3_token_ids, MISTRAL3_LAYERS, "FLUX.2-dev")}  # layout -> (ids, layers, family)
 
 
+def layout_token_ids(layout: str | None, tokenizers: list, captions: list[str]) -> torch.Tensor:
+    """Captions -> ids as the layout's pipeline tokenizes them (a chat prompt for the LLM encoders); None: plain.
+    A module-level function, so that functools.partial(layout_token_ids, layout, tokenizers) goes to the data
+    loader's workers without the text encoders."""
+    if layout in STACKED:
+        return STACKED[layout][0](tokenizers[0], captions)
+    return token_ids(tokenizers, captions)
+
+
 class PromptEncoder:
     """The frozen tokenizer(s) and text encoder(s) of one model: token ids for the data stream, embeddings
     for the denoiser. `layout` is the family's recipe (families.py `text_layout`): "sd" one pair; "sdxl" two
@@ -188,9 +197,7 @@ class PromptEncoder:
         return cls([t for t, _ in pairs], [e for _, e in pairs], layout)
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
-        if self.layout in STACKED:
-            return STACKED[self.layout][0](self.tokenizers[0], captions)
-        return token_ids(self.tokenizers, captions)
+        return layout_token_ids(self.layout, self.tokenizers, captions)
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor, resolution: int | None = None) -> TextEmbeddings:
