@@ -143,6 +143,25 @@ def test_dry_run_presets_count_the_published_transformers(preset, config, family
     assert text_params[0] < text < text_params[1], text
 
 
+def test_flux2_s3_is_sized_without_its_dropped_text_encoder(tmp_path):
+    """experiment=flux2_s3 (FLUX.2-dev LoRA, fp8 base, cached text): the dry run counts no Mistral-3 bytes when
+    data.drop_text_encoders frees it, and all 24 B of it at bf16 when not."""
+    from helpers.cli import compose_train
+
+    from jedi_train.training.dry_run import estimate
+
+    def per_rank(*overrides):
+        cfg = compose_train(["experiment=flux2_s3", "trainer.devices=8", *overrides], tmp_path)
+        cfg.model.model_dir = str(tmp_path / "absent")  # the preset, not a local FLUX2_DIR
+        return estimate(cfg)["per_rank"]
+
+    dropped, kept = per_rank(), per_rank("data.drop_text_encoders=false")
+    text = kept["text encoders + VAE (bfloat16)"] - dropped["VAE (text encoders dropped, bfloat16)"]
+    assert 2 * 23.5e9 < text < 2 * 24.2e9, text  # Mistral-Small-3.2-24B in bf16
+    assert dropped["frozen base of the denoiser (float8_e4m3fn)"] > 30e9  # 32 B at one byte
+    assert sum(dropped.values()) < 40 * 2**30 < sum(kept.values())
+
+
 # -- text, latents, timesteps: as Flux2KleinPipeline --------------------------------------------------------------
 def test_text_is_the_diffusers_pipelines(model_dir, components):
     """Klein: Qwen3 chat prompt, layers 9/18/27 (Flux2KleinPipeline); dev: Mistral-3 chat prompt with FLUX.2's system
