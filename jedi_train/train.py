@@ -171,7 +171,7 @@ def train(cfg: DictConfig) -> dict:
         check_export_target(pipeline_dir, overwrite=True)  # refused now, not after hours of training
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
     datamodule = build_datamodule(cfg.data, module.components.text.tokenizers, resolution=cfg.model.resolution,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, text_layout=module.components.text.layout)
     # the one place model and data meet: cached encodings are checked against (and may free) these encoders
     datamodule.cache_model = (cfg.model.model_dir, module.components)
     datamodule.split_heldout(output_dir)  # your own sources: a seeded split of them is held out (heldout.json)

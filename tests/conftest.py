@@ -55,6 +55,18 @@ def tiny_sd3_model_dir(tmp_path_factory):
     return tiny_model_from_config("tiny_sd3", str(tmp_path_factory.mktemp("tiny_sd3")))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_model_dir(tmp_path_factory):
+    """The tiny FLUX.2 Klein of conf/model/tiny_flux2_klein.yaml: a 27-layer Qwen3, AutoencoderKLFlux2, no guidance."""
+    return tiny_model_from_config("tiny_flux2_klein", str(tmp_path_factory.mktemp("tiny_flux2_klein")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_model_dir(tmp_path_factory):
+    """The tiny FLUX.2-dev of conf/model/tiny_flux2.yaml: a 30-layer Mistral-3 + PixtralProcessor, guidance embedding."""
+    return tiny_model_from_config("tiny_flux2", str(tmp_path_factory.mktemp("tiny_flux2")))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: two threads on a shared 2-core machine mostly spin (measured 2-5x slower).

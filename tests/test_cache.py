@@ -39,7 +39,7 @@ def encoded(model_dir: str, src: str, out: str, *extra: str) -> str:
 
 def first_batch(model_dir, components, src, **kw):
     dm = JeDiDataModule(f"{src}/*.tar", resolution=components.resolution, batch_size=4, num_workers=0,
-                        shardshuffle=False, tokenizer=components.text.tokenizers,
+                        shardshuffle=False, tokenizer=components.text.tokenizers, text_layout=components.text.layout,
                         **{"crop": "center", "min_set": 2, "max_set": 4, **kw})
     dm.cache_model = (model_dir, components)
     dm.setup()
@@ -50,7 +50,8 @@ def first_batch(model_dir, components, src, **kw):
                                                         ("tiny_vae_model_dir", "float16", 2e-3),
                                                         ("tiny_vae_model_dir", "bfloat16", 2e-2),
                                                         ("tiny_sdxl_model_dir", "float16", 2e-3),
-                                                        ("tiny_flux_model_dir", "float16", 2e-3)])
+                                                        ("tiny_flux_model_dir", "float16", 2e-3),
+                                                        ("tiny_flux2_model_dir", "float16", 2e-3)])
 def test_cached_and_on_the_fly_batches_give_the_same_loss(fixture, dtype, tol, shards, tmp_path, request):
     model_dir = request.getfixturevalue(fixture)
     c = load_components(model_dir, JeDiConfig(resolution=32))
@@ -62,7 +63,7 @@ def test_cached_and_on_the_fly_batches_give_the_same_loss(fixture, dtype, tol, s
     assert ("latent_logvar" in cached) == (c.vae is not None)  # a VAE posterior; pixels are deterministic
     # every TextEmbeddings field of the layout is cached: SDXL pooled + time ids, FLUX pooled (CLIP) + T5 states
     fields = {"tiny_model_dir": {"hidden"}, "tiny_vae_model_dir": {"hidden"}, "tiny_sdxl_model_dir": {"hidden", "pooled", "time_ids"},
-              "tiny_flux_model_dir": {"hidden", "pooled"}}[fixture]
+              "tiny_flux_model_dir": {"hidden", "pooled"}, "tiny_flux2_model_dir": {"hidden"}}[fixture]
     assert {k.removeprefix("text_") for k in cached if k.startswith("text_") and "empty" not in k} == fields
     assert {k.removeprefix("text_empty_") for k in cached if k.startswith("text_empty_")} == fields
     objective = JeDiObjective(c, ObjectiveConfig(caption_dropout=0.5, reference_dropout=0.3))

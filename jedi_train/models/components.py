@@ -8,6 +8,7 @@ same path: tests exercise exactly what a user's directory goes through.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import warnings
@@ -159,7 +160,26 @@ def check_model_dir(model_dir: str) -> str:
             why = f" ({family.recognised_by})" if family.recognised_by else ""
             raise FileNotFoundError(f"model directory {model_dir} is a {family.title} model{why} but lacks the "
                                     f"'{comp}' component ({os.path.join(model_dir, comp)} is missing)")
+    check_text_encoders(model_dir, family)
     return family.name
+
+
+def check_text_encoders(model_dir: str, family) -> None:
+    """Each text_encoder*/ of the kind the family's row names (its config's model_type): another model's encoder
+    (a Qwen3 beside a FLUX.2-dev transformer, say) would load, or fail, far from the cause."""
+    for slot, folder in enumerate(family.encoder_folders):
+        try:
+            with open(os.path.join(model_dir, folder, "config.json")) as f:
+                found = json.load(f).get("model_type")
+        except (OSError, ValueError):
+            continue  # unreadable: transformers' loader names the file
+        cls = family.text_encoder_class(slot)
+        want = cls.config_class.model_type
+        if found and want and found != want:
+            why = f" ({family.recognised_by})" if family.recognised_by else ""
+            raise ValueError(f"model directory {model_dir} is a {family.title} model{why} but its {folder}/ holds a "
+                             f"{found!r} text encoder, not {family.title}'s {cls.__name__} ({want!r}): put the text "
+                             "encoder the model was released with there")
 
 
 def refuse_pickled_weights(load):

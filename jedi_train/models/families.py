@@ -268,14 +268,57 @@ register(Family(
     tiny_recipe="jedi_train.models.tiny:create_tiny_flux2_klein_dir",
     flow_matching=True, needs_vae=True, fixed_resolution=False,
     vae_class="diffusers:AutoencoderKLFlux2", codec_class="jedi_train.models.joint_flux2:Flux2LatentCodec",
-    matches=lambda config: not config.get("guidance_embeds", True),  # FLUX.2-dev (guidance-distilled): no row yet
+    matches=lambda config: not config.get("guidance_embeds", True),  # FLUX.2-dev (guidance-distilled): the flux2 row
     recognised_by="its Flux2Transformer2DModel has no guidance embedding and takes Qwen3 text (FLUX.2 Klein)",
     dry_run_presets={"flux2_klein_4b": {
         "denoiser": {"patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20,
                      "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 7680,
                      "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32],
                      "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False},
-        "text_encoders": [_QWEN3_4B], "vae": _VAE_FLUX2}},
+        "text_encoders": [_QWEN3_4B], "vae": _VAE_FLUX2},
+        # diffusers' scripts/convert_flux2_to_diffusers.py "klein-9b" (the FLUX.2-klein-9B transformer config) and
+        # Qwen/Qwen3-8B's config.json (Klein 9B's text encoder: 4096 wide, so 3 x 4096 = 12288 text features)
+        "flux2_klein_9b": {
+            "denoiser": {"patch_size": 1, "in_channels": 128, "num_layers": 8, "num_single_layers": 24,
+                         "attention_head_dim": 128, "num_attention_heads": 32, "joint_attention_dim": 12288,
+                         "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32],
+                         "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False},
+            "text_encoders": [{**_QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288,
+                               "tie_word_embeddings": False}],
+            "vae": _VAE_FLUX2}},
+))
+
+# black-forest-labs/FLUX.2-dev: transformer/config.json (diffusers' scripts/convert_flux2_to_diffusers.py "flux2-dev";
+# guidance_embeds is absent there: diffusers' default, True) and text_encoder/config.json (Mistral-Small-3.2-24B:
+# Mistral3ForConditionalGeneration, a Pixtral vision tower that the prompt embeddings never use).
+_MISTRAL3_24B = {"text_config": {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120,
+                                 "intermediate_size": 32768, "num_hidden_layers": 40, "num_attention_heads": 32,
+                                 "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+                                 "rms_norm_eps": 1e-5, "rope_theta": 1e9},
+                 "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096,
+                                   "num_hidden_layers": 24, "num_attention_heads": 16, "head_dim": 64,
+                                   "image_size": 1540, "patch_size": 14},
+                 "spatial_merge_size": 2, "image_token_index": 10, "multimodal_projector_bias": False,
+                 "tie_word_embeddings": False}  # (Mistral3Config defaults to tied; Mistral-Small keeps its lm_head)
+register(Family(
+    name="flux2", title="FLUX.2-dev", denoiser_folder="transformer",
+    denoiser_classes=("Flux2Transformer2DModel", "JointFlux2Transformer2DModel"),
+    joint_class="jedi_train.models.joint_flux2:JointFlux2Transformer2DModel",
+    text_encoders=(("Mistral3ForConditionalGeneration", "AutoProcessor"),), text_layout="mistral3",
+    text_tokens=(("tokenizer", 512),),
+    pipeline_class="jedi_train.pipelines.pipeline_jedi_flux2:JeDiFlux2Pipeline",
+    lora_loader="diffusers.loaders:Flux2LoraLoaderMixin",
+    tiny_recipe="jedi_train.models.tiny:create_tiny_flux2_dir",
+    flow_matching=True, needs_vae=True, fixed_resolution=False,
+    vae_class="diffusers:AutoencoderKLFlux2", codec_class="jedi_train.models.joint_flux2:Flux2LatentCodec",
+    matches=lambda config: bool(config.get("guidance_embeds", True)),  # guidance-distilled (diffusers' default)
+    recognised_by="its Flux2Transformer2DModel has a guidance embedding (FLUX.2-dev, guidance-distilled)",
+    dry_run_presets={"flux2_dev": {
+        "denoiser": {"patch_size": 1, "in_channels": 128, "num_layers": 8, "num_single_layers": 48,
+                     "attention_head_dim": 128, "num_attention_heads": 48, "joint_attention_dim": 15360,
+                     "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32],
+                     "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": True},
+        "text_encoders": [_MISTRAL3_24B], "vae": _VAE_FLUX2}},
 ))
 
 

@@ -1,4 +1,4 @@
-"""Base FLUX.2 transformer (Klein; the MM-DiT of `Flux2Transformer2DModel`) -> joint-image transformer (JeDi on FLUX.2).
+"""Base FLUX.2 transformer (dev and Klein; the MM-DiT of `Flux2Transformer2DModel`) -> joint-image transformer (JeDi on FLUX.2).
 
 The same coupling as FLUX.1 and SD3 (`attention.text_and_set_attention`): each image's queries, text and image
 tokens alike, attend to its OWN text tokens plus the image tokens of every image of its set, with the `SetLayout`
@@ -197,7 +197,7 @@ def joint_flux2_processors(model) -> dict:
 class JointFlux2Transformer2DModel(JointDenoiserMixin, Flux2Transformer2DModel):
     """A Flux2Transformer2DModel that denoises sets of images jointly: use `denoise(...)`."""
 
-    directory_hint = "a diffusers FLUX.2 Klein directory with a transformer/ subfolder"
+    directory_hint = "a diffusers FLUX.2 (dev or Klein) directory with a transformer/ subfolder"
     joint_input_module = "x_embedder"
 
     @property

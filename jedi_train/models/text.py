@@ -13,6 +13,11 @@
   hidden states of layers 9, 18 and 27 stacked per token (T, 3 x hidden), with the padding masked out, as
   diffusers' Flux2KleinPipeline._get_qwen3_prompt_embeds. The mask is read back from the ids (pad token), so the
   ids alone stay what the stream and the cache carry.
+* FLUX.2-dev ("mistral3"): one Mistral-3 (Mistral3ForConditionalGeneration, its text tower); each caption as
+  Flux2Pipeline formats it (diffusers' format_input: its SYSTEM_MESSAGE as the system turn, the caption as the user
+  turn, no generation prompt) through the processor's chat template, padded to 512 tokens (or shorter
+  model_max_length), and the hidden states of layers 10, 20 and 30 stacked per token (T, 3 x hidden), padding
+  masked, as Flux2Pipeline._get_mistral_3_small_prompt_embeds.
 
 Token ids travel through the data stream as one tensor per caption, (T,) for one tokenizer or (E, T)
 for E tokenizers (shorter ones padded to the longest, cut back when embedded: CLIP 77, T5 512), so the
@@ -108,6 +113,13 @@ def token_ids(tokenizers: list, captions: list[str]) -> torch.Tensor:
 
 QWEN3_MAX_LENGTH = 512  # Flux2KleinPipeline's max_sequence_length
 QWEN3_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers (indices into hidden_states)
+MISTRAL3_MAX_LENGTH = 512  # Flux2Pipeline's max_sequence_length
+MISTRAL3_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers
+
+
+def _text_tokenizer(tokenizer):
+    """The tokenizer itself, also when a processor (FLUX.2-dev's PixtralProcessor) wraps it."""
+    return getattr(tokenizer, "tokenizer", tokenizer)
 
 
 def qwen3_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -118,25 +130,53 @@ def qwen3_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 
-def qwen3_embeddings(encoder, tokenizer, ids: torch.Tensor) -> torch.Tensor:
-    """(M, T) ids -> (M, T, 3 x hidden): layers 9, 18, 27 of the Qwen3 encoder, side by side per token."""
+def mistral3_token_ids(processor, captions: list[str]) -> torch.Tensor:
+    """Captions -> (len, T) ids of Mistral-3's chat prompt with FLUX.2's system message, as Flux2Pipeline."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    padding = {"padding": "max_length", "truncation": True,
+               "max_length": min(MISTRAL3_MAX_LENGTH, _text_tokenizer(processor).model_max_length)}
+    if hasattr(processor, "tokenizer"):  # a processor takes them apart (the same call, without its warning)
+        padding = {"processor_kwargs": padding}
+    return processor.apply_chat_template(format_input(list(captions), SYSTEM_MESSAGE), add_generation_prompt=False,
+                                         tokenize=True, return_dict=True, return_tensors="pt", **padding)["input_ids"]
+
+
+def stacked_layers(encoder, tokenizer, ids: torch.Tensor, layers: tuple[int, ...], family: str) -> torch.Tensor:
+    """(M, T) ids -> (M, T, len(layers) x hidden): those hidden states of the encoder side by side per token,
+    the padding (read back from the ids) masked out."""
     ids = ids.to(encoder.device)
-    mask = (ids != tokenizer.pad_token_id).long()
+    mask = (ids != _text_tokenizer(tokenizer).pad_token_id).long()
     out = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    if len(out.hidden_states) <= max(QWEN3_LAYERS):
-        raise ValueError(f"the Qwen3 text encoder has {len(out.hidden_states) - 1} layers; FLUX.2 Klein reads "
-                         f"layers {QWEN3_LAYERS}: point model.model_dir at a FLUX.2 Klein directory")
-    stacked = torch.stack([out.hidden_states[k] for k in QWEN3_LAYERS], dim=1)  # (M, 3, T, D)
+    if len(out.hidden_states) <= max(layers):
+        raise ValueError(f"the {type(encoder).__name__} text encoder has {len(out.hidden_states) - 1} layers; "
+                         f"{family} reads layers {layers}: point model.model_dir at a {family} directory")
+    stacked = torch.stack([out.hidden_states[k] for k in layers], dim=1)  # (M, K, T, D)
     m, k, t, d = stacked.shape
     return stacked.permute(0, 2, 1, 3).reshape(m, t, k * d)
+
+
+STACKED = {"qwen3": (qwen3_token_ids, QWEN3_LAYERS, "FLUX.2 Klein"),
+           "mistral3": (mistral3_token_ids, MISTRAL3_LAYERS, "FLUX.2-dev")}  # layout -> (ids, layers, family)
+
+
+def layout_token_ids(layout: str | None, tokenizers: list, captions: list[str]) -> torch.Tensor:
+    """Captions -> ids as the layout's pipeline tokenizes them (a chat prompt for the LLM encoders); None: plain.
+    A module-level function, so that functools.partial(layout_token_ids, layout, tokenizers) goes to the data
+    loader's workers without the text encoders."""
+    if layout in STACKED:
+        return STACKED[layout][0](tokenizers[0], captions)
+    return token_ids(tokenizers, captions)
 
 
 class PromptEncoder:
     """The frozen tokenizer(s) and text encoder(s) of one model: token ids for the data stream, embeddings
     for the denoiser. `layout` is the family's recipe (families.py `text_layout`): "sd" one pair; "sdxl" two
-    CLIPs (the second with the projection); "flux" CLIP pooled + T5; "sd3" two CLIPs + T5; "qwen3" one Qwen3 (FLUX.2 Klein)."""
+    CLIPs (the second with the projection); "flux" CLIP pooled + T5; "sd3" two CLIPs + T5; "qwen3" one Qwen3 (FLUX.2 Klein); "mistral3" one Mistral-3 (FLUX.2-dev)."""
 
-    LAYOUTS: ClassVar[dict[str, int]] = {"sd": 1, "sdxl": 2, "flux": 2, "sd3": 3, "qwen3": 1}  # layout -> tokenizer/encoder pairs
+    LAYOUTS: ClassVar[dict[str, int]] = {"sd": 1, "sdxl": 2, "flux": 2, "sd3": 3, "qwen3": 1,
+                                     "mistral3": 1}  # layout -> tokenizer/encoder pairs
 
     def __init__(self, tokenizers: list, text_encoders: list, layout: str):
         """text_encoders all None: dropped (Components.drop_text_encoders); token ids still work, embed refuses."""
@@ -157,9 +197,7 @@ class PromptEncoder:
         return cls([t for t, _ in pairs], [e for _, e in pairs], layout)
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
-        if self.layout == "qwen3":
-            return qwen3_token_ids(self.tokenizers[0], captions)
-        return token_ids(self.tokenizers, captions)
+        return layout_token_ids(self.layout, self.tokenizers, captions)
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor, resolution: int | None = None) -> TextEmbeddings:
@@ -172,8 +210,9 @@ class PromptEncoder:
         enc = self.text_encoders[0]
         if self.layout == "sd":
             return TextEmbeddings(enc(ids.reshape(-1, ids.shape[-1]).to(enc.device))[0])
-        if self.layout == "qwen3":
-            return TextEmbeddings(qwen3_embeddings(enc, self.tokenizers[0], ids.reshape(-1, ids.shape[-1])))
+        if self.layout in STACKED:
+            _, layers, family = STACKED[self.layout]
+            return TextEmbeddings(stacked_layers(enc, self.tokenizers[0], ids.reshape(-1, ids.shape[-1]), layers, family))
         ids = ids.reshape(-1, len(self.tokenizers), ids.shape[-1])
         parts = [ids[:, i, :t.model_max_length] for i, t in enumerate(self.tokenizers)]
         if self.layout == "flux":  # CLIP pooled + T5 hidden states

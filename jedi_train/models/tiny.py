@@ -208,22 +208,31 @@ QWEN3_CHAT_TEMPLATE = (
 _QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
-def build_tiny_qwen_tokenizer(out_dir: str, model_max_length: int = 48, vocab_size: int = 512):
-    """A byte-level BPE (Qwen2's kind: GPT-2 byte alphabet, Qwen's special tokens and pad token) trained offline
-    on a few caption words with the `tokenizers` library, saved as transformers' Qwen2TokenizerFast with the
-    chat template Flux2KleinPipeline uses. A real FLUX.2 Klein directory brings Qwen3's 151k-token vocabulary."""
+_CAPTION_WORDS = ["a", "photo", "of", "the", "same", "red", "blue", "green", "yellow", "toy", "dog", "cat", "can",
+                  "backpack", "on", "beach", "in", "snow", "forest", "city", "street", "table", "grass", "room",
+                  "with", "under", "next", "to"]
+
+
+def _byte_level_bpe(words: list[str], special: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2 byte alphabet) trained offline on `words` with the `tokenizers` library."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    words = ["a", "photo", "of", "the", "same", "red", "blue", "green", "yellow", "toy", "dog", "cat", "can",
-             "backpack", "on", "beach", "in", "snow", "forest", "city", "street", "table", "grass", "room", "with",
-             "under", "next", "to", "user", "assistant", "think"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_QWEN_SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([" ".join(words[i:] + words[:i]) for i in range(len(words))], trainer)
+    return tok
+
+
+def build_tiny_qwen_tokenizer(out_dir: str, model_max_length: int = 48, vocab_size: int = 512):
+    """A byte-level BPE (Qwen2's kind: GPT-2 byte alphabet, Qwen's special tokens and pad token) trained offline
+    on a few caption words with the `tokenizers` library, saved as transformers' Qwen2TokenizerFast with the
+    chat template Flux2KleinPipeline uses. A real FLUX.2 Klein directory brings Qwen3's 151k-token vocabulary."""
+    from transformers import Qwen2TokenizerFast
+
+    tok = _byte_level_bpe(_CAPTION_WORDS + ["user", "assistant", "think"], _QWEN_SPECIAL, vocab_size)
     qwen = Qwen2TokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                               unk_token=None, bos_token=None, model_max_length=model_max_length)
     qwen.chat_template = QWEN3_CHAT_TEMPLATE
@@ -241,7 +250,6 @@ def _tiny_flux2_klein(out_dir: str, heads: int = 2, layers: int = 1, single_laye
     + its byte-level BPE tokenizer, an AutoencoderKLFlux2 (batch-norm latent statistics set away from 0/1 so the
     normalisation is exercised), a Flux2Transformer2DModel without guidance embedding (Klein) and Klein's
     flow-matching scheduler settings (dynamic, exponential time shift)."""
-    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = build_tiny_qwen_tokenizer(os.path.join(out_dir, "tokenizer"))
@@ -249,6 +257,14 @@ def _tiny_flux2_klein(out_dir: str, heads: int = 2, layers: int = 1, single_laye
                                  num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                  max_position_embeddings=128, tie_word_embeddings=True,
                                  pad_token_id=tokenizer.pad_token_id)).save_pretrained(os.path.join(out_dir, "text_encoder"))
+    return _tiny_flux2_rest(out_dir, heads, layers, single_layers, 3 * text_width, latent_channels, False)
+
+
+def _tiny_flux2_rest(out_dir: str, heads: int, layers: int, single_layers: int, text_features: int,
+                     latent_channels: int, guidance_embeds: bool) -> str:
+    """The FLUX.2 parts beside the text encoder: VAE, transformer, scheduler."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
     vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
                              latent_channels=latent_channels, norm_num_groups=8, sample_size=32)
@@ -259,8 +275,8 @@ def _tiny_flux2_klein(out_dir: str, heads: int = 2, layers: int = 1, single_laye
     head_dim = 16
     Flux2Transformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=layers,
                             num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
-                            joint_attention_dim=3 * text_width, timestep_guidance_channels=32,
-                            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+                            joint_attention_dim=text_features, timestep_guidance_channels=32,
+                            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
                             ).save_pretrained(os.path.join(out_dir, "transformer"))
     FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER).save_pretrained(os.path.join(out_dir, "scheduler"))
     return out_dir
@@ -270,3 +286,55 @@ def _tiny_flux2_klein(out_dir: str, heads: int = 2, layers: int = 1, single_laye
 FLUX2_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
                    "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
                    "time_shift_type": "exponential"}
+
+
+# FLUX.2-dev's Mistral-3 chat template, reduced to what Flux2Pipeline asks of it (format_input: one system turn, one
+# user turn, text blocks only, no generation prompt): the text the real template renders for that call.
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{%- if message['content'] is string %}"
+    "{%- set text = message['content'] %}{%- else %}{%- set text = message['content'][0]['text'] %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}{%- endif %}{%- endfor %}")
+_MISTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                    "[IMG_BREAK]", "[IMG_END]", "<pad>"]
+
+
+def build_tiny_mistral3_processor(out_dir: str, model_max_length: int = 64, vocab_size: int = 512):
+    """transformers' PixtralProcessor (what FLUX.2-dev's tokenizer/ folder loads as) around a byte-level BPE trained
+    offline on FLUX.2's system message and a few caption words (so the system turn takes ~30 tokens, not
+    hundreds of bytes), Mistral's special tokens, <pad> as the pad token and the chat template Flux2Pipeline uses.
+    A real FLUX.2-dev directory brings Mistral's 131k-token vocabulary."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+
+    tok = _byte_level_bpe(SYSTEM_MESSAGE.split() + _CAPTION_WORDS, _MISTRAL_SPECIAL, vocab_size)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=model_max_length)
+    processor = PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=fast, patch_size=16,
+                                 spatial_merge_size=2, chat_template=MISTRAL3_CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    return processor
+
+
+def create_tiny_flux2_dir(out_dir: str, transformer_kwargs: dict | None = None, **_) -> str:
+    return _tiny_flux2_dev(out_dir, **(transformer_kwargs or {}))
+
+
+def _tiny_flux2_dev(out_dir: str, heads: int = 2, layers: int = 1, single_layers: int = 1, text_width: int = 16,
+                    latent_channels: int = 4) -> str:
+    """A FLUX.2-dev-layout directory: a tiny Mistral3ForConditionalGeneration (a 30-layer, 16-wide Mistral text
+    tower, as FLUX.2-dev reads layers 10/20/30, and a one-layer Pixtral vision tower) + its PixtralProcessor, and
+    the FLUX.2 VAE / transformer (with guidance embedding: FLUX.2-dev is guidance-distilled) / scheduler."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    processor = build_tiny_mistral3_processor(os.path.join(out_dir, "tokenizer"))
+    tok = processor.tokenizer
+    text = {"model_type": "mistral", "vocab_size": len(tok), "hidden_size": text_width,
+            "intermediate_size": 2 * text_width, "num_hidden_layers": 30, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 128, "pad_token_id": tok.pad_token_id}
+    vision = {"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 16}
+    Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=text, vision_config=vision, spatial_merge_size=2,
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"))).save_pretrained(os.path.join(out_dir, "text_encoder"))
+    return _tiny_flux2_rest(out_dir, heads, layers, single_layers, 3 * text_width, latent_channels, True)

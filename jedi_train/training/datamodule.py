@@ -54,7 +54,8 @@ class JeDiDataModule(L.LightningDataModule):
                  world_size: int | None = None, prefetch_factor: int = 2, pin_memory: bool = False,
                  log_every_s: float = 60.0, heldout_sources: Any = None,
                  synthesize_if_missing: dict | None = None, heldout_synthesize_if_missing: dict | None = None,
-                 use_cache: bool = True, drop_text_encoders: bool = False, heldout_split: dict | None = None):
+                 use_cache: bool = True, drop_text_encoders: bool = False, heldout_split: dict | None = None,
+                 text_layout: str | None = None):
         super().__init__()
         self.cfg = StreamConfig(
             sources=sources, resolution=resolution, min_set=min_set, max_set=max_set, batch_size=batch_size,
@@ -63,6 +64,7 @@ class JeDiDataModule(L.LightningDataModule):
             max_image_pixels=max_image_pixels, allow_pipe=allow_pipe, seed=seed, log_every_s=log_every_s)
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.tokenizer, self.model_dir = tokenizer, model_dir
+        self.text_layout = text_layout  # the family's (text.PromptEncoder): FLUX.2 wraps captions in a chat prompt
         self.rank, self.world_size = rank, world_size
         self.heldout_sources, self.synthesize_if_missing = heldout_sources, synthesize_if_missing
         self.heldout_synthesize_if_missing = heldout_synthesize_if_missing
@@ -229,20 +231,20 @@ class JeDiDataModule(L.LightningDataModule):
     def _tokenize_fn(self):
         """captions -> token ids: the given tokenizer (or list of them: SDXL has two), else those in model_dir.
         Only tokenizers go to the loader workers, never the text encoders."""
-        from jedi_train.models.text import token_ids
+        from jedi_train.models.text import layout_token_ids
 
         if self.tokenizer is None:
             if self.model_dir is None:
                 raise ValueError("JeDiDataModule needs a tokenizer object or model_dir (a diffusers SD directory "
                                  "with a tokenizer/ subfolder)")
-            from transformers import AutoTokenizer
-
             from jedi_train.models import families
 
-            subfolders = list(families.family_of_dir(self.model_dir).tokenizers)
-            self.tokenizer = [AutoTokenizer.from_pretrained(self.model_dir, subfolder=s) for s in subfolders]
+            family = families.family_of_dir(self.model_dir)
+            self.tokenizer = [family.tokenizer_class(i).from_pretrained(self.model_dir, subfolder=s)
+                              for i, s in enumerate(family.tokenizers)]
+            self.text_layout = self.text_layout or family.text_layout
         tokenizers = self.tokenizer if isinstance(self.tokenizer, list) else [self.tokenizer]
-        return functools.partial(token_ids, tokenizers)
+        return functools.partial(layout_token_ids, self.text_layout, tokenizers)
 
     # -- a held-out split of the user's own sources ------------------------------------------------------
     def split_heldout(self, run_dir: str) -> list[dict] | None:

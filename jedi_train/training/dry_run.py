@@ -6,7 +6,7 @@ shapes), made joint and given its LoRA exactly as training would; then per-rank 
 Bytes per rank (fp32 trained weights as Lightning's mixed precision keeps them, AdamW's two fp32 moments,
 fp32 gradients, the fp32 EMA): single / DDP hold all of it; ZeRO-2 shards gradients and optimizer states over
 the ranks; ZeRO-3 also the trained weights and the EMA (jedi_train/training/ema.py; offload moves optimizer states to CPU).
-Text encoders and VAE at `model.frozen_dtype`; a LoRA's frozen base at `model.lora.base_dtype` (its Linear /
+Text encoders and VAE at `model.frozen_dtype` (the text encoders not at all with data.drop_text_encoders); a LoRA's frozen base at `model.lora.base_dtype` (its Linear /
 Conv weights; the rest fp32); `model/optimizer=adamw8bit`: 2 bytes of state per trained parameter.
 
 Activations: one training forward of the joint denoiser over a batch (data.batch_size sets of data.max_set
@@ -218,8 +218,11 @@ def estimate(cfg) -> dict:
                  and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.requires_grad) if base_dtype else 0
     base_bytes = 4 * (frozen_base - stored) + DTYPE_BYTES.get(base_dtype, 4) * stored
     frozen_parts = sum(p.numel() for m in frozen for p in m.parameters())
+    # data.drop_text_encoders: every source cached (jedi-data encode), the text encoders are freed before training
+    dropped = bool((cfg.get("data") or {}).get("drop_text_encoders"))
+    held = [m for m in frozen if type(m).__name__.startswith("AutoencoderKL") or not dropped]
     # model.text_encoder_quantization: the text encoders' Linear weights at 1 byte (torchao weight-only)
-    quantized = sum(m.weight.numel() for enc in frozen if not type(enc).__name__.startswith("AutoencoderKL")
+    quantized = sum(m.weight.numel() for enc in held if not type(enc).__name__.startswith("AutoencoderKL")
                     for m in enc.modules() if isinstance(m, torch.nn.Linear)) if model_cfg.get("text_encoder_quantization") else 0
     strategy = cfg.get("strategy") or {}
     stage = int(strategy.get("stage", 0) or 0)
@@ -235,9 +238,11 @@ def estimate(cfg) -> dict:
                 f"AdamW states ({'8-bit' if adam8 else 'fp32'})": 0.0 if strategy.get("offload_optimizer") else optimizer,
                 "EMA copy (fp32)": ema / param_shard,
                 f"frozen base of the denoiser ({base_dtype or 'float32'})": float(base_bytes),
-                f"text encoders + VAE ({model_cfg.get('frozen_dtype') or 'float32'}"
+                f"{'VAE (text encoders dropped' if dropped else 'text encoders + VAE ('}"
+                f"{', ' if dropped else ''}{model_cfg.get('frozen_dtype') or 'float32'}"
                 f"{', 8-bit Linear' if quantized else ''})":
-                    float(frozen_bytes * (frozen_parts - quantized) + quantized)}
+                    float(frozen_bytes * (sum(p.numel() for m in held for p in m.parameters()) - quantized)
+                          + quantized)}
     activations, batch = _activations(cfg, model_cfg, family, denoiser, vae_downsample(frozen, family))
     per_rank["activations (estimate)"] = float(activations)
     return {"family": family.name, "denoiser": type(denoiser).__name__, "trained": trained, "frozen_base": frozen_base,
