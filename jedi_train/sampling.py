@@ -181,6 +181,22 @@ def generate(pipe, ref_files, prompts, num: int, seed: int | list[int], steps: i
     return result, time.perf_counter() - t0
 
 
+def generate_subjects(pipe, subjects: list[tuple[list, list[str], list[int]]], steps: int, guidance: float,
+                      image_guidance: float, max_set_size: int, no_cache: bool = False):
+    """Several subjects in one sampling call (one denoiser call per step for all): subjects = [(reference files,
+    prompts, one seed per prompt)], the same number of references each. Each image is the one `generate` gives
+    with its seed. -> (JeDiPipelineOutput with one list of images / references per subject, seconds)."""
+    import torch
+
+    t0 = time.perf_counter()
+    result = pipe(reference_images=[refs for refs, _, _ in subjects], prompt=[list(p) for _, p, _ in subjects],
+                  num_inference_steps=steps, guidance_scale=guidance, image_guidance_scale=image_guidance,
+                  max_set_size=max_set_size, output_type="pil", use_reference_cache=False if no_cache else None,
+                  generator=[[torch.Generator(device="cpu").manual_seed(int(x)) for x in seeds]
+                             for _, _, seeds in subjects])
+    return result, time.perf_counter() - t0
+
+
 def output_names(prompts, num: int) -> list[dict]:
     return [{"file": f"{i // num:02d}_{i % num:02d}.png", "prompt": prompts[i // num], "index": i % num}
             for i in range(len(prompts) * num)]

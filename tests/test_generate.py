@@ -149,6 +149,33 @@ def test_independent_image_is_jedi_sample_and_joint_differs(pipe_dir, refs, tmp_
     assert np.abs(coupled - mine).max() > 2  # beyond batching noise (<= 1 above); a random tiny model couples weakly
 
 
+def test_jobs_share_sampling_calls_and_explain(pipe_dir, refs, tmp_path, capsys, monkeypatch):
+    """Images of several jobs share one sampling call (each its own sets and seed: the same PNGs as one call
+    each); --explain writes each image's attention overlays beside it."""
+    from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
+
+    calls = []
+    real = JeDiPipeline.__call__
+    monkeypatch.setattr(JeDiPipeline, "__call__", lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
+    other = _photos(tmp_path / "other", [3, 4])
+    path = _jobs(tmp_path / "jobs.jsonl", [
+        {"id": "a", "references": refs, "prompts": ["x", "y"], "steps": 2},
+        {"id": "b", "references": other, "prompts": ["z"], "num_images": 2, "steps": 2}])
+    assert _cli(capsys, pipe_dir, "--jobs", path, "--out", tmp_path / "many", "--no-progress")[0] == 0
+    assert len(calls) == 1 and len(calls[0]["prompt"]) == 4  # four images, two jobs, one call
+    calls.clear()
+    assert _cli(capsys, pipe_dir, "--jobs", path, "--out", tmp_path / "one", "--no-progress",
+                "--images-per-call", 1)[0] == 0
+    assert len(calls) == 4
+    for rec in _records(tmp_path / "many"):
+        a, b = (np.asarray(Image.open(tmp_path / d / rec["image"])).astype(int) for d in ("many", "one"))
+        assert np.abs(a - b).max() <= 1, rec["image"]
+    assert _cli(capsys, pipe_dir, "--jobs", path, "--out", tmp_path / "explained", "--no-progress", "--explain")[0] == 0
+    for rec in _records(tmp_path / "explained"):
+        stem = os.path.splitext(tmp_path / "explained" / rec["image"])[0]
+        assert all(os.path.isfile(f"{stem}.attention.{k}.png") for k in range(2)), rec["image"]
+
+
 def test_gate_rejects_keeps_scores_and_report(pipe_dir, extractor_dirs, refs, tmp_path, capsys):
     dino, clip = extractor_dirs
     path = _jobs(tmp_path / "jobs.jsonl", [

@@ -48,7 +48,11 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, default=None, help="this process's share, 0..N-1 "
                    "(default: SLURM_ARRAY_TASK_ID or 0)")
     p.add_argument("--images-per-call", type=int, default=8, metavar="N",
-                   help="independent images of a job per sampling call (default 8; a joint set is one call)")
+                   help="images per sampling call, across jobs of the same settings and reference count (default 8; "
+                        "each image, or joint set, keeps its own sets and seeds: the same images as one call each)")
+    p.add_argument("--explain", action="store_true",
+                   help="write each image's reference attention overlays, <image stem>.attention.<k>.png (one "
+                        "image or joint set per sampling call)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="as jedi-sample (default: the pipeline's)")
     p.add_argument("--no-cache", action="store_true", help="never use the reference key/value cache")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -83,7 +87,7 @@ def run_generate(argv) -> int:
     thresholds = {k: v for k, v in (("identity", a.min_identity), ("prompt", a.min_prompt)) if v is not None}
     opts = Options(a.pipeline_dir, a.jobs, a.out, parse_checks(a.check), thresholds, a.best_of, a.dino, a.clip,
                    a.num_shards, a.shard_index, a.device, a.scheduler, a.no_cache, a.images_per_call,
-                   not a.no_progress)
+                   not a.no_progress, a.explain)
     s = Runner(opts).run()
     i, n = s.shard
     made = s.accepted + s.rejected

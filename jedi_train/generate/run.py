@@ -22,6 +22,7 @@ from jedi_train.sampling import (
     UsageError,
     check_pipeline_dir,
     generate,
+    generate_subjects,
     prepare_references,
     resolve_settings,
 )
@@ -46,6 +47,7 @@ class Options:
     no_cache: bool = False
     images_per_call: int = 8
     progress: bool = True
+    explain: bool = False
 
 
 @dataclass
@@ -54,12 +56,15 @@ class Candidate:
     images: list  # PIL, one per slot of the unit
     seeds: list[int]
     scores: list[dict]
+    attention_maps: list | None = None  # --explain: one AttentionMap per image
+    references: list | None = None  # the references as the model saw them (for the overlays)
 
 
 @dataclass
 class Unit:
     slots: list[tuple[int, int]]
     candidates: list[Candidate] = field(default_factory=list)
+    done: bool = False
 
 
 @dataclass
@@ -159,12 +164,13 @@ class Runner:
             say = self.say
             self.say = lambda line: tqdm.write(line, file=sys.stderr)  # lines above the bar, not through it
             try:
-                for job, units in work:
+                failed: set[str] = set()
+                for pairs in self.calls(work):
                     try:
-                        self.run_job(job, units, bar)
-                        self.summary.jobs_done += 1
-                    except USER_ERRORS as e:
-                        self.error(f"{job.label}: {e}")
+                        self.run_units(pairs, bar)
+                    except USER_ERRORS as e:  # alone again, job by job: the bad job is one line, the others go on
+                        self.retry_alone(pairs, bar, failed, e)
+                self.summary.jobs_done = sum(job.id not in failed for job in ready)
             finally:
                 self.say = say
         from jedi_train.generate.report import write_reports
@@ -181,47 +187,76 @@ class Runner:
         if self.o.checks:
             self.scorer = Scorer(self.o.checks, self.o.dino, self.o.clip, self.pipe.device, self.pipe.resolution)
 
-    def run_job(self, job: J.Job, units: list[Unit], bar) -> None:
-        values, _ = self.settings(job)
-        active = list(units)
+    def calls(self, work: list[tuple[J.Job, list[Unit]]]) -> list[list[tuple[J.Job, Unit]]]:
+        """Units grouped into sampling calls across jobs: one call holds units of the same settings, reference
+        count and size (a joint job's set, or single images) - each unit a subject of its own in the call
+        (its own sets, its own per-image seeds), so an image never depends on what shares its call. Up to
+        --images-per-call images per call; with --explain one unit per call (the maps take one subject)."""
+        groups: dict[str, list] = {}
+        for job, units in work:
+            values, _ = self.settings(job)
+            for unit in units:
+                key = repr((sorted(values.items()), len(job.ref_files), len(unit.slots)))
+                groups.setdefault(key, []).append((job, unit))
+        calls = []
+        for pairs in groups.values():
+            per_call = 1 if self.o.explain else max(1, self.o.images_per_call // len(pairs[0][1].slots))
+            calls += [pairs[i:i + per_call] for i in range(0, len(pairs), per_call)]
+        return calls
+
+    def retry_alone(self, pairs, bar, failed: set[str], error: Exception) -> None:
+        jobs = list(dict.fromkeys(job.id for job, _ in pairs))
+        for job_id in jobs:
+            mine = [(job, u) for job, u in pairs if job.id == job_id and not u.done]
+            if not mine:
+                continue
+            try:
+                if len(jobs) == 1:
+                    raise error
+                self.run_units(mine, bar)
+            except USER_ERRORS as e:
+                if job_id not in failed:
+                    self.error(f"{mine[0][0].label}: {e}")
+                    failed.add(job_id)
+
+    def run_units(self, pairs: list[tuple[J.Job, Unit]], bar) -> None:
+        """Best-of attempts for units that share their sampling calls; each unit is written once decided."""
+        values, _ = self.settings(pairs[0][0])
         for attempt in range(self.gate.best_of):
+            active = [(job, u) for job, u in pairs if not u.done]
             if not active:
                 break
-            self.sample(job, active, attempt, values)
-            for unit in list(active):
+            self.sample(active, attempt, values)
+            for job, unit in active:
                 last = unit.candidates[-1]
                 if (self.gate.stops_early and self.unit_passes(last)) or attempt == self.gate.best_of - 1:
                     self.finish(job, unit, values)
-                    active.remove(unit)
+                    unit.done = True
                     bar.update(len(unit.slots))
 
-    def sample(self, job: J.Job, units: list[Unit], attempt: int, values: dict) -> None:
-        """One candidate more for each unit. BATCHING: this per-job call is what a call over several jobs'
-        sets (per-set references in the pipeline) replaces; units of one job already share calls."""
-        k = len(job.ref_files)
-        if job.joint:
-            groups = [[u] for u in units]  # one set: all of the job's images, coupled
-        else:  # without references in the sets (image guidance 0) max_set_size cannot keep targets apart
-            n = self.o.images_per_call if values["image_guidance"] != 0 else 1
-            groups = [units[i:i + n] for i in range(0, len(units), n)]
-        for group in groups:
-            slots = [s for u in group for s in u.slots]
-            seeds = [J.image_seed(job, p, s, attempt) for p, s in slots]
-            prompts = [job.prompts[p] for p, _ in slots]
-            set_size = k + len(slots) if job.joint else k + 1  # joint: one set; else each image alone with the refs
-            result, _ = generate(self.pipe, job.ref_files, prompts, 1, seeds, values["steps"], values["guidance"],
-                                 values["image_guidance"], max(2, set_size), self.o.no_cache)
-            # EXPLAIN HOOK (--explain, issue 33 item 3): reference attention maps of `result` go here, saved
-            # beside each image as <stem>.attention.<k>.png when the image is written (finish).
-            self.summary.candidates += len(slots)
-            self.write_references(job, result.reference_images)
-            scores = (self.scorer.score(result.images, job.ref_files, prompts) if self.scorer is not None
-                      else [{} for _ in slots])
-            i = 0
-            for u in group:
-                n = len(u.slots)
-                u.candidates.append(Candidate(attempt, result.images[i:i + n], seeds[i:i + n], scores[i:i + n]))
-                i += n
+    def sample(self, pairs: list[tuple[J.Job, Unit]], attempt: int, values: dict) -> None:
+        """One candidate more for each unit, all in one sampling call (sampling.generate_subjects)."""
+        k, size = len(pairs[0][0].ref_files), len(pairs[0][1].slots)
+        subjects = [(job.ref_files, [job.prompts[p] for p, _ in u.slots],
+                     [J.image_seed(job, p, s, attempt) for p, s in u.slots]) for job, u in pairs]
+        set_size = max(2, k + size)  # a unit is one set: a joint job's images, or one image, with the references
+        maps = None
+        if self.o.explain:  # one unit: its attention maps, from the same sampling library
+            (refs, prompts, seeds), = subjects
+            result, _ = generate(self.pipe, refs, prompts, 1, seeds, values["steps"], values["guidance"],
+                                 values["image_guidance"], set_size, self.o.no_cache, explain=True)
+            images, references, maps = [result.images], [result.reference_images], [result.attention_maps]
+        else:
+            result, _ = generate_subjects(self.pipe, subjects, values["steps"], values["guidance"],
+                                          values["image_guidance"], set_size, self.o.no_cache)
+            images, references = result.images, result.reference_images
+        for i, ((job, unit), (refs, prompts, seeds)) in enumerate(zip(pairs, subjects)):
+            self.summary.candidates += len(prompts)
+            self.write_references(job, references[i])
+            scores = (self.scorer.score(images[i], refs, prompts) if self.scorer is not None
+                      else [{} for _ in prompts])
+            unit.candidates.append(Candidate(attempt, images[i], seeds, scores,
+                                             maps[i] if maps else None, references[i]))
 
     def unit_passes(self, c: Candidate) -> bool:
         return all(self.gate.passes(s) for s in c.scores)
@@ -255,6 +290,10 @@ class Runner:
                 _save(kept.images[i], accepted)
                 image = accepted
                 self.summary.accepted += 1
+            if kept.attention_maps is not None:  # --explain: <image stem>.attention.<k>.png beside the image
+                from jedi_train.explain import save_attention_overlays
+
+                save_attention_overlays(kept.attention_maps[i], kept.references, image)
             record = {"job": job.id, "line": job.line, "prompt_index": slot[0], "prompt": job.prompts[slot[0]],
                       "sample": slot[1], "image": os.path.relpath(image, out),
                       "status": "rejected" if ok is False else "accepted", "pass": ok, "attempts": len(cands),
