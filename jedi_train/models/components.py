@@ -8,6 +8,7 @@ same path: tests exercise exactly what a user's directory goes through.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import warnings
@@ -184,12 +185,33 @@ def refuse_pickled_weights(load):
 TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
+def check_text_encoder(model_dir: str, row: Family, slot: int) -> None:
+    """The row's text encoder class must be what <encoder folder>/config.json describes (its model_type): another
+    model's encoder (e.g. Qwen3 in a Qwen-Image directory) would load with random weights or fail deep inside."""
+    folder = row.encoder_folders[slot]
+    path = os.path.join(model_dir, folder, "config.json")
+    try:
+        with open(path) as f:
+            found = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        raise FileNotFoundError(f"model directory {model_dir} is a {row.title} model but {path} is missing or "
+                                f"unreadable; {folder}/ must hold the {row.text_encoders[slot][0]} it was released "
+                                "with") from None
+    cls = row.text_encoder_class(slot)
+    want = cls.config_class.model_type
+    if found and want and found != want:
+        raise ValueError(f"model directory {model_dir} is a {row.title} model but its {folder} is a {found!r} model; "
+                         f"{row.title} needs a {cls.__name__} ({want!r}) there: copy the {folder}/ folder of the "
+                         f"{row.title} release")
+
+
 @refuse_pickled_weights
 def load_text_parts(model_dir: str, family: str) -> dict:
     """{component name: model} for TEXT_PARTS: the family's tokenizers and text encoders, None for the rest."""
     row = families.get(family)
     parts = dict.fromkeys(TEXT_PARTS)
     for slot, (encoder, tokenizer) in enumerate(zip(row.encoder_folders, row.tokenizers)):
+        check_text_encoder(model_dir, row, slot)
         parts[encoder] = row.text_encoder_class(slot).from_pretrained(model_dir, subfolder=encoder)
         parts[tokenizer] = row.tokenizer_class(slot).from_pretrained(model_dir, subfolder=tokenizer)
     return parts
