@@ -294,10 +294,12 @@ def _tiny_qwenimage(out_dir: str, heads: int = 2, layers: int = 1, text_width: i
 
     tokenizer = build_tiny_qwen_tokenizer(os.path.join(out_dir, "tokenizer"), model_max_length=34 + text_tokens,
                                           vocab_size=1024, extra_text=(QWEN_IMAGE_TEMPLATE.format("a photo"),))
+    half = text_width // 4  # rotary pairs per head (2 heads); Qwen2.5-VL splits them over (time, height, width)
     ids = {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     text = {"vocab_size": len(tokenizer), "hidden_size": text_width, "intermediate_size": 2 * text_width,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1000000.0}, **ids}
+            "rope_parameters": {"rope_type": "default", "mrope_section": [half - 2 * (half // 4), half // 4, half // 4],
+                                "rope_theta": 1000000.0}, **ids}
     vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": text_width,
               "fullatt_block_indexes": [0]}
     Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)).save_pretrained(
