@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 import types
 
 import numpy as np
 import pytest
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+from helpers.cli import cli, one_line_error
 from helpers.pipelines import CAN, load, make_pipeline_dir, needs_dreambench, run
 
 from jedi_train.models import families
@@ -393,6 +395,11 @@ def test_bad_directories_are_one_clear_line(model_dir, tmp_path):
     with pytest.raises(ValueError, match="is a Qwen-Image model but its text_encoder is a 'qwen3' model; Qwen-Image "
                                          "needs a Qwen2_5_VLForConditionalGeneration"):
         load_components(str(wrong), J)
+    (tmp_path / "shards").mkdir()  # through a CLI: one line, exit 2
+    tarfile.open(tmp_path / "shards" / "0.tar", "w").close()
+    p = cli("jedi-data", "encode", f"{tmp_path}/shards/*.tar", tmp_path / "enc", "--model", wrong, "--resolution", "32",
+            cwd=tmp_path)
+    assert "its text_encoder is a 'qwen3' model" in one_line_error(p, "jedi-data")
     edit = tmp_path / "edit2511"
     shutil.copytree(model_dir, edit)
     cfg = json.loads((edit / "transformer" / "config.json").read_text())
