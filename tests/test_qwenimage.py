@@ -318,6 +318,27 @@ def test_objective_trains_the_reference_channels(components):
     c.denoiser.zero_grad(set_to_none=True)
 
 
+def test_cached_text_carries_the_mask(components):
+    """jedi-data encode's cache holds the mask beside the states (stored in the cache's dtype); the objective's
+    cached path (caption dropout to the cached "" included) gives the conditioning the on-the-fly path gives."""
+    from jedi_train.models.objective import JeDiObjective
+
+    c = components
+    caps = ["a red dog", "a blue cat on a beach", "a toy"] * 2
+    ids = c.text.token_ids(caps)
+    emb, empty = c.text.embed(ids), c.text.embed(c.text.token_ids([""]))
+    stored = emb.apply(lambda x: x.to(torch.bfloat16))
+    batch = {"pixel_values": torch.zeros(2, 3, 3, 32, 32), "input_ids": ids.view(2, 3, -1),
+             "text_hidden": stored.hidden.view(2, 3, *emb.hidden.shape[1:]), "text_mask": stored.mask.view(2, 3, -1),
+             "text_empty_hidden": empty.hidden.bfloat16(), "text_empty_mask": empty.mask.bfloat16()}
+    objective = JeDiObjective(c)
+    dropped = torch.tensor([[True, False, False]] * 2)
+    cached = objective.text_conditioning(batch, dropped)
+    fresh = objective.text_conditioning({k: v for k, v in batch.items() if not k.startswith("text_")}, dropped)
+    assert torch.equal(cached.mask.bool(), fresh.mask.bool()) and cached.mask[0].sum() == empty.mask.sum()
+    torch.testing.assert_close(cached.hidden, fresh.hidden, atol=0.05, rtol=0.02)
+
+
 # -- the pipeline, LoRA -------------------------------------------------------------------------------------------
 @needs_dreambench
 def test_pipeline_samples_k0_k1_k3_and_round_trips(pipe_dir, tmp_path):
