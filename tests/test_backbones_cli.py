@@ -1,5 +1,5 @@
-"""SDXL, FLUX.1, SD3, FLUX.2 Klein and FLUX.2-dev through the documented CLI, as for SD: jedi-train experiment=demo
-model=tiny_sdxl|tiny_flux|tiny_sd3|tiny_flux2_klein|tiny_flux2,
+"""SDXL, FLUX.1, SD3, FLUX.2 Klein, FLUX.2-dev and Qwen-Image through the documented CLI, as for SD: jedi-train
+experiment=demo model=tiny_sdxl|tiny_flux|tiny_sd3|tiny_flux2_klein|tiny_flux2|tiny_qwenimage,
 jedi-export, jedi-sample (K = 3; K = 1 in-process on the same pipeline code path); a checkpoint against another
 family's model is refused in one line."""
 from __future__ import annotations
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
                                                             ("tiny_flux", "FLUX.1", "transformer"),
                                                             ("tiny_sd3", "Stable Diffusion 3", "text_encoder_3"),
                                                             ("tiny_flux2_klein", "FLUX.2 Klein", "transformer"),
-                                                            ("tiny_flux2", "FLUX.2-dev", "transformer")])
+                                                            ("tiny_flux2", "FLUX.2-dev", "transformer"),
+                                                            ("tiny_qwenimage", "Qwen-Image", "transformer")])
 def test_train_export_sample_through_the_cli(model, family, component, tmp_path, tiny_model_dir):
     run_dir, pipe_dir = tmp_path / "run", tmp_path / "pipe"
     run_jedi("jedi-train", *FAST, f"model={model}", "trainer.max_steps=3", "export_after_fit=false",

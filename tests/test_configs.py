@@ -92,9 +92,8 @@ def test_gpu_trainer_reads_the_node_count_from_slurm(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,expected", [
     (["experiment=demo", "trainer.nonexistent=3"], "+trainer.nonexistent=3"),  # names the fix
-    (["model=nope"], ("available: flux, flux2, flux2_klein, sd15, sd21, sd3, sdxl, tiny_flux, tiny_flux2, tiny_flux2_klein, "
-                      "tiny_pixel, "
-                      "tiny_sd3, tiny_sdxl")),
+    (["model=nope"], ("available: flux, flux2, flux2_klein, qwenimage, sd15, sd21, sd3, sdxl, tiny_flux, tiny_flux2, "
+                      "tiny_flux2_klein, tiny_pixel, tiny_qwenimage, tiny_sd3, tiny_sdxl")),
     (["strategy=ddp,single"], "add -m"),
     (["-m", "strategy=ddp,sin"], "strategy/sin"),  # every value of a sweep is checked, not just the first
     (["-m", "model=tiny_pixel", "data.batch_size=2,4", "model.lr_x=1e-4,1e-3"], "model.lr_x"),

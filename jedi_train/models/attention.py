@@ -302,11 +302,12 @@ class JointAttnProcessor(AttnProcessor2_0):
 
 
 def text_and_set_attention(query, key, value, text_len: int, set_layout: SetLayout, references_see_targets: bool,
-                           attn: Attention) -> torch.Tensor:
+                           attn: Attention, text_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The joint text-image attention of an MM-DiT (FLUX, SD3), coupled over sets: each image's queries see its
     OWN text keys and the image keys of every image of its set (masked as `per_image_key_mask` says), plus the
     cached reference image keys when `set_layout` replays a `ReferenceKVCache`. query, key, value: (B*N, S, H, d)
-    per image, its `text_len` text tokens first; returns (B*N, S, H*d)."""
+    per image, its `text_len` text tokens first; text_mask (B*N, text_len), False on text padding that is never a
+    key (Qwen-Image); returns (B*N, S, H*d)."""
     cache = set_layout.reference_cache
     bn, s, heads, d = query.shape
     n, b, li = set_layout.n, bn // set_layout.n, s - text_len
@@ -338,6 +339,9 @@ def text_and_set_attention(query, key, value, text_len: int, set_layout: SetLayo
 
     keys, values = per_image(key, img_k), per_image(value, img_v)
     mask = set_layout.per_image_key_mask(text_len, li, references_see_targets, query.device, ref_tokens)
+    if text_mask is not None and not bool(text_mask.all()):
+        full = mask if mask is not None else torch.ones(bn, 1, 1, keys.shape[1], dtype=torch.bool, device=query.device)
+        mask = torch.cat([full[..., :text_len] & text_mask.bool()[:, None, None, :], full[..., text_len:]], dim=-1)
     out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=mask).transpose(1, 2)
     return out.flatten(2, 3).to(query.dtype)

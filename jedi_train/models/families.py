@@ -321,6 +321,40 @@ register(Family(
         "text_encoders": [_MISTRAL3_24B], "vae": _VAE_FLUX2}},
 ))
 
+# Qwen/Qwen-Image: transformer/config.json, text_encoder/config.json (Qwen2.5-VL-7B-Instruct), vae/config.json
+_QWEN2_5_VL_7B = {
+    "text_config": {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                    "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 128000,
+                    "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+                    "tie_word_embeddings": False},
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
+                      "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+    "tie_word_embeddings": False}
+register(Family(
+    name="qwenimage", title="Qwen-Image", denoiser_folder="transformer",
+    denoiser_classes=("QwenImageTransformer2DModel", "JointQwenImageTransformer2DModel"),
+    joint_class="jedi_train.models.joint_qwenimage:JointQwenImageTransformer2DModel",
+    text_encoders=(("Qwen2_5_VLForConditionalGeneration", "Qwen2TokenizerFast"),), text_layout="qwen2_5_vl",
+    text_tokens=(("tokenizer", 512),),
+    pipeline_class="jedi_train.pipelines.pipeline_jedi_qwenimage:JeDiQwenImagePipeline",
+    lora_loader="diffusers.loaders:QwenImageLoraLoaderMixin",
+    tiny_recipe="jedi_train.models.tiny:create_tiny_qwenimage_dir",
+    flow_matching=True, needs_vae=True, fixed_resolution=False,
+    vae_class="diffusers:AutoencoderKLQwenImage", codec_class="jedi_train.models.joint_qwenimage:QwenImageLatentCodec",
+    # Edit-2511 (zero_cond_t), Layered (use_layer3d_rope) and additional-t variants condition differently: no row
+    matches=lambda config: not any(config.get(k) for k in ("zero_cond_t", "use_layer3d_rope", "use_additional_t_cond",
+                                                            "guidance_embeds")),
+    recognised_by="its QwenImageTransformer2DModel is the text-to-image one and takes Qwen2.5-VL text (Qwen-Image)",
+    dry_run_presets={"qwenimage_20b": {
+        "denoiser": {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+                     "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+                     "axes_dims_rope": [16, 56, 56]},
+        "text_encoders": [_QWEN2_5_VL_7B],
+        "vae": {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+                "temperal_downsample": [False, True, True], "dropout": 0.0}}},
+))
+
 
 def dry_run_preset(name: str) -> tuple[Family, dict] | None:
     for family in FAMILIES.values():

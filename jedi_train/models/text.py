@@ -18,6 +18,10 @@
   turn, no generation prompt) through the processor's chat template, padded to 512 tokens (or shorter
   model_max_length), and the hidden states of layers 10, 20 and 30 stacked per token (T, 3 x hidden), padding
   masked, as Flux2Pipeline._get_mistral_3_small_prompt_embeds.
+* Qwen-Image ("qwen2_5_vl"): one Qwen2.5-VL (text only); each caption in QwenImagePipeline's prompt template, the
+  last hidden states of its valid tokens with the template's first 34 tokens (the system prompt and the user
+  turn's header) dropped, at most 512 tokens, zero-padded, plus the text mask (`TextEmbeddings.mask`) the
+  transformer attends with, as QwenImagePipeline._get_qwen_prompt_embeds / encode_prompt.
 
 Token ids travel through the data stream as one tensor per caption, (T,) for one tokenizer or (E, T)
 for E tokenizers (shorter ones padded to the longest, cut back when embedded: CLIP 77, T5 512), so the
@@ -31,7 +35,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-TEXT_FIELDS = ("hidden", "pooled", "time_ids")  # TextEmbeddings' fields, in order (the cache stores them by name)
+TEXT_FIELDS = ("hidden", "pooled", "time_ids", "mask")  # TextEmbeddings' fields, in order (the cache stores them by name)
 
 
 def sdxl_time_ids(size_crop: torch.Tensor | None, resolution: int, rows: int | None = None) -> torch.Tensor:
@@ -46,7 +50,8 @@ def sdxl_time_ids(size_crop: torch.Tensor | None, resolution: int, rows: int | N
 
 @dataclass
 class TextEmbeddings:
-    """Per-image text conditioning: hidden (M, T, D) [+ pooled (M, P) and time_ids (M, 6) for SDXL].
+    """Per-image text conditioning: hidden (M, T, D) [+ pooled (M, P) and time_ids (M, 6) for SDXL; + mask (M, T),
+    nonzero on real tokens, for layouts whose denoiser masks text padding (Qwen-Image)].
 
     Indexes, concatenates and stacks like one tensor of M rows (every field row-aligned), so the
     objective and the pipeline treat it as they treat image latents."""
@@ -54,6 +59,7 @@ class TextEmbeddings:
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def apply(self, fn, *others: TextEmbeddings) -> TextEmbeddings:
         """fn over each field (with the same field of `others`); absent fields stay absent."""
@@ -157,6 +163,38 @@ def stacked_layers(encoder, tokenizer, ids: torch.Tensor, layers: tuple[int, ...
     return stacked.permute(0, 2, 1, 3).reshape(m, t, k * d)
 
 
+QWEN_IMAGE_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                       "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                       "<|im_end|>\n<|im_start|>assistant\n")  # QwenImagePipeline.prompt_template_encode
+QWEN_IMAGE_DROP = 34  # QwenImagePipeline.prompt_template_encode_start_idx: the template's tokens before the caption
+QWEN_IMAGE_MAX_LENGTH = 512  # QwenImagePipeline.__call__'s max_sequence_length (after the dropped tokens)
+
+
+def qwen_image_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions -> (len, 34 + 512) ids of QwenImagePipeline's prompt template, padded to a fixed length (the stream
+    and the cache need one); the tokens past 34 + 512 it would cut after encoding are cut here (a causal encoder:
+    the kept tokens' states do not depend on them). Or the tokenizer's shorter model_max_length."""
+    length = min(QWEN_IMAGE_DROP + QWEN_IMAGE_MAX_LENGTH, tokenizer.model_max_length)
+    texts = [QWEN_IMAGE_TEMPLATE.format(c) for c in captions]
+    return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def qwen_image_embeddings(encoder, tokenizer, ids: torch.Tensor) -> TextEmbeddings:
+    """(M, L) ids -> hidden (M, L - 34, D) and mask (M, L - 34): the last hidden states of each caption's valid
+    tokens after the first 34, zero-padded (QwenImagePipeline._get_qwen_prompt_embeds). The transformer trims the
+    padding every row has (denoise), so a batch sees what the pipeline's longest-prompt padding gives."""
+    ids = ids.to(encoder.device)
+    mask = ids != tokenizer.pad_token_id
+    hidden = encoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[-1]
+    rows = [h[m][QWEN_IMAGE_DROP:] for h, m in zip(hidden, mask)]
+    length = ids.shape[1] - QWEN_IMAGE_DROP
+    out = hidden.new_zeros(len(rows), length, hidden.shape[-1])
+    keep = torch.zeros(len(rows), length, dtype=torch.bool, device=hidden.device)
+    for i, r in enumerate(rows):
+        out[i, :len(r)], keep[i, :len(r)] = r, True
+    return TextEmbeddings(out, mask=keep)
+
+
 STACKED = {"qwen3": (qwen3_token_ids, QWEN3_LAYERS, "FLUX.2 Klein"),
            "mistral3": (mistral3_token_ids, MISTRAL3_LAYERS, "FLUX.2-dev")}  # layout -> (ids, layers, family)
 
@@ -167,16 +205,19 @@ def layout_token_ids(layout: str | None, tokenizers: list, captions: list[str]) 
     loader's workers without the text encoders."""
     if layout in STACKED:
         return STACKED[layout][0](tokenizers[0], captions)
+    if layout == "qwen2_5_vl":
+        return qwen_image_token_ids(tokenizers[0], captions)
     return token_ids(tokenizers, captions)
 
 
 class PromptEncoder:
     """The frozen tokenizer(s) and text encoder(s) of one model: token ids for the data stream, embeddings
     for the denoiser. `layout` is the family's recipe (families.py `text_layout`): "sd" one pair; "sdxl" two
-    CLIPs (the second with the projection); "flux" CLIP pooled + T5; "sd3" two CLIPs + T5; "qwen3" one Qwen3 (FLUX.2 Klein); "mistral3" one Mistral-3 (FLUX.2-dev)."""
+    CLIPs (the second with the projection); "flux" CLIP pooled + T5; "sd3" two CLIPs + T5; "qwen3" one Qwen3 (FLUX.2 Klein);
+    "mistral3" one Mistral-3 (FLUX.2-dev); "qwen2_5_vl" one Qwen2.5-VL (Qwen-Image)."""
 
-    LAYOUTS: ClassVar[dict[str, int]] = {"sd": 1, "sdxl": 2, "flux": 2, "sd3": 3, "qwen3": 1,
-                                     "mistral3": 1}  # layout -> tokenizer/encoder pairs
+    LAYOUTS: ClassVar[dict[str, int]] = {"sd": 1, "sdxl": 2, "flux": 2, "sd3": 3, "qwen3": 1, "mistral3": 1,
+                                         "qwen2_5_vl": 1}  # layout -> tokenizer/encoder pairs
 
     def __init__(self, tokenizers: list, text_encoders: list, layout: str):
         """text_encoders all None: dropped (Components.drop_text_encoders); token ids still work, embed refuses."""
@@ -213,6 +254,8 @@ class PromptEncoder:
         if self.layout in STACKED:
             _, layers, family = STACKED[self.layout]
             return TextEmbeddings(stacked_layers(enc, self.tokenizers[0], ids.reshape(-1, ids.shape[-1]), layers, family))
+        if self.layout == "qwen2_5_vl":
+            return qwen_image_embeddings(enc, self.tokenizers[0], ids.reshape(-1, ids.shape[-1]))
         ids = ids.reshape(-1, len(self.tokenizers), ids.shape[-1])
         parts = [ids[:, i, :t.model_max_length] for i, t in enumerate(self.tokenizers)]
         if self.layout == "flux":  # CLIP pooled + T5 hidden states

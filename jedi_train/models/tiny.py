@@ -213,7 +213,7 @@ _CAPTION_WORDS = ["a", "photo", "of", "the", "same", "red", "blue", "green", "ye
                   "with", "under", "next", "to"]
 
 
-def _byte_level_bpe(words: list[str], special: list[str], vocab_size: int):
+def _byte_level_bpe(words: list[str], special: list[str], vocab_size: int, extra_text=()):
     """A byte-level BPE (GPT-2 byte alphabet) trained offline on `words` with the `tokenizers` library."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -222,17 +222,19 @@ def _byte_level_bpe(words: list[str], special: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([" ".join(words[i:] + words[:i]) for i in range(len(words))], trainer)
+    tok.train_from_iterator([" ".join(words[i:] + words[:i]) for i in range(len(words))] + list(extra_text), trainer)
     return tok
 
 
-def build_tiny_qwen_tokenizer(out_dir: str, model_max_length: int = 48, vocab_size: int = 512):
+def build_tiny_qwen_tokenizer(out_dir: str, model_max_length: int = 48, vocab_size: int = 512,
+                              extra_text: tuple[str, ...] = ()):
     """A byte-level BPE (Qwen2's kind: GPT-2 byte alphabet, Qwen's special tokens and pad token) trained offline
-    on a few caption words with the `tokenizers` library, saved as transformers' Qwen2TokenizerFast with the
-    chat template Flux2KleinPipeline uses. A real FLUX.2 Klein directory brings Qwen3's 151k-token vocabulary."""
+    on a few caption words (+ `extra_text`) with the `tokenizers` library, saved as transformers'
+    Qwen2TokenizerFast with the chat template Flux2KleinPipeline uses. A real FLUX.2 Klein or Qwen-Image directory
+    brings Qwen's 151k-token vocabulary."""
     from transformers import Qwen2TokenizerFast
 
-    tok = _byte_level_bpe(_CAPTION_WORDS + ["user", "assistant", "think"], _QWEN_SPECIAL, vocab_size)
+    tok = _byte_level_bpe(_CAPTION_WORDS + ["user", "assistant", "think"], _QWEN_SPECIAL, vocab_size, extra_text)
     qwen = Qwen2TokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                               unk_token=None, bos_token=None, model_max_length=model_max_length)
     qwen.chat_template = QWEN3_CHAT_TEMPLATE
@@ -338,3 +340,53 @@ def _tiny_flux2_dev(out_dir: str, heads: int = 2, layers: int = 1, single_layers
         text_config=text, vision_config=vision, spatial_merge_size=2,
         image_token_index=tok.convert_tokens_to_ids("[IMG]"))).save_pretrained(os.path.join(out_dir, "text_encoder"))
     return _tiny_flux2_rest(out_dir, heads, layers, single_layers, 3 * text_width, latent_channels, True)
+
+
+def create_tiny_qwenimage_dir(out_dir: str, transformer_kwargs: dict | None = None, **_) -> str:
+    return _tiny_qwenimage(out_dir, **(transformer_kwargs or {}))
+
+
+def _tiny_qwenimage(out_dir: str, heads: int = 2, layers: int = 1, text_width: int = 16, latent_channels: int = 4,
+                    text_tokens: int = 16) -> str:
+    """A Qwen-Image-layout directory: a tiny Qwen2_5_VLForConditionalGeneration (the class QwenImagePipeline loads:
+    2 text layers 16 wide, a 1-block vision tower it never runs) + a byte-level BPE tokenizer trained with the
+    prompt template too, so that the template's system prompt and user header are 34 tokens as with Qwen's own
+    vocabulary (the pipeline drops exactly 34); an AutoencoderKLQwenImage (a one-level video VAE, /2, its
+    latents_mean / latents_std set away from 0 / 1 so the normalisation is exercised); a QwenImageTransformer2DModel;
+    Qwen-Image's flow-matching scheduler settings. `text_tokens`: the caption tokens kept after the 34 dropped ones
+    (the tokenizer's model_max_length is 34 + text_tokens; a real one keeps 512)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from jedi_train.models.text import QWEN_IMAGE_TEMPLATE
+
+    tokenizer = build_tiny_qwen_tokenizer(os.path.join(out_dir, "tokenizer"), model_max_length=34 + text_tokens,
+                                          vocab_size=1024, extra_text=(QWEN_IMAGE_TEMPLATE.format("a photo"),))
+    half = text_width // 4  # rotary pairs per head (2 heads); Qwen2.5-VL splits them over (time, height, width)
+    ids = {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    text = {"vocab_size": len(tokenizer), "hidden_size": text_width, "intermediate_size": 2 * text_width,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [half - 2 * (half // 4), half // 4, half // 4],
+                                "rope_theta": 1000000.0}, **ids}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": text_width,
+              "fullatt_block_indexes": [0]}
+    Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)).save_pretrained(
+        os.path.join(out_dir, "text_encoder"))
+    g = torch.Generator().manual_seed(0)
+    AutoencoderKLQwenImage(base_dim=8, z_dim=latent_channels, dim_mult=[1, 2], num_res_blocks=1,
+                           temperal_downsample=[False],
+                           latents_mean=(torch.rand(latent_channels, generator=g) * 0.4 - 0.2).tolist(),
+                           latents_std=(torch.rand(latent_channels, generator=g) * 1.5 + 0.5).tolist(),
+                           ).save_pretrained(os.path.join(out_dir, "vae"))
+    QwenImageTransformer2DModel(patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels,
+                                num_layers=layers, attention_head_dim=16, num_attention_heads=heads,
+                                joint_attention_dim=text_width, axes_dims_rope=(4, 6, 6),
+                                ).save_pretrained(os.path.join(out_dir, "transformer"))
+    FlowMatchEulerDiscreteScheduler(**QWENIMAGE_SCHEDULER).save_pretrained(os.path.join(out_dir, "scheduler"))
+    return out_dir
+
+
+# Qwen/Qwen-Image scheduler/scheduler_config.json
+QWENIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                       "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192,
+                       "shift_terminal": 0.02, "time_shift_type": "exponential"}

@@ -3,8 +3,8 @@
 `JeDiBasePipeline` (a diffusers DiffusionPipeline) is what every family's pipeline runs; each family's file
 (pipeline_jedi_sd.py: SD 1.x/2.x + SDXL; pipeline_jedi_flux.py, pipeline_jedi_sd3.py over the MM-DiT base in
 pipeline_jedi_mmdit.py) adds only its components and hooks: `denoiser_name`, `sampling_scheduler`,
-`prepare_timesteps`, `noise_references`, `guidance_distilled`, LoRA loading. jedi_train.pipelines.auto picks
-the class of a saved pipeline (JeDiAutoPipeline.from_pretrained).
+`prepare_timesteps`, `noise_references`, `guidance_distilled`, `combine_guidance`, LoRA loading.
+jedi_train.pipelines.auto picks the class of a saved pipeline (JeDiAutoPipeline.from_pretrained).
 
 The references join each set as known images, exactly as training showed them to the denoiser
 (objective.py): clean latent in the reference slot, mask 1, timestep 0 (reference_timestep 'zero')
@@ -407,7 +407,11 @@ class JeDiBasePipeline(DiffusionPipeline):
             out = model.denoise(model_in, t_img.repeat(n_b), TextEmbeddings.cat([sets.text[b] for b in sel]),
                                 layout, guidance=sets.guidance)
             preds += [plan.unstack(o) for o in out.chunk(n_b)]
-        return sum(b.weight * p for b, p in zip(sets.branches, preds))
+        return self.combine_guidance(sets.branches, preds)
+
+    def combine_guidance(self, branches: list[Branch], preds: list[torch.Tensor]) -> torch.Tensor:
+        """Family hook: the guided prediction from the branches' (set_plan.guidance_branches: a weighted sum)."""
+        return sum(b.weight * p for b, p in zip(branches, preds))
 
     @torch.no_grad()
     def __call__(self, reference_images=None, prompt: str | list[str] | list[list[str]] | None = None,

@@ -24,9 +24,12 @@ def make_pipeline_dir(model_dir, out_dir, reference_attention="set", reference_t
     """Export a tiny joint model as a pipeline. The zero-initialised reference input channels get random
     weights, so references reach the model through their input channels as well as attention."""
     c = load_components(model_dir, JeDiConfig(reference_timestep=reference_timestep, **jedi))
-    base = c.denoiser.jedi.latent_channels * (4 if c.family == "flux" else 1)  # FLUX: packed 2x2 patches
+    weight = c.denoiser.get_submodule(c.denoiser.joint_input_module).weight
+    lc = c.denoiser.jedi.latent_channels
+    widened = c.denoiser.jedi.conditioning == "channels"  # the noisy input's features (FLUX.1, Qwen-Image: 2x2 patches)
+    base = weight.shape[1] * lc // (2 * lc + 1) if widened else weight.shape[1]
     with torch.no_grad():
-        c.denoiser.get_submodule(c.denoiser.joint_input_module).weight[:, base:].normal_(
+        weight[:, base:].normal_(
             0, 0.1, generator=torch.Generator().manual_seed(1))
     c.denoiser.set_reference_attention(reference_attention)
     JeDiPipeline.from_components(c).save_pretrained(out_dir, safe_serialization=True)

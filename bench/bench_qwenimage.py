@@ -1,0 +1,102 @@
+"""The joint Qwen-Image transformer: cost of coupling a set, and sampling cost vs K references with / without the cache.
+
+1. Training step (forward + backward, AdamW) of the joint transformer over B sets x N images (one reference per
+   set, coupled attention) vs the plain QwenImageTransformer2DModel (the base it was made from) over the same B*N
+   images, same run. Goal: ratio <= 1.15.
+2. The same ratio in FLOPs at the real Qwen-Image shape (60 blocks, width 3072, 512 px: 256 image + 512 text tokens
+   per image), counted on the meta device (no weights, no time).
+3. bench_sampling's table on a tiny Qwen-Image pipeline (references at t = 0, reference_attention 'references').
+Qwen-Image-shaped but tiny (2 blocks, width 64, 32 px: 64 image + 32 text tokens per image), CPU, one intra-op
+thread; repetitions interleaved, the fastest kept.
+"""
+import tempfile
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+
+from bench.bench_flux import _step_time
+from bench.bench_sampling import time_table
+from jedi_train.models.attention import SetLayout
+from jedi_train.models.components import load_components
+from jedi_train.models.joint import JeDiConfig
+from jedi_train.models.joint_flux import pack
+from jedi_train.models.text import TextEmbeddings
+from jedi_train.models.tiny import create_tiny_model_dir
+from jedi_train.pipelines.pipeline_jedi import JeDiBasePipeline
+
+B, N = 4, 3
+SHAPE = {"heads": 4, "layers": 2, "text_width": 64, "latent_channels": 16}
+
+
+def step_ratio(tmp):
+    model_dir = create_tiny_model_dir(tmp, family="qwenimage", transformer_kwargs=SHAPE)
+    c = load_components(model_dir, JeDiConfig(resolution=32), prediction_type="flow")
+    joint = c.denoiser.train()
+    plain = QwenImageTransformer2DModel.from_pretrained(model_dir, subfolder="transformer").train()  # the base
+    g = torch.Generator().manual_seed(0)
+    bn, size = B * N, 16
+    x = torch.randn(bn, 16, size, size, generator=g)
+    text = TextEmbeddings(torch.randn(bn, 32, joint.config.joint_attention_dim, generator=g))
+    t = torch.rand(bn, generator=g) * 1000
+    is_ref = torch.zeros(B, N, dtype=torch.bool)
+    is_ref[:, 0] = True
+    layout, independent = SetLayout.build(is_ref), SetLayout.independent(bn)
+    model_in = joint.assemble_input(x, x, is_ref.flatten())
+
+    def plain_call():
+        return plain(hidden_states=pack(x), encoder_hidden_states=text.hidden, timestep=t / 1000,
+                     img_shapes=[[(1, size // 2, size // 2)]] * bn).sample
+
+    calls = {"plain": (plain, plain_call), "joint": (joint, lambda: joint.denoise(model_in, t, text, layout)),
+             "independent": (joint, lambda: joint.denoise(model_in, t, text, independent))}
+    times = {k: [] for k in calls}
+    for _ in range(2):  # interleaved
+        for k, (model, call) in calls.items():
+            times[k].append(_step_time(model, call))
+    p, j, i = (min(times[k]) for k in ("plain", "joint", "independent"))
+    print(f"training step, {B} sets x {N} images (1 reference each), tiny Qwen-Image-shaped MM-DiT "
+          f"({sum(q.numel() for q in joint.parameters()) / 1e6:.2f} M parameters)")
+    print(f"  plain transformer over {bn} images: {p * 1e3:8.1f} ms")
+    print(f"  joint model, each image its own set: {i * 1e3:7.1f} ms   ratio {i / p:.2f} (the framework's overhead)")
+    print(f"  joint (coupled sets):               {j * 1e3:8.1f} ms   ratio {j / p:.2f} (goal <= 1.15)")
+    return c
+
+
+def real_scale_flops(set_sizes=(3, 4)):
+    """Forward FLOPs of the joint Qwen-Image transformer over one set (1 reference) vs the same images apart."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jedi_train.training.dry_run import build_on_meta
+
+    _family, model, _frozen = build_on_meta({"architecture": "qwenimage_20b", "model_dir": "", "resolution": 512})
+    print("Qwen-Image shape (meta device), 512 px, 512 text tokens: forward FLOPs, joint set vs images apart")
+    for n in set_sizes:
+        is_ref = torch.zeros(1, n, dtype=torch.bool)
+        is_ref[:, 0] = True
+        sample, t, text = model.dummy_inputs(n, 64, 512, torch.bfloat16, "meta")
+        flops = {}
+        for name, layout in (("joint", SetLayout.build(is_ref)), ("apart", SetLayout.independent(n))):
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model.denoise(sample, t, text, layout)
+            flops[name] = counter.get_total_flops()
+        print(f"  N = {n}: {flops['joint'] / 1e12:6.1f} vs {flops['apart'] / 1e12:6.1f} TFLOP   "
+              f"ratio {flops['joint'] / flops['apart']:.3f} (goal <= 1.15)")
+
+
+def main():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            c = step_ratio(tmp)
+            real_scale_flops()
+            c.denoiser.set_reference_attention("references")
+            pipe = JeDiBasePipeline.from_components(c)
+            pipe.set_progress_bar_config(disable=True)
+            time_table(pipe=pipe, label="tiny Qwen-Image-shaped MM-DiT 32 px, {steps} flow-matching Euler steps")
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()
