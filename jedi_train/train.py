@@ -30,6 +30,7 @@ from jedi_train.training.checkpoints import (
     newest_complete,
     remove_partials,
 )
+from jedi_train.training.strategies import shards_weights
 
 CONF_DIR = str(_CONF_DIR)  # Hydra's APIs take a str; the directory is found in jedi_common.hydra_args
 
@@ -142,6 +143,16 @@ def make_strategy(cfg: DictConfig):
     return cfg.strategy.get("name", "auto")
 
 
+def final_checkpoint(trainer) -> str:
+    """The checkpoint of the run's last step (what export_after_fit reads when the weights are sharded)."""
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    if not last or not os.path.exists(last) or checkpoint_step(last) != trainer.global_step:
+        raise ValueError("export_after_fit with sharded weights (ZeRO-3 / FSDP) exports the checkpoint of the last "
+                         "step, and none was saved; keep callbacks.model_checkpoint.save_last=true (or export a "
+                         "checkpoint with jedi-export)")
+    return last
+
+
 def run_dir(cfg: DictConfig) -> str:
     """paths.output_dir; in a sweep (-m) each job gets its own ${hydra.sweep.dir}/${hydra.sweep.subdir}."""
     from hydra.core.hydra_config import HydraConfig
@@ -192,10 +203,13 @@ def train(cfg: DictConfig) -> dict:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = {"output_dir": output_dir, "global_step": trainer.global_step, "metrics": metrics}
+    final = final_checkpoint(trainer) if cfg.get("export_after_fit") and shards_weights(trainer.strategy) else None
     if cfg.get("export_after_fit") and trainer.is_global_zero:
-        from jedi_train.export.to_pipeline import export_module
+        from jedi_train.export.to_pipeline import export_checkpoint, export_module
 
-        result["pipeline_dir"] = export_module(module, pipeline_dir)  # replaces the previous export
+        # replaces the previous export; under ZeRO-3 / FSDP no rank holds the whole model: the final checkpoint, joined
+        result["pipeline_dir"] = (export_checkpoint(final, pipeline_dir, overwrite=True) if final else
+                                  export_module(module, pipeline_dir))
         if cfg.get("log_pipeline_artifact", True):
             from jedi_train.export.artifacts import log_pipeline_artifact
 

@@ -15,6 +15,7 @@ import importlib
 import io
 import os
 import pickle
+import warnings
 
 import torch
 
@@ -110,7 +111,9 @@ def consolidate(path: str) -> dict:
     if "state_dict" not in full:
         raise ValueError(f"{path} holds no model weights (no 'state_dict' in its shards); is it a jedi-train "
                          "FSDP checkpoint?")
-    dcp_load(full, storage_reader=reader, planner=load_planner(), no_dist=True)
+    with warnings.catch_warnings():  # no_dist=True is the intent: one process joins the slices
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp_load(full, storage_reader=reader, planner=load_planner(), no_dist=True)
     ckpt["state_dict"] = full["state_dict"]
     if "ema_shadow" in full and isinstance(ckpt.get("ema"), dict):
         shadow = full["ema_shadow"]
