@@ -137,6 +137,15 @@ def clean_unfinished_saves(cfg: DictConfig, output_dir: str) -> None:
         rank_zero_info(f"removed {p}: an unfinished save of a run that was killed")
 
 
+def check_resume_strategy(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """A sharded (FSDP) checkpoint resumes under strategy=fsdp only; other strategies cannot read its slices."""
+    from jedi_train.training.sharded import is_sharded
+
+    if ckpt_path and is_sharded(ckpt_path) and not str(cfg.strategy.get("_target_", "")).endswith("FSDP2Strategy"):
+        raise ValueError(f"{ckpt_path} is a sharded checkpoint of strategy=fsdp; resume it with strategy=fsdp "
+                         f"(or export its weights: jedi-export {ckpt_path} OUT)")
+
+
 def make_strategy(cfg: DictConfig):
     if "_target_" in cfg.strategy:
         return hydra.utils.instantiate(cfg.strategy)
@@ -188,6 +197,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule.split_heldout(output_dir)  # your own sources: a seeded split of them is held out (heldout.json)
     clean_unfinished_saves(cfg, output_dir)
     ckpt_path, resume_step = find_resume_checkpoint(cfg, output_dir)
+    check_resume_strategy(cfg, ckpt_path)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
                  if c is not None and "_target_" in c]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=make_logger(cfg, output_dir, resume_step),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers.cli import FAST, cli, compose_train, one_line_error, run_jedi
 
+from jedi_train.train import check_resume_strategy
 from jedi_train.training.checkpoints import UnsafeCheckpointError, checkpoint_step, load_checkpoint
 from jedi_train.training.config_checks import check_strategy
 from jedi_train.training.dry_run import estimate
@@ -104,7 +105,15 @@ def test_fsdp_refusals_are_one_line(tmp_path, monkeypatch):
         check_strategy(compose_train(["strategy=fsdp", "model.lora.rank=4", "model.lora.base_dtype=bfloat16"], tmp_path))
     with pytest.raises(ValueError, match="use model/optimizer=adamw with strategy=fsdp"):
         check_strategy(compose_train(["strategy=fsdp", "model/optimizer=adamw8bit"], tmp_path))
+    with pytest.raises(ValueError, match="trainer.precision=16-mixed does not work with strategy=fsdp"):
+        check_strategy(compose_train(["strategy=fsdp", "trainer.precision=16-mixed"], tmp_path))
     check_strategy(compose_train(["strategy=fsdp", "model.lora.rank=4"], tmp_path))  # a LoRA in fp32: fine
+    sharded = tmp_path / "last.ckpt"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a sharded checkpoint of strategy=fsdp; resume it with strategy=fsdp"):
+        check_resume_strategy(compose_train(["strategy=ddp"], tmp_path), str(sharded))
+    check_resume_strategy(compose_train(["strategy=fsdp"], tmp_path), str(sharded))
     import torch.distributed.fsdp as fsdp_module
 
     monkeypatch.delattr(fsdp_module, "fully_shard")  # a torch without FSDP2

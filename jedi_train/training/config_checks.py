@@ -94,6 +94,11 @@ def check_strategy(cfg: DictConfig) -> None:
     from jedi_train.training.strategies import check_fsdp_available
 
     check_fsdp_available()
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if precision not in ("32", "32-true", "bf16-mixed", "bf16-true", "16-true"):  # Lightning's ModelParallelStrategy
+        raise ValueError(f"trainer.precision={precision} does not work with strategy=fsdp (Lightning's "
+                         "ModelParallelStrategy takes 32-true, bf16-mixed, bf16-true or 16-true); use "
+                         "trainer.precision=bf16-mixed")
     if OmegaConf.select(cfg, "model.lora.base_dtype", default=None):
         raise ValueError("model.lora.base_dtype stores the frozen base in another dtype than the adapter, and FSDP2 "
                          "(strategy=fsdp) gathers each block's weights as one buffer of one dtype; set "
