@@ -30,6 +30,7 @@ from jedi_train.training.checkpoints import (
     newest_complete,
     remove_partials,
 )
+from jedi_train.training.strategies import shards_weights
 
 CONF_DIR = str(_CONF_DIR)  # Hydra's APIs take a str; the directory is found in jedi_common.hydra_args
 
@@ -136,10 +137,29 @@ def clean_unfinished_saves(cfg: DictConfig, output_dir: str) -> None:
         rank_zero_info(f"removed {p}: an unfinished save of a run that was killed")
 
 
+def check_resume_strategy(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """A sharded (FSDP) checkpoint resumes under strategy=fsdp only; other strategies cannot read its slices."""
+    from jedi_train.training.sharded import is_sharded
+
+    if ckpt_path and is_sharded(ckpt_path) and not str(cfg.strategy.get("_target_", "")).endswith("FSDP2Strategy"):
+        raise ValueError(f"{ckpt_path} is a sharded checkpoint of strategy=fsdp; resume it with strategy=fsdp "
+                         f"(or export its weights: jedi-export {ckpt_path} OUT)")
+
+
 def make_strategy(cfg: DictConfig):
     if "_target_" in cfg.strategy:
         return hydra.utils.instantiate(cfg.strategy)
     return cfg.strategy.get("name", "auto")
+
+
+def final_checkpoint(trainer) -> str:
+    """The checkpoint of the run's last step (what export_after_fit reads when the weights are sharded)."""
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    if not last or not os.path.exists(last) or checkpoint_step(last) != trainer.global_step:
+        raise ValueError("export_after_fit with sharded weights (ZeRO-3 / FSDP) exports the checkpoint of the last "
+                         "step, and none was saved; keep callbacks.model_checkpoint.save_last=true (or export a "
+                         "checkpoint with jedi-export)")
+    return last
 
 
 def run_dir(cfg: DictConfig) -> str:
@@ -177,6 +197,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule.split_heldout(output_dir)  # your own sources: a seeded split of them is held out (heldout.json)
     clean_unfinished_saves(cfg, output_dir)
     ckpt_path, resume_step = find_resume_checkpoint(cfg, output_dir)
+    check_resume_strategy(cfg, ckpt_path)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
                  if c is not None and "_target_" in c]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=make_logger(cfg, output_dir, resume_step),
@@ -192,10 +213,13 @@ def train(cfg: DictConfig) -> dict:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = {"output_dir": output_dir, "global_step": trainer.global_step, "metrics": metrics}
+    final = final_checkpoint(trainer) if cfg.get("export_after_fit") and shards_weights(trainer.strategy) else None
     if cfg.get("export_after_fit") and trainer.is_global_zero:
-        from jedi_train.export.to_pipeline import export_module
+        from jedi_train.export.to_pipeline import export_checkpoint, export_module
 
-        result["pipeline_dir"] = export_module(module, pipeline_dir)  # replaces the previous export
+        # replaces the previous export; under ZeRO-3 / FSDP no rank holds the whole model: the final checkpoint, joined
+        result["pipeline_dir"] = (export_checkpoint(final, pipeline_dir, overwrite=True) if final else
+                                  export_module(module, pipeline_dir))
         if cfg.get("log_pipeline_artifact", True):
             from jedi_train.export.artifacts import log_pipeline_artifact
 

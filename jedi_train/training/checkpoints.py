@@ -8,7 +8,8 @@
   Lightning checkpoints need nothing beyond torch's defaults (ints, floats, strings, dicts, lists,
   tensors; checked on real runs); DeepSpeed's ZeRO shards need the few classes in DEEPSPEED_GLOBALS.
 - `newest_complete`: the newest checkpoint of a run dir that loads, whatever its name.
-- reading a run's weights back (jedi-export, resume): `load_checkpoint` (a file or a ZeRO dir, consolidated),
+- reading a run's weights back (jedi-export, resume): `load_checkpoint` (a file, a ZeRO dir or an FSDP dir
+  (sharded.py), consolidated),
   `denoiser_state_from_checkpoint`, `load_denoiser_weights`, `copy_ema`, and the refusals of a checkpoint of another
   family or LoRA base (`check_family`, `check_lora_checkpoint`) that export and resume share.
 """
@@ -78,7 +79,7 @@ def deepspeed_files(path: str) -> list[str]:
     """The shard files of a DeepSpeed checkpoint dir (its `latest` file names the tag dir)."""
     latest = os.path.join(path, "latest")
     if not os.path.isfile(latest):
-        raise ValueError(f"{path} is a directory but not a DeepSpeed checkpoint (no 'latest' file)")
+        raise ValueError(f"{path} is a directory but not a DeepSpeed or FSDP checkpoint (no 'latest' or '.metadata' file)")
     with open(latest) as f:
         tag_dir = os.path.join(path, f.read().strip())
     files = sorted(glob.glob(os.path.join(glob.escape(tag_dir), "*.pt")))
@@ -92,6 +93,10 @@ def checkpoint_step(path: str) -> int:
     (mmap: the tensors are not read). Raises ValueError saying what is wrong."""
     if not os.path.isdir(path):
         return int(safe_load(path, mmap=True).get("global_step", 0))
+    from jedi_train.training import sharded
+
+    if sharded.is_sharded(path):  # FSDP: meta.pt and the shard index
+        return int(sharded.read_meta(path).get("global_step", 0))
     step = 0
     for f in deepspeed_files(path):
         state = safe_load(f, mmap=True, extra_globals=DEEPSPEED_GLOBALS)
@@ -101,8 +106,12 @@ def checkpoint_step(path: str) -> int:
 
 
 def checkpoint_mtime(path: str) -> float:
-    latest = os.path.join(path, "latest")  # DeepSpeed writes it last
-    return os.path.getmtime(latest if os.path.isfile(latest) else path)
+    from jedi_train.training.sharded import META
+
+    for last in ("latest", META):  # what DeepSpeed / the FSDP strategy write last
+        if os.path.isfile(os.path.join(path, last)):
+            return os.path.getmtime(os.path.join(path, last))
+    return os.path.getmtime(path)
 
 
 def newest_complete(candidates) -> tuple[str | None, int, list[str]]:
@@ -134,6 +143,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 # -- reading a run's weights back (jedi-export, resume) ----------------------------------------------
 def load_checkpoint(path: str) -> dict:
+    from jedi_train.training import sharded
+
+    if sharded.is_sharded(path):  # FSDP: the shards joined in this process
+        return sharded.consolidate(path)
     if os.path.isdir(path):  # DeepSpeed ZeRO checkpoint directory: consolidate shards to one fp32 state
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
@@ -150,7 +163,8 @@ def load_checkpoint(path: str) -> dict:
                                             if "model_states" in os.path.basename(f)])
         return ckpt
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} {missing(path)}; give a .ckpt file or a DeepSpeed checkpoint dir")
+        raise FileNotFoundError(f"checkpoint {path} {missing(path)}; give a .ckpt file or a DeepSpeed / FSDP checkpoint "
+                                "dir")
     return safe_load(path)
 
 

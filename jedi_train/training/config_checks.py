@@ -78,12 +78,34 @@ def check_ckpt_path(value) -> None:
         return
     path = Path(str(value))
     if not path.exists():
-        raise FileNotFoundError(f"ckpt_path {value} does not exist; give a checkpoint file, a DeepSpeed "
+        raise FileNotFoundError(f"ckpt_path {value} does not exist; give a checkpoint file, a DeepSpeed / FSDP "
                                 "checkpoint dir, 'last', or null")
     if path.is_file() and not _is_torch_file(path):  # a directory: a DeepSpeed checkpoint, Lightning's to read
         raise ValueError(f"ckpt_path {value} is not a checkpoint (not a file written by torch.save); give a "
                          "Lightning .ckpt file (e.g. runs/<run>/checkpoints/last.ckpt), a DeepSpeed checkpoint "
                          "dir, 'last', or null")
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """strategy=fsdp where it cannot run: a torch without FSDP2, or options FSDP2 cannot shard."""
+    target = str(OmegaConf.select(cfg, "strategy._target_", default="") or "")
+    if not target.endswith("FSDP2Strategy"):
+        return
+    from jedi_train.training.strategies import check_fsdp_available
+
+    check_fsdp_available()
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if precision not in ("32", "32-true", "bf16-mixed", "bf16-true", "16-true"):  # Lightning's ModelParallelStrategy
+        raise ValueError(f"trainer.precision={precision} does not work with strategy=fsdp (Lightning's "
+                         "ModelParallelStrategy takes 32-true, bf16-mixed, bf16-true or 16-true); use "
+                         "trainer.precision=bf16-mixed")
+    if OmegaConf.select(cfg, "model.lora.base_dtype", default=None):
+        raise ValueError("model.lora.base_dtype stores the frozen base in another dtype than the adapter, and FSDP2 "
+                         "(strategy=fsdp) gathers each block's weights as one buffer of one dtype; set "
+                         "model.lora.base_dtype=null or use strategy=deepspeed_zero2")
+    if "8bit" in str(OmegaConf.select(cfg, "model.optimizer._target_", default="") or ""):
+        raise ValueError("model/optimizer=adamw8bit (bitsandbytes) does not step FSDP2's sharded DTensor weights; "
+                         "use model/optimizer=adamw with strategy=fsdp, or strategy=deepspeed_zero2")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -113,3 +135,4 @@ def check_config(cfg: DictConfig) -> None:
     if lo is not _ABSENT and hi is not _ABSENT and lo > hi:
         raise ValueError(f"data.min_set={lo} is larger than data.max_set={hi}; give data.min_set <= data.max_set")
     check_ckpt_path(OmegaConf.select(cfg, "ckpt_path"))
+    check_strategy(cfg)

@@ -5,7 +5,8 @@ shapes), made joint and given its LoRA exactly as training would; then per-rank 
 
 Bytes per rank (fp32 trained weights as Lightning's mixed precision keeps them, AdamW's two fp32 moments,
 fp32 gradients, the fp32 EMA): single / DDP hold all of it; ZeRO-2 shards gradients and optimizer states over
-the ranks; ZeRO-3 also the trained weights and the EMA (jedi_train/training/ema.py; offload moves optimizer states to CPU).
+the ranks; ZeRO-3 also the trained weights and the EMA (jedi_train/training/ema.py; offload moves optimizer states to CPU),
+and so does FSDP2 (strategy=fsdp). Both shard the denoiser's frozen LoRA base as well (all its parameters).
 Text encoders and VAE at `model.frozen_dtype` (the text encoders not at all with data.drop_text_encoders); a LoRA's frozen base at `model.lora.base_dtype` (its Linear /
 Conv weights; the rest fp32); `model/optimizer=adamw8bit`: 2 bytes of state per trained parameter.
 
@@ -226,9 +227,10 @@ def estimate(cfg) -> dict:
                     for m in enc.modules() if isinstance(m, torch.nn.Linear)) if model_cfg.get("text_encoder_quantization") else 0
     strategy = cfg.get("strategy") or {}
     stage = int(strategy.get("stage", 0) or 0)
+    fsdp = str(strategy.get("_target_", "")).endswith("FSDP2Strategy")  # shards as ZeRO-3 does
     world = _world(cfg)
-    shard = world if stage >= 2 else 1
-    param_shard = world if stage >= 3 else 1  # ZeRO-3: the weights and their EMA too
+    shard = world if stage >= 2 or fsdp else 1
+    param_shard = world if stage >= 3 or fsdp else 1  # ZeRO-3 / FSDP: the weights (frozen too) and the EMA too
     ema = 4 * trained if (model_cfg.get("ema") or {}).get("enabled", True) else 0
     frozen_bytes = DTYPE_BYTES.get(model_cfg.get("frozen_dtype"), 4)
     adam8 = "8bit" in str((model_cfg.get("optimizer") or {}).get("_target_", ""))  # bitsandbytes: 2 x 1 byte per parameter
@@ -237,7 +239,7 @@ def estimate(cfg) -> dict:
                 "gradients (fp32)": 4 * trained / shard,
                 f"AdamW states ({'8-bit' if adam8 else 'fp32'})": 0.0 if strategy.get("offload_optimizer") else optimizer,
                 "EMA copy (fp32)": ema / param_shard,
-                f"frozen base of the denoiser ({base_dtype or 'float32'})": float(base_bytes),
+                f"frozen base of the denoiser ({base_dtype or 'float32'})": base_bytes / param_shard,
                 f"{'VAE (text encoders dropped' if dropped else 'text encoders + VAE ('}"
                 f"{', ' if dropped else ''}{model_cfg.get('frozen_dtype') or 'float32'}"
                 f"{', 8-bit Linear' if quantized else ''})":
@@ -247,14 +249,14 @@ def estimate(cfg) -> dict:
     per_rank["activations (estimate)"] = float(activations)
     return {"family": family.name, "denoiser": type(denoiser).__name__, "trained": trained, "frozen_base": frozen_base,
             "activations": activations, "batch": batch,
-            "frozen_parts": frozen_parts, "world": world, "stage": stage, "per_rank": per_rank,
+            "frozen_parts": frozen_parts, "world": world, "stage": stage, "fsdp": fsdp, "per_rank": per_rank,
             "total_per_rank": sum(per_rank.values()),
             "cpu_optimizer": optimizer if strategy.get("offload_optimizer") else 0.0}
 
 
 def report(cfg) -> str:
     e = estimate(cfg)
-    strategy = f"ZeRO-{e['stage']}" if e["stage"] else (cfg.strategy.get("_target_", "single").rsplit(".", 1)[-1]
+    strategy = "FSDP2" if e["fsdp"] else f"ZeRO-{e['stage']}" if e["stage"] else (cfg.strategy.get("_target_", "single").rsplit(".", 1)[-1]
                                                          if "_target_" in cfg.strategy else
                                                          "single device" if e["world"] == 1 else
                                                          "Lightning's auto strategy (DDP)")
@@ -273,5 +275,5 @@ def report(cfg) -> str:
     ema = e["per_rank"]["EMA copy (fp32)"]
     if ema > 0.3 * e["total_per_rank"]:  # e.g. a full fine-tune on one device or DDP: a whole fp32 copy per rank
         lines.append(f"  note: the EMA copy is {ema / 2**30:.1f} GiB of the {e['total_per_rank'] / 2**30:.1f} GiB per rank; "
-                     "model.ema.enabled=false drops it (ZeRO-3, strategy=deepspeed_zero3, shards it over the ranks)")
+                     "model.ema.enabled=false drops it (strategy=deepspeed_zero3 or strategy=fsdp shard it over the ranks)")
     return "\n".join(lines)

@@ -6,7 +6,9 @@ trained parameter on each rank (44 GiB for FLUX.1-dev: more than its ZeRO-3 weig
 states together over 8 ranks) and its update would gather the whole model every step. After `partition`, the
 shadow is the rank's slices, updated from `ds_tensor` with no communication; under ZeRO-3 every rank writes
 its own DeepSpeed model-states file, so each saves its slices there and `merge_partitions` joins them for
-export. Without ZeRO-3 (one device, DDP, ZeRO-2) this is diffusers' EMAModel unchanged.
+export. Under FSDP2 (strategy=fsdp) `shard_like` makes each shadow a DTensor sharded as its parameter: the
+update is local (`to_local`), the strategy saves the slices in its distributed checkpoint and export reads them
+whole. Otherwise (one device, DDP, ZeRO-2) this is diffusers' EMAModel unchanged.
 """
 from __future__ import annotations
 
@@ -46,8 +48,36 @@ class TrainingEMA(EMAModel):
         self.shadow_params = shards
         self.partition_info = {"rank": rank, "world_size": world, "shapes": shapes}
 
+    @property
+    def sharded(self) -> bool:
+        """Shadows are FSDP2 DTensors (shard_like)."""
+        return any(type(s).__name__ == "DTensor" for s in self.shadow_params)
+
+    def shard_like(self, parameters) -> None:
+        """FSDP2: each whole shadow -> a DTensor laid out as its (sharded) parameter, cut locally (every rank
+        holds the same whole EMA before; no communication). Shadows already DTensors are kept."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = list(parameters)
+        if len(params) != len(self.shadow_params):
+            raise ValueError(f"the EMA follows {len(self.shadow_params)} tensors but {len(params)} parameters train")
+        shards = []
+        for s, p in zip(self.shadow_params, params):
+            if tuple(s.shape) != tuple(p.shape):
+                raise ValueError(f"the EMA holds a tensor of shape {tuple(s.shape)} for a weight of shape "
+                                 f"{tuple(p.shape)}; resume with the model config the checkpoint was trained with")
+            shards.append(s if isinstance(s, DTensor) else
+                          distribute_tensor(s.detach().to(p.device), p.device_mesh, p.placements, src_data_rank=None))
+        self.shadow_params = shards
+
     @torch.no_grad()
     def step(self, parameters) -> None:
+        if self.sharded:  # FSDP2: this rank's rows of each shadow from its rows of the weight
+            self.optimization_step += 1
+            decay = self.cur_decay_value = self.get_decay(self.optimization_step)
+            for s, p in zip(self.shadow_params, parameters):
+                s.to_local().lerp_(p.to_local().to(s.dtype), 1 - decay)
+            return None
         if self.partition_info is None:
             return super().step(parameters)
         self.optimization_step += 1  # EMAModel.step's bookkeeping, on the slices
@@ -57,12 +87,12 @@ class TrainingEMA(EMAModel):
             s.lerp_(p.ds_tensor.to(s.dtype), 1 - decay)
 
     def to(self, device=None, dtype=None, non_blocking=False) -> None:
-        if self.partition_info is None:  # slices stay where ZeRO-3 keeps the weights' slices (GPU or offloaded)
+        if self.partition_info is None and not self.sharded:  # slices stay where their weights' slices are
             super().to(device, dtype, non_blocking)
 
     def _whole(self, what: str):
-        if self.partition_info is not None:
-            raise RuntimeError(f"EMA.{what}: under ZeRO-3 every rank holds only its slice of the EMA; export a "
+        if self.partition_info is not None or self.sharded:
+            raise RuntimeError(f"EMA.{what}: under ZeRO-3 / FSDP every rank holds only its slice of the EMA; export a "
                                "checkpoint (jedi-export) to sample with the EMA weights")
 
     def store(self, parameters) -> None:

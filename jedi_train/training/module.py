@@ -144,6 +144,15 @@ class JeDiModule(L.LightningModule):
         self._t_last = None
 
     # -- devices: the frozen parts follow the module ---------------------------------------------
+    def configure_model(self):
+        """strategy=fsdp: the denoiser sharded with FSDP2 and the EMA with it (Lightning calls this before the
+        optimizer is built; other strategies: nothing to do)."""
+        if not self._fsdp:
+            return
+        self.trainer.strategy.shard(self.denoiser)
+        if self.ema is not None:
+            self.ema.shard_like(trained_parameters(self.denoiser))
+
     def on_fit_start(self):
         self.denoiser.train()  # from_pretrained returns eval mode, which Lightning keeps (LoRA dropout would be off)
         self.components.text.to(self.device)
@@ -156,6 +165,10 @@ class JeDiModule(L.LightningModule):
             self.ema.partition(trained_parameters(self.denoiser))
         elif self.ema is not None:
             self.ema.to(self.device)
+
+    @property
+    def _fsdp(self) -> bool:
+        return self._trainer is not None and getattr(self.trainer.strategy, "shards_parameters", False)
 
     @property
     def _zero3(self) -> bool:
@@ -255,6 +268,8 @@ class JeDiModule(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
             if self._zero3:  # a whole EMA (saved without ZeRO-3) is cut to this rank's slice
                 self.ema.partition(trained_parameters(self.denoiser))
+            elif self._fsdp:  # likewise under FSDP (a sharded checkpoint's EMA is loaded sharded already)
+                self.ema.shard_like(trained_parameters(self.denoiser))
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
         rank_zero_info(f"resumed at step {checkpoint.get('global_step')}")
 

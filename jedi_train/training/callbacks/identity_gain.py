@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from jedi_common.atomic import atomic_write_text
 from jedi_train.training.callbacks.checkpoint import extra, stop_requested
+from jedi_train.training.strategies import shards_weights
 
 
 class IdentityGainCallback(L.Callback):
@@ -70,7 +71,7 @@ class IdentityGainCallback(L.Callback):
 
         if self.batches is None:
             self.batches = self._collect(trainer)
-        if "heldout" not in self.batches or getattr(trainer.strategy, "zero_stage_3", False):
+        if "heldout" not in self.batches or shards_weights(trainer.strategy):
             return None
         row: dict = {"step": trainer.global_step}
         with pl_module.ema_weights() as denoiser:

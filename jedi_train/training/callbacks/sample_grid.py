@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from jedi_common.atomic import atomic_path
 from jedi_train.eval.details import image_set_sharpness
 from jedi_train.training.callbacks.checkpoint import extra, stop_requested
+from jedi_train.training.strategies import shards_weights
 from jedi_train.viz import sample_grid, to_pil
 
 
@@ -73,9 +74,9 @@ class SampleGridCallback(L.Callback):
     def render(self, trainer, pl_module) -> str | None:
         if not self.sets:
             return None
-        if getattr(trainer.strategy, "zero_stage_3", False):
-            # ZeRO-3 shards every weight across ranks: a rank-0-only forward pass would wait forever
-            rank_zero_warn("sample grids are skipped under ZeRO-3; render them from a checkpoint with "
+        if shards_weights(trainer.strategy):
+            # ZeRO-3 / FSDP shard every weight across ranks: a rank-0-only forward pass would wait forever
+            rank_zero_warn("sample grids are skipped under ZeRO-3 / FSDP; render them from a checkpoint with "
                            "jedi-export + jedi-sample", category=UserWarning)
             return None
         from jedi_train.pipelines.pipeline_jedi_sd import JeDiPipeline
