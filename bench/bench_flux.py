@@ -17,6 +17,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from bench.bench_sampling import time_table
+from bench.timing import joint_vs_apart_flops
 from jedi_train.models.attention import SetLayout
 from jedi_train.models.components import load_components
 from jedi_train.models.joint import JeDiConfig
@@ -96,28 +97,6 @@ def step_ratio(tmp, shape=SHAPE, label="tiny FLUX-shaped MM-DiT"):
     return c, j / p
 
 
-def real_scale_flops(set_sizes=(3, 4)):
-    """Forward FLOPs of the joint FLUX.1-dev transformer over one set (1 reference) vs the same images each its
-    own set (the plain transformer's work plus the widened x_embedder); the backward scales both alike."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from jedi_train.training.dry_run import build_on_meta
-
-    _family, model, _frozen = build_on_meta({"architecture": "flux_dev", "model_dir": "", "resolution": 512})
-    print("FLUX.1-dev shape (meta device), 512 px, 512 T5 tokens: forward FLOPs, joint set vs images apart")
-    for n in set_sizes:
-        is_ref = torch.zeros(1, n, dtype=torch.bool)
-        is_ref[:, 0] = True
-        sample, t, text = model.dummy_inputs(n, 64, 512, torch.bfloat16, "meta")
-        flops = {}
-        for name, layout in (("joint", SetLayout.build(is_ref)), ("apart", SetLayout.independent(n))):
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model.denoise(sample, t, text, layout)
-            flops[name] = counter.get_total_flops()
-        print(f"  N = {n}: {flops['joint'] / 1e12:6.1f} vs {flops['apart'] / 1e12:6.1f} TFLOP   "
-              f"ratio {flops['joint'] / flops['apart']:.3f} (goal <= 1.15)")
-
-
 def main():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -126,7 +105,7 @@ def main():
             c, _ = step_ratio(tmp)
             with tempfile.TemporaryDirectory() as tmp2:
                 step_ratio(tmp2, PROPORTIONED, "tiny MM-DiT with FLUX.1-dev's attention share")
-            real_scale_flops()
+            joint_vs_apart_flops("flux_dev", "FLUX.1-dev")
             c.denoiser.set_reference_attention("references")
             pipe = JeDiPipeline.from_components(c)
             pipe.set_progress_bar_config(disable=True)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jedi_train.models.tiny import create_tiny_extractor_dirs
+
 JOBS, STEPS = 16, 10
 
 
@@ -46,24 +48,6 @@ def _setup(tmp, n_jobs):
     with open(path, "w") as f:
         f.writelines(json.dumps(j) + "\n" for j in jobs)
     return pipe_dir, path, jobs
-
-
-def _extractors(tmp):
-    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
-
-    from jedi_train.models.tiny import build_tiny_tokenizer
-
-    dino, clip = os.path.join(tmp, "dino"), os.path.join(tmp, "clip")
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64)).save_pretrained(dino)
-    tok = build_tiny_tokenizer(clip)
-    text = {"vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": tok.model_max_length,
-            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2}
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
-    return dino, clip
 
 
 def _env():
@@ -123,7 +107,7 @@ def main(n_jobs=JOBS):
     images = 2 * n_jobs
     with tempfile.TemporaryDirectory() as tmp:
         pipe_dir, jobs_path, jobs = _setup(tmp, n_jobs)
-        dino, clip = _extractors(tmp)
+        dino, clip = create_tiny_extractor_dirs(tmp)
         loop = _sample_loop(pipe_dir, jobs, os.path.join(tmp, "loop"))
         plain = _generate(pipe_dir, jobs_path, os.path.join(tmp, "gen"), images)
         checked = _generate(pipe_dir, jobs_path, os.path.join(tmp, "gen_check"), images, "--check",

@@ -112,27 +112,9 @@ def eval_cli(capsys):
 @pytest.fixture(scope="session")
 def extractor_dirs(tmp_path_factory):
     """A tiny random ViT (+ ViTImageProcessor) and CLIPModel (+ tokenizer, CLIPImageProcessor), saved."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
+    from jedi_train.models.tiny import create_tiny_extractor_dirs
 
-    from jedi_train.models.tiny import build_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("extractors")
-    torch.manual_seed(0)
-    dino = str(root / "dino")
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64)).save_pretrained(dino)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino)
-    clip = str(root / "clip")
-    tok = build_tiny_tokenizer(clip)
-    text = {"vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": tok.model_max_length,
-            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2}
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
-    return dino, clip
+    return create_tiny_extractor_dirs(str(tmp_path_factory.mktemp("extractors")))
 
 
 @pytest.fixture(scope="session")

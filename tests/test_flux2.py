@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
+from helpers.invariants import check_coupling_and_permutation, check_sets_independent, run_denoiser
 from helpers.pipelines import CAN, load, make_pipeline_dir, needs_dreambench, run
 
 from jedi_train.models import families
@@ -77,10 +78,7 @@ def _inputs(bn, model, seed=0, tokens=6):
     return x, t, TextEmbeddings(torch.randn(bn, tokens, model.config.joint_attention_dim, generator=g))
 
 
-def _run(model, x, t, e, layout, ref_visible=None):
-    ref_visible = torch.zeros(x.shape[0], dtype=torch.bool) if ref_visible is None else ref_visible
-    with torch.no_grad():
-        return model.denoise(model.assemble_input(x, x, ref_visible), t, e, layout)
+_run = run_denoiser
 
 
 # -- the family ---------------------------------------------------------------------------------------------------
@@ -268,23 +266,12 @@ def test_single_image_sets_equal_base_model(base, joint, model_dir):
 
 
 def test_coupling_changes_outputs_and_permutation_equivariance(joint):
-    x, t, e = _inputs(4, joint)
-    t = torch.full((4,), 500.0)
-    layout = SetLayout.build(torch.zeros(1, 4, dtype=torch.bool))
-    out = _run(joint, x, t, e, layout)
-    assert (out - _run(joint, x, t, e, SetLayout.independent(4))).abs().max() > 1e-3
-    perm = torch.tensor([2, 0, 3, 1])
-    torch.testing.assert_close(_run(joint, x[perm], t[perm], e[perm], layout), out[perm], atol=1e-5, rtol=1e-4)
+    check_coupling_and_permutation(joint, *_inputs(4, joint))
 
 
 def test_sets_in_one_batch_do_not_interact_and_padding_is_invisible(joint):
     x, t, e = _inputs(6, joint)
-    layout = SetLayout.build(torch.zeros(2, 3, dtype=torch.bool))
-    out = _run(joint, x, t, e, layout)
-    x2 = x.clone()
-    x2[3:] = torch.randn_like(x2[3:])
-    out2 = _run(joint, x2, t, e, layout)
-    assert (out[:3] - out2[:3]).abs().max() < 1e-6 and (out[3:] - out2[3:]).abs().max() > 1e-3
+    check_sets_independent(joint, x, t, e)
     is_ref = torch.tensor([[True, False, False]])
     pad = SetLayout.build(is_ref, valid=torch.tensor([[True, True, False]]))
     rv = torch.tensor([True, False, False])

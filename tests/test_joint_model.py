@@ -3,6 +3,7 @@ layouts): exact reduction to the base model, set equivariance, isolation, no-ref
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from helpers.invariants import check_coupling_and_permutation, check_sets_independent, run_denoiser
 
 from jedi_train.models.attention import SetLayout
 from jedi_train.models.joint import JeDiConfig
@@ -77,10 +78,7 @@ def _input_width(model, channels: int) -> int:
     return 4 * channels if "axes_dims_rope" in model.config else channels
 
 
-def _run(unet, x, t, e, layout, ref_visible=None):
-    ref_visible = torch.zeros(x.shape[0], dtype=torch.bool) if ref_visible is None else ref_visible
-    with torch.no_grad():
-        return unet.denoise(unet.assemble_input(x, x, ref_visible), t, e, layout)
+_run = run_denoiser
 
 
 def test_single_image_sets_equal_base_model(base, joint):
@@ -93,26 +91,11 @@ def test_single_image_sets_equal_base_model(base, joint):
 
 
 def test_coupling_changes_outputs_and_permutation_equivariance(joint):
-    x, t, e = _inputs(4, unet=joint)
-    t = torch.full((4,), 500)  # one timestep per set
-    layout = SetLayout.build(torch.zeros(1, 4, dtype=torch.bool))
-    out = _run(joint, x, t, e, layout)
-    alone = _run(joint, x, t, e, SetLayout.independent(4))
-    assert (out - alone).abs().max() > 1e-3  # images of a set do interact
-    perm = torch.tensor([2, 0, 3, 1])
-    out_p = _run(joint, x[perm], t[perm], e[perm], layout)
-    assert torch.allclose(out_p, out[perm], atol=1e-5)
+    check_coupling_and_permutation(joint, *_inputs(4, unet=joint))
 
 
 def test_sets_in_one_batch_do_not_interact(joint):
-    x, t, e = _inputs(6, unet=joint)
-    layout = SetLayout.build(torch.zeros(2, 3, dtype=torch.bool))
-    out = _run(joint, x, t, e, layout)
-    x2 = x.clone()
-    x2[3:] = torch.randn_like(x2[3:])  # change only the second set
-    out2 = _run(joint, x2, t, e, layout)
-    assert torch.equal(out[:3], out2[:3]) or (out[:3] - out2[:3]).abs().max() < 1e-6
-    assert (out[3:] - out2[3:]).abs().max() > 1e-3
+    check_sets_independent(joint, *_inputs(6, unet=joint))
 
 
 def test_mixed_set_sizes_padding_is_invisible(joint):

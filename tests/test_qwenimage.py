@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from helpers.cli import cli, one_line_error
+from helpers.invariants import check_coupling_and_permutation, check_sets_independent, run_denoiser
 from helpers.pipelines import CAN, load, make_pipeline_dir, needs_dreambench, run
 
 from jedi_train.models import families
@@ -83,10 +84,7 @@ def _inputs(bn, model, seed=0, tokens=6):
     return x, t, TextEmbeddings(hidden, mask=mask)
 
 
-def _run(model, x, t, e, layout, ref_visible=None):
-    ref_visible = torch.zeros(x.shape[0], dtype=torch.bool) if ref_visible is None else ref_visible
-    with torch.no_grad():
-        return model.denoise(model.assemble_input(x, x, ref_visible), t, e, layout)
+_run = run_denoiser
 
 
 def _base_call(model, x, t, e):
@@ -223,23 +221,12 @@ def test_single_image_sets_equal_base_model(base, joint, model_dir):
 
 
 def test_coupling_changes_outputs_and_permutation_equivariance(joint):
-    x, t, e = _inputs(4, joint)
-    t = torch.full((4,), 500.0)
-    layout = SetLayout.build(torch.zeros(1, 4, dtype=torch.bool))
-    out = _run(joint, x, t, e, layout)
-    assert (out - _run(joint, x, t, e, SetLayout.independent(4))).abs().max() > 1e-3
-    perm = torch.tensor([2, 0, 3, 1])
-    torch.testing.assert_close(_run(joint, x[perm], t[perm], e[perm], layout), out[perm], atol=1e-5, rtol=1e-4)
+    check_coupling_and_permutation(joint, *_inputs(4, joint))
 
 
 def test_sets_in_one_batch_do_not_interact_and_text_padding_is_invisible(joint):
     x, t, e = _inputs(6, joint)
-    layout = SetLayout.build(torch.zeros(2, 3, dtype=torch.bool))
-    out = _run(joint, x, t, e, layout)
-    x2 = x.clone()
-    x2[3:] = torch.randn_like(x2[3:])
-    out2 = _run(joint, x2, t, e, layout)
-    assert (out[:3] - out2[:3]).abs().max() < 1e-6 and (out[3:] - out2[3:]).abs().max() > 1e-3
+    out, layout = check_sets_independent(joint, x, t, e)
     noise = torch.randn_like(e.hidden) * ~e.mask[..., None]  # only padded text tokens change
     assert (out - _run(joint, x, t, TextEmbeddings(e.hidden + noise, mask=e.mask), layout)).abs().max() < 1e-5
     unmasked = _run(joint, x, t, TextEmbeddings(e.hidden + noise), layout)  # without the mask they would count

@@ -390,3 +390,25 @@ def _tiny_qwenimage(out_dir: str, heads: int = 2, layers: int = 1, text_width: i
 QWENIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
                        "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192,
                        "shift_terminal": 0.02, "time_shift_type": "exponential"}
+
+
+def create_tiny_extractor_dirs(root: str) -> tuple[str, str]:
+    """Tiny random identity / prompt extractors in the layouts jedi-eval and jedi-generate load (--dino, --clip):
+    a ViTModel + ViTImageProcessor and a CLIPModel + tokenizer + CLIPImageProcessor, 32 px. -> (dino, clip)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    dino, clip = os.path.join(root, "dino"), os.path.join(root, "clip")
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(dino)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino)
+    tok = build_tiny_tokenizer(clip)
+    text = {"vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": tok.model_max_length,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    return dino, clip
