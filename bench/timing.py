@@ -34,15 +34,16 @@ def joint_vs_apart_flops(architecture: str, label: str, set_sizes=(3, 4)) -> dic
     from torch.utils.flop_counter import FlopCounterMode
 
     from jedi_train.models.attention import SetLayout
-    from jedi_train.training.dry_run import build_on_meta
+    from jedi_train.training.dry_run import build_on_meta, vae_downsample
 
-    _family, model, _frozen = build_on_meta({"architecture": architecture, "model_dir": "", "resolution": 512})
+    family, model, frozen = build_on_meta({"architecture": architecture, "model_dir": "", "resolution": 512})
+    latent = 512 // vae_downsample(frozen, family)  # the side of what the denoiser takes, as the dry run sizes it
     print(f"{label} shape (meta device), 512 px, 512 text tokens: forward FLOPs, joint set vs images apart")
     ratios = {}
     for n in set_sizes:
         is_ref = torch.zeros(1, n, dtype=torch.bool)
         is_ref[:, 0] = True
-        sample, t, text = model.dummy_inputs(n, 64, 512, torch.bfloat16, "meta")
+        sample, t, text = model.dummy_inputs(n, latent, 512, torch.bfloat16, "meta")
         flops = {}
         for name, layout in (("joint", SetLayout.build(is_ref)), ("apart", SetLayout.independent(n))):
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
