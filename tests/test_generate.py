@@ -174,6 +174,10 @@ def test_jobs_share_sampling_calls_and_explain(pipe_dir, refs, tmp_path, capsys,
     for rec in _records(tmp_path / "explained"):
         stem = os.path.splitext(tmp_path / "explained" / rec["image"])[0]
         assert all(os.path.isfile(f"{stem}.attention.{k}.png") for k in range(2)), rec["image"]
+    report = (tmp_path / "explained" / "report.html").read_text()  # shown beside each image, linked relatively
+    for rec in _records(tmp_path / "explained"):
+        stem = os.path.splitext(rec["image"])[0]
+        assert all(f'src="{stem}.attention.{k}.png"' in report for k in range(2)), rec["image"]
 
 
 def test_gate_rejects_keeps_scores_and_report(pipe_dir, extractor_dirs, refs, tmp_path, capsys):

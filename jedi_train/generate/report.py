@@ -1,8 +1,9 @@
 """results.csv and report.html of a jedi-generate --out, rebuilt from the per-image records on disk (so every
 shard's images are in them, whichever shard finished last; `jedi-generate report --out DIR` rebuilds them).
 
-report.html: one section per job (references | accepted | rejected, each image with its prompt and scores);
-images are linked by relative paths, so the folder is viewable offline and can be copied as a whole.
+report.html: one section per job (references | accepted | rejected, each image with its prompt and scores, and
+with --explain its reference attention overlays beside it); images are linked by relative paths, so the folder
+is viewable offline and can be copied as a whole.
 """
 from __future__ import annotations
 
@@ -46,8 +47,16 @@ def write_reports(out: str) -> list[dict]:
         write_csv_atomic(os.path.join(out, "results.csv"), rows(records))
     else:  # the header alone
         atomic_write_text(os.path.join(out, "results.csv"), ",".join(COLUMNS) + "\n")
-    atomic_write_text(os.path.join(out, "report.html"), html_report(records))
+    atomic_write_text(os.path.join(out, "report.html"), html_report(records, {r["image"]: overlays(out, r["image"])
+                                                                              for r in records}))
     return records
+
+
+def overlays(out: str, image: str) -> list[str]:
+    """The --explain overlays of an image (<stem>.attention.<k>.png beside it), relative to out, by reference."""
+    stem = os.path.join(out, os.path.splitext(image)[0])
+    found = glob.glob(glob.escape(stem) + ".attention.*.png")
+    return [os.path.relpath(p, out) for p in sorted(found, key=lambda p: int(p.rsplit(".", 2)[-2]))]
 
 
 def _scores(scores: dict) -> str:
@@ -59,7 +68,12 @@ def _figure(src: str, caption: str, cls: str = "") -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def html_report(records: list[dict]) -> str:
+def _explained(files: list[str]) -> str:
+    return "".join(_figure(src, f"attention on reference {k}", "attention") for k, src in enumerate(files))
+
+
+def html_report(records: list[dict], explained: dict[str, list[str]] | None = None) -> str:
+    explained = explained or {}
     jobs: dict[str, list[dict]] = {}
     for r in records:
         jobs.setdefault(r["job"], []).append(r)
@@ -80,15 +94,16 @@ def html_report(records: list[dict]) -> str:
         parts.append('<h3>accepted</h3><div class="row">' + "".join(
             _figure(r["image"], f"{html.escape(r['prompt'])}<br>{_scores(r['scores'])}"
                     f"<br>try {next(c['attempt'] for c in r['candidates'] if c['seed'] == r['seed']) + 1} of "
-                    f"{r['attempts']}") for r in acc) + "</div>")
+                    f"{r['attempts']}") + _explained(explained.get(r["image"], [])) for r in acc) + "</div>")
         if rej:
             parts.append('<h3>rejected</h3><div class="row">' + "".join(
                 _figure(c["file"], f"{html.escape(r['prompt'])}<br>try {c['attempt'] + 1}: {_scores(c['scores'])}"
                         + (" (best)" if c["seed"] == r["seed"] else ""), "rejected")
+                + (_explained(explained.get(r["image"], [])) if c["file"] == r["image"] else "")
                 for r in rej for c in r["candidates"] if c["file"]) + "</div>")
         parts.append("</section>")
     style = ("body{font-family:sans-serif;margin:1em 2em}.row{display:flex;flex-wrap:wrap;gap:8px}"
              "figure{margin:0;width:160px;font-size:12px}img{width:160px;height:160px;object-fit:contain;"
-             "image-rendering:pixelated;border:1px solid #ccc}.rejected img{border-color:#c33}")
+             "image-rendering:pixelated;border:1px solid #ccc}.rejected img{border-color:#c33}.attention img{border-color:#36c}")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>jedi-generate report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
