@@ -51,6 +51,28 @@ def _step_time(model, call, reps=3):
     return best
 
 
+def compare_step(joint, plain, plain_call, model_in, t, text, is_ref, label: str, note: str = ""):
+    """Training step times of the plain base over the batch's images, the joint model with coupled sets
+    (`is_ref`: (B, N)), and the joint model with every image its own set (all but the coupled attention);
+    interleaved, the fastest kept, printed as ratios to the plain model. -> (plain, joint, independent) seconds."""
+    layout, independent = SetLayout.build(is_ref), SetLayout.independent(is_ref.numel())
+    calls = {"plain": (plain, plain_call), "joint": (joint, lambda: joint.denoise(model_in, t, text, layout)),
+             "independent": (joint, lambda: joint.denoise(model_in, t, text, independent))}
+    times = {k: [] for k in calls}
+    for _ in range(2):  # interleaved
+        for k, (model, call) in calls.items():
+            times[k].append(_step_time(model, call))
+    p, j, i = (min(times[k]) for k in ("plain", "joint", "independent"))
+    b, n = is_ref.shape
+    width = joint.config.num_attention_heads * joint.config.attention_head_dim
+    print(f"training step, {b} sets x {n} images (1 reference each), {label} "
+          f"(width {width}, {sum(q.numel() for q in joint.parameters()) / 1e6:.2f} M parameters)")
+    print(f"  plain transformer over {b * n} images: {p * 1e3:8.1f} ms")
+    print(f"  joint model, each image its own set: {i * 1e3:7.1f} ms   ratio {i / p:.2f} (the framework's overhead)")
+    print(f"  joint (coupled sets):               {j * 1e3:8.1f} ms   ratio {j / p:.2f} (goal <= 1.15{note})")
+    return p, j, i
+
+
 def step_ratio(tmp, shape=SHAPE, label="tiny FLUX-shaped MM-DiT"):
     model_dir = create_tiny_model_dir(tmp, family="flux", transformer_kwargs=shape)
     c = load_components(model_dir, JeDiConfig(resolution=32), prediction_type="flow")
@@ -64,36 +86,16 @@ def step_ratio(tmp, shape=SHAPE, label="tiny FLUX-shaped MM-DiT"):
     t = torch.rand(bn, generator=g) * 1000
     is_ref = torch.zeros(B, N, dtype=torch.bool)
     is_ref[:, 0] = True
-    layout = SetLayout.build(is_ref)
     model_in = joint.assemble_input(x, x, is_ref.flatten())
     ones = torch.ones(bn)
-
-    def joint_call():
-        return joint.denoise(model_in, t, text, layout)
-
-    independent = SetLayout.independent(bn)
-
-    def independent_call():  # the joint model, every image its own set: all but the coupled attention
-        return joint.denoise(model_in, t, text, independent)
 
     def plain_call():
         return plain(hidden_states=pack(x), encoder_hidden_states=text.hidden, pooled_projections=text.pooled,
                      timestep=t / 1000, img_ids=image_ids(size, size, "cpu"), txt_ids=torch.zeros(32, 3),
                      guidance=ones).sample
 
-    times = {"plain": [], "joint": [], "independent": []}
-    for _ in range(2):  # interleaved
-        times["plain"].append(_step_time(plain, plain_call))
-        times["joint"].append(_step_time(joint, joint_call))
-        times["independent"].append(_step_time(joint, independent_call))
-    p, j, i = min(times["plain"]), min(times["joint"]), min(times["independent"])
-    width = joint.config.num_attention_heads * joint.config.attention_head_dim
-    print(f"training step, {B} sets x {N} images (1 reference each), {label} "
-          f"(width {width}, {sum(q.numel() for q in joint.parameters()) / 1e6:.2f} M parameters)")
-    print(f"  plain transformer over {bn} images: {p * 1e3:8.1f} ms")
-    print(f"  joint model, each image its own set: {i * 1e3:7.1f} ms   ratio {i / p:.2f} (the framework's overhead)")
-    print(f"  joint (coupled sets):               {j * 1e3:8.1f} ms   ratio {j / p:.2f} (goal <= 1.15; the rest is "
-          f"attention over {N}x the image keys)")
+    p, j, _ = compare_step(joint, plain, plain_call, model_in, t, text, is_ref, label,
+                           f"; the rest is attention over {N}x the image keys")
     return c, j / p
 
 

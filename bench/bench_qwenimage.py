@@ -14,10 +14,9 @@ import tempfile
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from bench.bench_flux import _step_time
+from bench.bench_flux import compare_step
 from bench.bench_sampling import time_table
 from bench.timing import joint_vs_apart_flops
-from jedi_train.models.attention import SetLayout
 from jedi_train.models.components import load_components
 from jedi_train.models.joint import JeDiConfig
 from jedi_train.models.joint_flux import pack
@@ -41,25 +40,13 @@ def step_ratio(tmp):
     t = torch.rand(bn, generator=g) * 1000
     is_ref = torch.zeros(B, N, dtype=torch.bool)
     is_ref[:, 0] = True
-    layout, independent = SetLayout.build(is_ref), SetLayout.independent(bn)
     model_in = joint.assemble_input(x, x, is_ref.flatten())
 
     def plain_call():
         return plain(hidden_states=pack(x), encoder_hidden_states=text.hidden, timestep=t / 1000,
                      img_shapes=[[(1, size // 2, size // 2)]] * bn).sample
 
-    calls = {"plain": (plain, plain_call), "joint": (joint, lambda: joint.denoise(model_in, t, text, layout)),
-             "independent": (joint, lambda: joint.denoise(model_in, t, text, independent))}
-    times = {k: [] for k in calls}
-    for _ in range(2):  # interleaved
-        for k, (model, call) in calls.items():
-            times[k].append(_step_time(model, call))
-    p, j, i = (min(times[k]) for k in ("plain", "joint", "independent"))
-    print(f"training step, {B} sets x {N} images (1 reference each), tiny Qwen-Image-shaped MM-DiT "
-          f"({sum(q.numel() for q in joint.parameters()) / 1e6:.2f} M parameters)")
-    print(f"  plain transformer over {bn} images: {p * 1e3:8.1f} ms")
-    print(f"  joint model, each image its own set: {i * 1e3:7.1f} ms   ratio {i / p:.2f} (the framework's overhead)")
-    print(f"  joint (coupled sets):               {j * 1e3:8.1f} ms   ratio {j / p:.2f} (goal <= 1.15)")
+    compare_step(joint, plain, plain_call, model_in, t, text, is_ref, "tiny Qwen-Image-shaped MM-DiT")
     return c
 
 

@@ -14,11 +14,17 @@ import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
-from helpers.invariants import check_coupling_and_permutation, check_sets_independent, run_denoiser
+from helpers.invariants import (
+    check_cache_equals_no_cache,
+    check_coupling_and_permutation,
+    check_save_load,
+    check_sets_independent,
+    run_denoiser,
+)
 from helpers.pipelines import CAN, load, make_pipeline_dir, needs_dreambench, run
 
 from jedi_train.models import families
-from jedi_train.models.attention import ReferenceKVCache, SetLayout
+from jedi_train.models.attention import SetLayout
 from jedi_train.models.components import LatentCodec, load_components
 from jedi_train.models.joint import JeDiConfig
 from jedi_train.models.joint_flux2 import (
@@ -316,31 +322,11 @@ def test_reference_positions_offset_uses_flux2_time_offsets(model_dir):
 def test_reference_cache_equals_no_cache(model_dir):
     model = load_joint_flux2(model_dir, jedi=JeDiConfig(resolution=32, reference_attention="references")).eval()
     x, _, e = _inputs(4, model)
-    k = 2
-    t = torch.tensor([0.0, 0.0, 600.0, 600.0])
-    layout = SetLayout.build(torch.tensor([[True, True, False, False]]))
-    rv = torch.tensor([True, True, False, False])
-    full = _run(model, x, t, e, layout, rv)
-    cache = ReferenceKVCache()
-    rec = SetLayout.references_only(k).with_reference_cache(cache)
-    _run(model, x[:k], t[:k], e[:k], rec, rv[:k])
-    cache.recording = False
-    assert len(cache) == len(model.attn_processors)
-    replay = SetLayout.build(torch.zeros(1, 2, dtype=torch.bool)).with_reference_cache(cache)
-    cached = _run(model, x[k:], t[k:], e[k:], replay, torch.zeros(2, dtype=torch.bool))
-    torch.testing.assert_close(cached, full[k:], atol=1e-5, rtol=1e-4)
+    check_cache_equals_no_cache(model, x, e)
 
 
 def test_save_load_round_trip(joint, tmp_path):
-    joint.save_pretrained(tmp_path / "t")
-    back = JointFlux2Transformer2DModel.load(str(tmp_path / "t"), None).eval()
-    assert back.jedi == joint.jedi
-    plain = JointFlux2Transformer2DModel.adopt(Flux2Transformer2DModel.from_pretrained(tmp_path / "t").eval())
-    x, t, e = _inputs(3, joint)
-    layout = SetLayout.build(torch.tensor([[True, False, False]]))
-    rv = torch.tensor([True, False, False])
-    want = _run(joint, x, t, e, layout, rv)
-    assert torch.equal(_run(back, x, t, e, layout, rv), want) and torch.equal(_run(plain, x, t, e, layout, rv), want)
+    check_save_load(joint, Flux2Transformer2DModel, tmp_path / "t", *_inputs(3, joint))
 
 
 @klein_only

@@ -16,11 +16,17 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from helpers.cli import cli, one_line_error
-from helpers.invariants import check_coupling_and_permutation, check_sets_independent, run_denoiser
+from helpers.invariants import (
+    check_cache_equals_no_cache,
+    check_coupling_and_permutation,
+    check_save_load,
+    check_sets_independent,
+    run_denoiser,
+)
 from helpers.pipelines import CAN, load, make_pipeline_dir, needs_dreambench, run
 
 from jedi_train.models import families
-from jedi_train.models.attention import ReferenceKVCache, SetLayout
+from jedi_train.models.attention import SetLayout
 from jedi_train.models.components import LatentCodec, load_components
 from jedi_train.models.joint import JeDiConfig
 from jedi_train.models.joint_flux import pack, unpack
@@ -265,30 +271,11 @@ def test_reference_positions_offset_puts_references_at_their_own_frames(model_di
 def test_reference_cache_equals_no_cache(model_dir):
     model = load_joint_qwenimage(model_dir, jedi=J.replace(reference_attention="references")).eval()
     x, _, e = _inputs(4, model)
-    k = 2
-    t = torch.tensor([0.0, 0.0, 600.0, 600.0])
-    layout = SetLayout.build(torch.tensor([[True, True, False, False]]))
-    rv = torch.tensor([True, True, False, False])
-    full = _run(model, x, t, e, layout, rv)
-    cache = ReferenceKVCache()
-    _run(model, x[:k], t[:k], e[:k], SetLayout.references_only(k).with_reference_cache(cache), rv[:k])
-    cache.recording = False
-    assert len(cache) == len(model.attn_processors)
-    replay = SetLayout.build(torch.zeros(1, 2, dtype=torch.bool)).with_reference_cache(cache)
-    cached = _run(model, x[k:], t[k:], e[k:], replay, torch.zeros(2, dtype=torch.bool))
-    torch.testing.assert_close(cached, full[k:], atol=1e-5, rtol=1e-4)
+    check_cache_equals_no_cache(model, x, e)
 
 
 def test_save_load_round_trip(joint, tmp_path):
-    joint.save_pretrained(tmp_path / "t")
-    back = JointQwenImageTransformer2DModel.load(str(tmp_path / "t"), None).eval()
-    assert back.jedi == joint.jedi
-    plain = JointQwenImageTransformer2DModel.adopt(QwenImageTransformer2DModel.from_pretrained(tmp_path / "t").eval())
-    x, t, e = _inputs(3, joint)
-    layout = SetLayout.build(torch.tensor([[True, False, False]]))
-    rv = torch.tensor([True, False, False])
-    want = _run(joint, x, t, e, layout, rv)
-    assert torch.equal(_run(back, x, t, e, layout, rv), want) and torch.equal(_run(plain, x, t, e, layout, rv), want)
+    check_save_load(joint, QwenImageTransformer2DModel, tmp_path / "t", *_inputs(3, joint))
 
 
 def test_objective_trains_the_reference_channels(components):
