@@ -124,3 +124,22 @@ def test_a_subject_may_give_one_generator_per_image(pipes):
 def test_attention_maps_need_one_subject_per_call(pipes):
     with pytest.raises(ValueError, match="return_attention_maps takes one subject per call"):
         together(pipes["cache"], return_attention_maps=True)
+
+
+def test_subjects_with_the_same_reference_files_encode_them_once(pipes, tmp_path, monkeypatch):
+    """jedi-generate makes every image its own subject: a job's reference files are loaded and encoded once."""
+    from PIL import Image
+
+    pipe = pipes["cache"]
+    files = []
+    for i, arr in enumerate(subject_refs(2, 3)):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(arr).save(files[-1])
+    encoded = []
+    real = type(pipe).encode_references
+    monkeypatch.setattr(type(pipe), "encode_references", lambda self, px: encoded.append(len(px)) or real(self, px))
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    out = pipe(reference_images=[files, list(files), files], prompt=[["a"], ["b"], ["c"]], generator=gens, **KW)
+    assert encoded == [2] and [len(r) for r in out.reference_images] == [2, 2, 2]
+    alone = pipe(reference_images=files, prompt=["b"], generator=torch.Generator().manual_seed(2), **KW).images
+    torch.testing.assert_close(out.images[1], alone, atol=2e-4, rtol=0)

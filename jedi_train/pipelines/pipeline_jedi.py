@@ -311,7 +311,15 @@ class JeDiBasePipeline(DiffusionPipeline):
 
     def prepare_subject_references(self, subjects: list[Subject], image_guidance_scale: float):
         """(every subject's reference latents, subject-major, or None; each subject's PIL references)."""
-        prepared = [self.prepare_references(s.references, image_guidance_scale) for s in subjects]
+        prepared, seen = [], {}
+        for s in subjects:  # subjects given the same reference files (jedi-generate: a job's images) load once
+            refs = s.references
+            files = [refs] if isinstance(refs, (str, os.PathLike)) else refs
+            key = tuple(map(os.fspath, files)) if isinstance(files, (list, tuple)) and all(
+                isinstance(f, (str, os.PathLike)) for f in files) else id(refs)
+            if key not in seen:
+                seen[key] = self.prepare_references(refs, image_guidance_scale)
+            prepared.append(seen[key])
         counts = sorted({len(pils) for _, pils in prepared})
         if len(counts) > 1:
             raise ValueError(f"subjects sampled in one call need the same number of references, got {counts}; "
