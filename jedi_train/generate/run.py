@@ -86,6 +86,7 @@ class Runner:
         self.say = say or (lambda line: print(line, file=sys.stderr))
         self.summary = Summary()
         self.pipe = self.scorer = None
+        self._settings: dict[str, tuple[dict, dict]] = {}
 
     # -- before the model loads ------------------------------------------------------------------------
     def check(self) -> tuple[list[J.Job], list]:
@@ -122,7 +123,10 @@ class Runner:
 
     # -- settings and resume ---------------------------------------------------------------------------
     def settings(self, job: J.Job) -> tuple[dict, dict]:
-        return resolve_settings(self.o.pipeline_dir, {k: getattr(job, k) for k in SETTINGS})
+        """The job's sampling settings (resolved once per job: the export's sampling.json is read from disk)."""
+        if job.id not in self._settings:
+            self._settings[job.id] = resolve_settings(self.o.pipeline_dir, {k: getattr(job, k) for k in SETTINGS})
+        return self._settings[job.id]
 
     def key(self, job: J.Job, slot, values: dict) -> dict:
         """What an image depends on: a record made with anything else is made again."""
