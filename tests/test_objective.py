@@ -153,3 +153,28 @@ def test_min_snr_weighting_for_sample_prediction(tiny_model_dir):
     snr = compute_snr(comps.noise_scheduler, t)
     assert torch.allclose(JeDiObjective(comps, ObjectiveConfig(snr_gamma=5.0)).loss_weights(t),
                           torch.minimum(snr, torch.tensor(5.0)))  # x0 space: min(snr, gamma)
+
+
+def test_v_weighting_of_an_x0_prediction_is_its_v_loss(tiny_model_dir):
+    """snr_weighting="v": an x0 prediction's weighted error equals the v-space error of the same prediction
+    (unclipped with a large gamma), and gamma caps the low-noise weight while high noise keeps ~1."""
+    from diffusers.training_utils import compute_snr
+
+    comps = load_components(tiny_model_dir, prediction_type="sample")
+    sched = comps.noise_scheduler
+    t = torch.tensor([20, 300, 900])
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    x0_hat = x0 + 0.1 * torch.randn(3, 4, 8, 8)
+    a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    x_t = a * x0 + s * noise
+    v_hat = a * (x_t - a * x0_hat) / s - s * x0_hat  # the v an x0 prediction implies
+    v_err = ((v_hat - sched.get_velocity(x0, noise, t)) ** 2).mean(dim=(1, 2, 3))
+    x0_err = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
+    weights = JeDiObjective(comps, ObjectiveConfig(snr_gamma=1e9, snr_weighting="v")).loss_weights(t)
+    assert torch.allclose(x0_err * weights, v_err, rtol=1e-3)
+    capped = JeDiObjective(comps, ObjectiveConfig(snr_gamma=5.0, snr_weighting="v")).loss_weights(t)
+    snr = compute_snr(sched, t)
+    assert capped[0] == 5.0 and torch.allclose(capped[2], snr[2] + 1) and 1 < float(capped[2]) < 1.1
+    with pytest.raises(ValueError, match="snr_weighting"):
+        JeDiObjective(comps, ObjectiveConfig(snr_weighting="x"))

@@ -2,6 +2,7 @@
 
 procedural: identity against re-rendered ground truth (held-out procedural subjects).
 dreambench: the DreamBench protocol (DINO, CLIP-I, CLIP-T, MDINO) on a DreamBench-layout folder.
+compare: B - A of two procedural results on the same subjects and seeds, with paired CIs.
 Bad input: one `jedi-eval: error:` line, exit 2; --out only ever holds complete files.
 """
 from __future__ import annotations
@@ -17,11 +18,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jedi_train.eval import dreambench, procedural
+    from jedi_train.eval import compare, dreambench, procedural
 
     p = _Parser(prog="jedi-eval", description="Measure personalization of an exported JeDiPipeline.")
     sub = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    for name, mod in (("procedural", procedural), ("dreambench", dreambench)):
+    for name, mod in (("procedural", procedural), ("dreambench", dreambench), ("compare", compare)):
         sp = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)

@@ -31,6 +31,10 @@ class ObjectiveConfig:
     caption_dropout: float = 0.1  # per target image: caption -> "" (text CFG)
     reference_dropout: float = 0.1  # per set: references hidden (image guidance)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting; None = plain MSE
+    # what snr_gamma clips, as a weight on the x0 error: "min_snr" min(snr, gamma) (Hang et al. 2023) or "v"
+    # min(1 + snr, gamma), the loss of a v-prediction (x0 error / sigma^2) clipped: low-noise steps, where
+    # details are decided, weigh up to gamma x more while high-noise ones keep weight ~1 (JiT's x-pred, v-loss)
+    snr_weighting: str = "min_snr"
     # per reference image: caption -> "", so uncaptioned user photos are in distribution (None: caption_dropout)
     reference_caption_dropout: float | None = None
     subject_loss_weight: float = 1.0  # loss weight of subject pixels (needs subject_mask); 1 = plain MSE
@@ -68,6 +72,8 @@ class JeDiObjective:
         self.prediction_type = components.noise_scheduler.config.get("prediction_type") or "flow"
         if self.prediction_type == "flow" and self.cfg.snr_gamma is not None:
             raise ValueError("objective.snr_gamma (min-SNR weighting) is for DDPM models; set it to null for FLUX")
+        if self.cfg.snr_weighting not in ("min_snr", "v"):
+            raise ValueError(f"objective.snr_weighting={self.cfg.snr_weighting!r} is unknown; use min_snr or v")
 
     @property
     def text(self) -> PromptEncoder:  # not kept: Components.drop_text_encoders must free the encoders
@@ -120,8 +126,8 @@ class JeDiObjective:
         if self.cfg.snr_gamma is None:
             return None
         snr = compute_snr(self.c.noise_scheduler, timesteps)
-        clipped = torch.clamp(snr, max=self.cfg.snr_gamma)
-        # min-SNR-gamma expressed for each parameterisation (x0-space weight min(snr, gamma))
+        clipped = torch.clamp(snr + (self.cfg.snr_weighting == "v"), max=self.cfg.snr_gamma)  # x0-space weight
+        # expressed for each parameterisation (its squared error is x0's times snr + 1 for v, snr for epsilon)
         return {"v_prediction": clipped / (snr + 1), "sample": clipped}.get(self.prediction_type, clipped / snr)
 
     def sample_timesteps(self, b: int, device, generator=None, latent_size: tuple[int, int] | None = None):
