@@ -133,3 +133,13 @@ def test_optimizer_group_swaps_the_partial_config(tmp_path):
     assert cfg.model.optimizer._target_ == "jedi_train.training.module.adamw_8bit" and cfg.model.optimizer._partial_
     assert cfg.model.optimizer.lr == 5e-6  # the model's lr stays over the group's default
     assert cfg.model.lr_scheduler.num_warmup_steps == 1000
+
+
+def test_proof_gpu_is_the_proof_at_64px_with_its_own_model_and_shards(tmp_path):
+    demo, gpu = compose_train(["experiment=proof"], tmp_path), compose_train(["experiment=proof_gpu"], tmp_path)
+    assert (gpu.model.resolution, gpu.data.resolution, gpu.model.create_tiny_if_missing.resolution) == (64, 64, 64)
+    assert gpu.trainer.accelerator == "gpu" and gpu.model.objective.snr_weighting == "v"
+    assert gpu.model.model_dir != demo.model.model_dir  # a 32 px tiny model is never reused at 64 px
+    assert gpu.data.sources[0].url != demo.data.sources[0].url
+    assert gpu.data.synthesize_if_missing.out_dir != demo.data.synthesize_if_missing.out_dir
+    assert gpu.data.min_set == gpu.data.max_set == 3 and gpu.sampling.image_guidance == demo.sampling.image_guidance

@@ -231,6 +231,10 @@ def test_demo_summary_points_at_the_run_outputs(runs, monkeypatch, capsys):
     assert f"first {half} steps {sum(values[:half]) / half:.4f} -> last {half} steps " \
            f"{sum(values[-half:]) / half:.4f} (steps 1..{2 * K})" in out
     assert "identity gain" in out and f"jedi-sample {runs['resumed']}/pipeline" in out
+    calls.clear()  # a named experiment replaces the proof's; the proof's full eval table stays
+    assert demo.main(["--proof", "experiment=proof_gpu", f"paths.output_dir={runs['resumed']}"]) == 0
+    assert "experiment=proof_gpu" in calls[0] and "experiment=proof" not in calls[0]
+    assert calls[1][calls[1].index("--subjects") + 1] == "64"
 
 
 def test_push_to_hub_offline_fails_in_one_line_after_a_complete_local_export(runs, tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ Runs `jedi-train experiment=demo` (procedural sets synthesized on first use, tin
 CPU), which trains, checkpoints, renders sample grids and exports the pipeline; then `jedi-eval
 procedural` on held-out subjects (does the exported model carry identity from its references?);
 then prints the run dir, grids, the loss curve, the identity figures and where everything is.
-`--proof`: experiment=proof (a longer run) and the full refs x image-guidance table.
+`--proof`: experiment=proof (a longer run) and the full refs x image-guidance table; `experiment=NAME`
+among the overrides trains that experiment instead (e.g. `--proof experiment=proof_gpu`, 64 px).
 Extra arguments are Hydra overrides, e.g. `make train ARGS="trainer.max_steps=300"`.
 """
 import csv
@@ -24,6 +25,10 @@ def main(argv=None) -> int:
     proof = "--proof" in argv
     argv = [a for a in argv if a != "--proof"]
     experiment = "proof" if proof else "demo"
+    named = [a for a in argv if a.startswith("experiment=")]  # a variant, e.g. experiment=proof_gpu (64 px)
+    if named:
+        experiment = named[-1].split("=", 1)[1]
+        argv = [a for a in argv if not a.startswith("experiment=")]
     if not any(a.startswith("paths.output_dir=") for a in argv):
         argv.append(f"paths.output_dir={os.path.abspath(f'runs/{experiment}-' + time.strftime('%Y%m%d-%H%M%S'))}")
     run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("paths.output_dir="))
