@@ -178,3 +178,22 @@ def test_v_weighting_of_an_x0_prediction_is_its_v_loss(tiny_model_dir):
     assert capped[0] == 5.0 and torch.allclose(capped[2], snr[2] + 1) and 1 < float(capped[2]) < 1.1
     with pytest.raises(ValueError, match="snr_weighting"):
         JeDiObjective(comps, ObjectiveConfig(snr_weighting="x"))
+
+
+def test_flow_matching_weights_are_the_same_x0_space_recipe(tiny_flux_model_dir):
+    """On a flow-matching family the weights mean what they mean on DDPM: the flow error times the weight equals
+    the x0 error (x0 = x_t - sigma * velocity) times min(1 + snr, gamma), snr = ((1 - sigma) / sigma)^2. So
+    experiment=demo's recipe composes with model=tiny_flux (it used to be refused)."""
+    comps = load_components(tiny_flux_model_dir)
+    obj = JeDiObjective(comps, ObjectiveConfig(snr_gamma=5.0, snr_weighting="v"))
+    assert obj.prediction_type == "flow"
+    t = torch.tensor([30.0, 500.0, 950.0])
+    sigma = t / 1000
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    v_hat = noise - x0 + 0.1 * torch.randn(3, 4, 8, 8)
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+    flow_err = ((v_hat - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
+    x0_err = ((x_t - sigma.view(-1, 1, 1, 1) * v_hat - x0) ** 2).mean(dim=(1, 2, 3))
+    snr = ((1 - sigma) / sigma) ** 2
+    want = x0_err * torch.clamp(snr + 1, max=5.0)
+    assert torch.allclose(flow_err * obj.loss_weights(t), want, rtol=1e-4)

@@ -70,8 +70,6 @@ class JeDiObjective:
         self.empty_ids = self.text.token_ids([""])[0]  # (T,) or (2, T) for SDXL
         # flow matching (FLUX): x_t = (1 - sigma) x0 + sigma noise, t = 1000 sigma, target = noise - x0
         self.prediction_type = components.noise_scheduler.config.get("prediction_type") or "flow"
-        if self.prediction_type == "flow" and self.cfg.snr_gamma is not None:
-            raise ValueError("objective.snr_gamma (min-SNR weighting) is for DDPM models; set it to null for FLUX")
         if self.cfg.snr_weighting not in ("min_snr", "v"):
             raise ValueError(f"objective.snr_weighting={self.cfg.snr_weighting!r} is unknown; use min_snr or v")
 
@@ -125,9 +123,16 @@ class JeDiObjective:
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.snr_gamma is None:
             return None
-        snr = compute_snr(self.c.noise_scheduler, timesteps)
+        if self.prediction_type == "flow":  # x_t = (1 - s) x0 + s noise: snr = ((1 - s) / s)^2
+            sigma = (timesteps.float() / 1000).clamp(1e-4, 1.0)
+            snr = ((1 - sigma) / sigma) ** 2
+        else:
+            snr = compute_snr(self.c.noise_scheduler, timesteps)
         clipped = torch.clamp(snr + (self.cfg.snr_weighting == "v"), max=self.cfg.snr_gamma)  # x0-space weight
-        # expressed for each parameterisation (its squared error is x0's times snr + 1 for v, snr for epsilon)
+        # expressed for each parameterisation: its squared error is x0's times snr + 1 (v), snr (epsilon),
+        # 1 / sigma^2 (flow: x0 = x_t - sigma * velocity), so one recipe means the same on every family
+        if self.prediction_type == "flow":
+            return clipped * sigma ** 2
         return {"v_prediction": clipped / (snr + 1), "sample": clipped}.get(self.prediction_type, clipped / snr)
 
     def sample_timesteps(self, b: int, device, generator=None, latent_size: tuple[int, int] | None = None):
