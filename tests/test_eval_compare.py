@@ -29,7 +29,7 @@ def test_a_run_against_itself_differs_by_exactly_zero(oracle_dirs, eval_cli):
 
 
 def test_a_blur_is_measured_as_less_sharp_and_less_detailed(oracle_dirs, eval_cli, tmp_path):
-    rc, stdout, err = eval_cli("compare", oracle_dirs / "ground_truth", oracle_dirs / "blurred", "--out", tmp_path)
+    rc, _, err = eval_cli("compare", oracle_dirs / "ground_truth", oracle_dirs / "blurred", "--out", tmp_path)
     assert rc == 0, err
     row = json.loads((tmp_path / "compare.json").read_text())["rows"][0]
     sharp = row["sharpness"]

@@ -86,7 +86,7 @@ def metrics() -> list[tuple[str, tuple[str, ...], object]]:
 
 
 def _detail_gap(rows: np.ndarray) -> float:
-    return details.detail_gap(rows[:, :2], int(round(rows[0, 2])))
+    return details.detail_gap(rows[:, :2], round(float(rows[0, 2])))
 
 
 def compare_cell(rows_a: list[dict], rows_b: list[dict], seed: int) -> dict:

@@ -123,17 +123,16 @@ class JeDiObjective:
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.snr_gamma is None:
             return None
+        # the weight is set on the x0 error and divided by how much larger each parameterisation's squared
+        # error is: snr + 1 (v), snr (epsilon), 1 / sigma^2 (flow: x0 = x_t - sigma * velocity), so one recipe
+        # means the same on every family
         if self.prediction_type == "flow":  # x_t = (1 - s) x0 + s noise: snr = ((1 - s) / s)^2
             sigma = (timesteps.float() / 1000).clamp(1e-4, 1.0)
-            snr = ((1 - sigma) / sigma) ** 2
+            snr, error_scale = ((1 - sigma) / sigma) ** 2, sigma ** -2
         else:
             snr = compute_snr(self.c.noise_scheduler, timesteps)
-        clipped = torch.clamp(snr + (self.cfg.snr_weighting == "v"), max=self.cfg.snr_gamma)  # x0-space weight
-        # expressed for each parameterisation: its squared error is x0's times snr + 1 (v), snr (epsilon),
-        # 1 / sigma^2 (flow: x0 = x_t - sigma * velocity), so one recipe means the same on every family
-        if self.prediction_type == "flow":
-            return clipped * sigma ** 2
-        return {"v_prediction": clipped / (snr + 1), "sample": clipped}.get(self.prediction_type, clipped / snr)
+            error_scale = {"v_prediction": snr + 1, "sample": 1.0}.get(self.prediction_type, snr)
+        return torch.clamp(snr + (self.cfg.snr_weighting == "v"), max=self.cfg.snr_gamma) / error_scale
 
     def sample_timesteps(self, b: int, device, generator=None, latent_size: tuple[int, int] | None = None):
         """One per set: integers in [0, T) (DDPM) or, for flow matching, 1000 x the shifted sigma (float)."""
